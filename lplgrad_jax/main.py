@@ -1,0 +1,59 @@
+"""Runs an LPLgrad active-learning campaign.
+
+  python -m lplgrad_jax.main --config=configs/cifar10.py --workdir=/tmp/cifar10
+  python -m lplgrad_jax.main --config=configs/cifar10.py:low --workdir=... --config.seed=1
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from lplgrad_jax import campaign
+from lplgrad_jax.errors import ConfigError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, plots and logs.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Campaign configuration file.",
+                                          lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fail(error: Exception) -> None:
+  """Reports a user mistake as one line on stderr and exits with status 2."""
+  if isinstance(error, (AttributeError, KeyError)):  # --config.<key> the config lacks
+    key = str(error).strip("\"'")
+    message = f"unknown configuration key {key!r}: see configs/default.py for the keys"
+  else:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and ("Traceback" in lines[1] or "Attempted" in lines[1]):
+      # A config file that failed to load: keep the flag and the final cause.
+      lines = [lines[0].split(": Error whilst")[0], lines[-1]]
+    message = ": ".join(lines)
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    _fail(e)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # config_flags loads lazily: a broken config file raises here
+  except OSError as e:
+    _fail(e)
+  try:
+    campaign.run(config, _WORKDIR.value)
+  except ConfigError as e:
+    _fail(e)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny digits configuration and one campaign run shared by many tests."""
+
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_CIFAR = os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10_subset.npz")
+sys.path.insert(0, REPO_ROOT)  # `configs` is imported from the repo root, as the CLI does
+
+
+def tiny_config(**overrides):
+  """The digits demo configuration shrunk to seconds: width 4, 2 epochs, 3 rounds."""
+  from configs import digits
+  config = digits.get_config()
+  config.model.width = 4
+  config.model.loss_head_width = 8
+  config.train.epochs = 2
+  config.train.batch_size = 16
+  config.train.detach_features_epoch = 1
+  config.train.lr_milestones = (1,)
+  config.train.eval_batch_size = 128
+  config.al.initial_size = 20
+  config.al.query_size = 10
+  config.al.subset_size = 40
+  config.al.num_rounds = 3
+  config.query.chunk_size = 20
+  config.log.progress = False
+  config.log.tensorboard = False
+  for key, value in overrides.items():
+    section = config
+    *path, leaf = key.split(".")
+    for p in path:
+      section = section[p]
+    section[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_campaign(tmp_path_factory):
+  """(config, workdir, results) of one tiny LPLgrad campaign on digits."""
+  from lplgrad_jax import campaign
+  config = tiny_config()
+  workdir = str(tmp_path_factory.mktemp("campaign"))
+  return config, workdir, campaign.run(config, workdir)

@@ -1,0 +1,76 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.models import LossPredictionModule, ResNet18
+
+
+@pytest.fixture(scope="module")
+def model():
+  return ResNet18(7, width=4, rngs=nnx.Rngs(0))
+
+
+def test_cifar_stem_shapes(model):
+  logits, features = model(jnp.ones((3, 32, 32, 3)))
+  assert logits.shape == (3, 7)
+  assert [f.shape for f in features] == [(3, 32, 32, 4), (3, 16, 16, 8), (3, 8, 8, 16),
+                                         (3, 4, 4, 32)]
+
+
+def test_imagenet_stem_shapes():
+  model = ResNet18(5, width=4, stem="imagenet", rngs=nnx.Rngs(0))
+  logits, features = model(jnp.ones((2, 64, 64, 3)))
+  assert logits.shape == (2, 5)
+  assert [f.shape[1:3] for f in features] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+def test_parameter_tensors_match_pytorch_resnet18(model):
+  # torchvision/kuangliu ResNet-18: 20 conv kernels, 20 BatchNorms (scale+bias), fc kernel+bias.
+  params = nnx.state(model, nnx.Param)
+  assert len(jax.tree.leaves(params)) == 62
+  width = 64
+  full = ResNet18(10, width=width, rngs=nnx.Rngs(0))
+  count = sum(x.size for x in jax.tree.leaves(nnx.state(full, nnx.Param)))
+  assert count == 11_173_962  # the PyTorch CIFAR ResNet-18's parameter count
+
+
+def test_eval_switches_batchnorm_to_inference():
+  model = ResNet18(3, width=4, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  stats_before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+  model(x)  # training mode updates the running statistics
+  assert not np.allclose(jax.tree.leaves(stats_before)[0],
+                         jax.tree.leaves(nnx.state(model, nnx.BatchStat))[0])
+  model.eval()
+  stats = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+  single, _ = model(x[:1])
+  batch, _ = model(x)
+  np.testing.assert_allclose(single[0], batch[0], rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(nnx.state(model, nnx.BatchStat))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_masked_batchnorm_ignores_padding():
+  model = ResNet18(3, width=4, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (5, 16, 16, 3))
+  padded = jnp.concatenate([x, 100.0 * jnp.ones((3, 16, 16, 3))])
+  mask = jnp.array([1.0] * 5 + [0.0] * 3)
+  reference, _ = ResNet18(3, width=4, rngs=nnx.Rngs(0))(x)
+  masked, _ = model(padded, mask=mask)
+  np.testing.assert_allclose(masked[:5], reference, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_head_outputs_one_scalar_per_example(model):
+  head = LossPredictionModule(model.stage_channels, hidden=16, rngs=nnx.Rngs(1))
+  _, features = model(jnp.ones((6, 32, 32, 3)))
+  assert head(features).shape == (6,)
+  assert [d.out_features for d in head.stage_dense] == [16] * 4
+  assert head.out.in_features == 64
+
+
+def test_unknown_stem_is_a_config_error():
+  with pytest.raises(ConfigError, match="stem"):
+    ResNet18(3, width=4, stem="vit", rngs=nnx.Rngs(0))

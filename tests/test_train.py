@@ -1,0 +1,147 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import tiny_config
+from lplgrad_jax import models, train
+
+
+def test_margin_ranking_loss_hand_computed():
+  predicted = jnp.array([3.0, 1.0, 2.0, 0.0])
+  target = jnp.array([1.0, 4.0, 2.0, 2.0])
+  # pair (0, 3): l0 < l3 -> s=-1: max(0, 1 + (3 - 0)) = 4
+  # pair (1, 2): l1 > l2 -> s=+1: max(0, 1 - (1 - 2)) = 2
+  assert float(train.margin_ranking_loss(predicted, target, 1.0)) == pytest.approx(3.0)
+  # Only the first 3 are real: one pair (0, 2): l0 < l2 -> max(0, 1 + (3 - 2)) = 2
+  assert float(train.margin_ranking_loss(predicted, target, 1.0, num_valid=3)) == pytest.approx(2.0)
+  # Ties count as s = -1, as in the authors' code: max(0, 0.5 + (3 - 0)) = 3.5
+  tie = train.margin_ranking_loss(jnp.array([3.0, 0.0]), jnp.array([1.0, 1.0]), 0.5)
+  assert float(tie) == pytest.approx(3.5)
+
+
+def test_margin_ranking_loss_matches_authors_formula():
+  rng = np.random.default_rng(0)
+  for n in (2, 8, 13):
+    p, l = rng.normal(size=n), rng.normal(size=n)
+    # LossPredLoss of Learning Loss (PyTorch), transcribed to numpy.
+    half = n // 2
+    diff_p = (p - p[::-1])[:half]
+    diff_l = (l - l[::-1])[:half]
+    one = 2 * np.sign(np.clip(diff_l, 0, None)) - 1
+    expected = np.sum(np.clip(1.0 - one * diff_p, 0, None)) / half
+    got = train.margin_ranking_loss(jnp.asarray(p), jnp.asarray(l), 1.0)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+
+
+def test_margin_loss_does_not_backpropagate_into_targets():
+  grad = jax.grad(lambda t: train.margin_ranking_loss(jnp.array([0.0, 1.0]), t, 1.0))(
+      jnp.array([2.0, 1.0]))
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_learning_rate_step_decay():
+  config = tiny_config()
+  config.train.learning_rate = 0.1
+  config.train.lr_milestones = (3, 5)
+  rates = [train.learning_rate_at(config.train, e) for e in range(7)]
+  np.testing.assert_allclose(rates, [0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_augment_crop_and_flip():
+  images = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.uint8).reshape(2, 4, 4, 3)
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(train.augment(key, images, 0, False), images)
+  cropped = train.augment(key, images, 2, False)
+  assert cropped.shape == images.shape and cropped.dtype == jnp.uint8
+  flipped = [np.asarray(train.augment(jax.random.key(s), images, 0, True)) for s in range(20)]
+  assert all(np.array_equal(f[i], images[i]) or np.array_equal(f[i], images[i, :, ::-1])
+             for f in flipped for i in range(2))
+  assert any(np.array_equal(f[0], images[0, :, ::-1]) for f in flipped)
+  # Every crop of a padded image is a window of it: its centre pixel stays in the image.
+  shifts = set()
+  for s in range(30):
+    c = np.asarray(train.augment(jax.random.key(s), images[:1] + 1, 2, False))[0]
+    ys, xs = np.nonzero(c[..., 0])
+    shifts.add((ys.min(), xs.min()))
+  assert len(shifts) > 1
+
+
+@pytest.fixture(scope="module")
+def learner_and_batch():
+  config = tiny_config()
+  learner = models.create_learner(config.model, 10, use_aux=True, key=jax.random.key(0))
+  cfg = train.StepConfig.from_config(config.train, 64)
+  key = jax.random.key(1)
+  images = jax.random.normal(key, (16, 16, 16, 3))
+  labels = jax.random.randint(jax.random.fold_in(key, 1), (16,), 0, 10)
+  return learner, cfg, images, labels
+
+
+def test_train_step_lowers_the_loss(learner_and_batch):
+  learner, cfg, images, labels = learner_and_batch
+  graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
+  mask = jnp.ones(16)
+  step = jax.jit(lambda s: train.train_step(graphdef, cfg, s, images, labels, mask, 0.05, False))
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state)
+    losses.append(float(metrics["loss"]) / float(metrics["count"]))
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_sgd_matches_pytorch_update_rule(learner_and_batch):
+  learner, cfg, images, labels = learner_and_batch
+  graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
+  mask = jnp.ones(16)
+  grads, _ = jax.grad(train._loss_fn, has_aux=True)(
+      state.params, graphdef, state.batch_stats, images, labels, mask, False, cfg)
+  lr = 0.1
+  new_state, _ = train.train_step(graphdef, cfg, state, images, labels, mask, lr, False)
+  # First step of torch.optim.SGD(momentum=0.9, weight_decay=wd): p - lr * (g + wd * p).
+  for p, g, q in zip(jax.tree.leaves(state.params), jax.tree.leaves(grads),
+                     jax.tree.leaves(new_state.params)):
+    np.testing.assert_allclose(q, p - lr * (g + cfg.weight_decay * p), rtol=1e-5, atol=1e-7)
+
+
+def test_detached_features_stop_aux_gradients_reaching_the_classifier(learner_and_batch):
+  learner, cfg, images, labels = learner_and_batch
+  graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
+  main_only = train.StepConfig(**{**cfg.__dict__, "use_aux": False})
+  mask = jnp.ones(16)
+
+  def classifier_grads(detach, step_cfg):
+    grads, _ = jax.grad(train._loss_fn, has_aux=True)(
+        state.params, graphdef, state.batch_stats, images, labels, mask, detach, step_cfg)
+    return jax.tree.leaves(grads["classifier"])
+
+  without_aux = classifier_grads(False, main_only)
+  for a, b in zip(classifier_grads(True, cfg), without_aux):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert any(not np.allclose(a, b, atol=1e-6)
+             for a, b in zip(classifier_grads(False, cfg), without_aux))
+
+
+def test_padded_batch_equals_the_unpadded_one(learner_and_batch):
+  learner, cfg, images, labels = learner_and_batch
+  graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
+  args = (state.params, graphdef, state.batch_stats)
+  real = 11
+  full, (stats_full, m_full) = train._loss_fn(*args, images[:real], labels[:real],
+                                              jnp.ones(real), False, cfg)
+  padded = jnp.concatenate([images[:real], jnp.zeros((5, 16, 16, 3))])
+  padded_labels = jnp.concatenate([labels[:real], jnp.zeros(5, labels.dtype)])
+  part, (stats_part, m_part) = train._loss_fn(*args, padded, padded_labels,
+                                              (jnp.arange(16) < real).astype(jnp.float32),
+                                              False, cfg)
+  assert float(part) == pytest.approx(float(full), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(stats_full), jax.tree.leaves(stats_part)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert float(m_part["count"]) == real
+
+
+def test_epoch_visits_every_labeled_image_once():
+  order = train.epoch_order(jax.random.key(3), jnp.arange(100, 132), 27, 32)
+  np.testing.assert_array_equal(np.sort(np.asarray(order[:27])), np.arange(100, 127))
