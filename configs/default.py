@@ -60,9 +60,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.query.reduction = "layer_sum"  # layer_sum (authors' code) | frobenius (paper eq. 8)
   config.query.chunk_size = 64
 
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_epochs = 10  # also at the end of every round and on SIGTERM/SIGINT
+  config.checkpoint.keep = 2           # newest checkpoints kept (the older one is a fallback)
+
   config.log = ml_collections.ConfigDict()
   config.log.progress = True
   config.log.tensorboard = True
+  config.log.checkpoints = True        # print a line per periodic checkpoint
   return config
 
 

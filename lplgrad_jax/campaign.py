@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 from lplgrad_jax import reporting
 from lplgrad_jax import strategies
 from lplgrad_jax import train
+from lplgrad_jax.checkpoint import Checkpointer
 from lplgrad_jax.data import Dataset, load_dataset
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.models import create_learner
@@ -30,8 +33,11 @@ from lplgrad_jax.query import REDUCTIONS
 _INITIAL_SET, _MODEL_INIT, _TRAIN, _QUERY = range(4)
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy.png"
-# Keys that may differ between a workdir's campaign and the command rerun on it.
-_FREE_KEYS = ("log.",)
+# Settings that may change when a campaign is resumed: logging, checkpoint
+# frequency, memory knobs (batch sizes of evaluation and query) and the
+# number of rounds (to extend a campaign). Everything else must match.
+RESUMABLE_KEYS = ("log.", "checkpoint.", "al.num_rounds", "train.eval_batch_size",
+                  "query.chunk_size")
 
 
 def derive_key(seed: int, *path: int) -> jax.Array:
@@ -88,22 +94,31 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
-def check_workdir(workdir: str, config_dict: dict) -> None:
-  """Refuses a workdir that holds a campaign with another configuration."""
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.exists(path):
-    return
-  try:
-    with open(path) as f:
-      previous = json.load(f)["config"]
-  except (OSError, ValueError, KeyError, TypeError):
-    raise ConfigError(f"{path} is not a results file of this tool: choose another --workdir") from None
+def check_same_campaign(workdir: str, previous: dict, config_dict: dict) -> None:
+  """Refuses to resume a campaign whose configuration differs in a key that matters."""
   old, new = _flatten(previous), _flatten(json.loads(json.dumps(config_dict)))
   differing = sorted(k for k in set(old) | set(new)
-                     if old.get(k) != new.get(k) and not k.startswith(_FREE_KEYS))
+                     if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS))
   if differing:
     raise ConfigError(f"workdir {workdir} holds a campaign with another configuration "
-                      f"(differing: {', '.join(differing)}): choose another --workdir")
+                      f"(differing: {', '.join(differing)}): choose another --workdir, "
+                      "or pass --restart to discard it")
+
+
+def _previous_config(workdir: str, checkpointer: Checkpointer) -> dict | None:
+  """The configuration of the campaign already in `workdir`, if any."""
+  if checkpointer.exists():
+    saved = checkpointer.latest_campaign()
+    if saved is not None:
+      return saved["config"]
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)["config"]
+  except (OSError, ValueError, KeyError, TypeError):
+    raise ConfigError(f"{path} is not a results file of this tool: choose another --workdir") from None
 
 
 def initial_labeled_set(seed: int, pool_size: int, size: int) -> np.ndarray:
@@ -117,48 +132,45 @@ def random_subset(seed: int, round_index: int, unlabeled: np.ndarray, size: int)
   return unlabeled[np.asarray(perm[:size])]
 
 
-def train_round(learner, config, cfg: train.StepConfig, pool, labeled: np.ndarray,
-                round_index: int, normalization, on_epoch) -> None:
-  """Trains `learner` in place on the labeled ids with a fresh optimizer and schedule."""
-  tc = config.train
-  graphdef, state = train.create_train_state(learner, cfg)
-  padded_ids = np.zeros(cfg.steps_per_epoch * cfg.batch_size, np.int32)
-  padded_ids[:len(labeled)] = labeled
-  epochs = tqdm(range(tc.epochs), desc=f"round {round_index} train", unit="epoch",
-                disable=not config.log.progress, leave=False)
-  pending = None  # an epoch's metrics are read once the next epoch is queued
-  for epoch in epochs:
-    state, metrics = train.train_epoch(
-        graphdef, cfg, state, pool[0], pool[1], padded_ids, len(labeled),
-        derive_key(config.seed, _TRAIN, round_index, epoch),
-        train.learning_rate_at(tc, epoch), epoch >= tc.detach_features_epoch,
-        *normalization)
-    if pending is not None:
-      epochs.set_postfix(on_epoch(*pending))
-    pending = (epoch, metrics)
-  if pending is not None:
-    epochs.set_postfix(on_epoch(*pending))
-  nnx.update(learner, state.params, state.batch_stats)
+class StopRequest:
+  """SIGTERM/SIGINT handler: asks the campaign to checkpoint and exit at the next step boundary.
 
+  A second SIGINT interrupts at once (the default behaviour).
+  """
 
-def evaluate(learner, dataset: Dataset, normalization, batch_size: int) -> dict:
-  graphdef, params, batch_stats = nnx.split(
-      nnx.view(learner, use_running_average=True), nnx.Param, nnx.BatchStat)
-  return train.evaluate(graphdef, params, batch_stats, dataset.x_test, dataset.y_test,
-                        *normalization, batch_size, dataset.num_classes)
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal_name = signal.Signals(signum).name
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def __call__(self) -> bool:
+    return self.signal_name is not None
 
 
 class _Logger:
   """TensorBoard scalars (tensorboardX) and the per-epoch summary of training metrics."""
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, epochs_done: int):
     self.writer = None
     if enabled:
       from tensorboardX import SummaryWriter
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self.epochs_done = 0
+    self.epochs_done = epochs_done
 
-  def epoch(self, round_index: int, epoch: int, metrics) -> dict:
+  def epoch(self, metrics) -> dict:
     m = jax.device_get(metrics)
     count = max(float(m["count"]), 1.0)
     summary = {"loss": float(m["loss"]) / count, "main_loss": float(m["main_loss"]) / count,
@@ -179,12 +191,39 @@ class _Logger:
       self.writer.close()
 
 
-def run(config, workdir: str) -> dict:
-  """Runs a whole campaign; writes results.json, the plot and logs into `workdir`."""
+def evaluate(learner, dataset: Dataset, normalization, batch_size: int) -> dict:
+  graphdef, params, batch_stats = nnx.split(
+      nnx.view(learner, use_running_average=True), nnx.Param, nnx.BatchStat)
+  return train.evaluate(graphdef, params, batch_stats, dataset.x_test, dataset.y_test,
+                        *normalization, batch_size, dataset.num_classes)
+
+
+def _fresh_position(labeled: np.ndarray) -> dict:
+  """Where a new campaign starts. `phase` is "train" (round `round` is training, next
+  at `epoch`/`step`) or "query" (round `round` is trained and evaluated; its query is next)."""
+  return {"round": 0, "phase": "train", "epoch": 0, "step": 0, "train_seconds": 0.0,
+          "epochs_logged": 0, "labeled_ids": [int(i) for i in labeled], "rounds": []}
+
+
+def run(config, workdir: str, *, restart: bool = False) -> dict:
+  """Runs (or resumes) a campaign; writes results.json, the plot, logs and checkpoints.
+
+  Rerunning the same command on the same workdir resumes from the newest
+  checkpoint and ends with the same selections and accuracies as an
+  uninterrupted run. `restart=True` discards the workdir's campaign first.
+  """
   validate_config(config)
   strategy = strategies.get_strategy(config.strategy)
   config_dict = config.to_dict()
-  check_workdir(workdir, config_dict)
+  checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep)
+  if restart:
+    checkpointer.delete_all()
+    for name in (RESULTS_FILE, PLOT_FILE):
+      if os.path.exists(os.path.join(workdir, name)):
+        os.remove(os.path.join(workdir, name))
+  previous = _previous_config(workdir, checkpointer)
+  if previous is not None:
+    check_same_campaign(workdir, previous, config_dict)
   dataset = load_dataset(config.data)
   al = config.al
   final_size = check_budgets(al, dataset.num_train)
@@ -195,59 +234,158 @@ def run(config, workdir: str) -> dict:
   cfg = train.StepConfig.from_config(config.train, final_size)
   learner = create_learner(config.model, dataset.num_classes, use_aux=config.train.use_aux,
                            key=derive_key(config.seed, _MODEL_INIT, 0))
-  labeled = initial_labeled_set(config.seed, dataset.num_train, al.initial_size)
-  logger = _Logger(workdir, config.log.tensorboard)
+  graphdef, state = train.create_train_state(learner, cfg)
+  if checkpointer.exists():
+    state, position = checkpointer.restore(state)
+    nnx.update(learner, state.params, state.batch_stats)
+    print(f"resuming from {checkpointer.directory}: round {position['round'] + 1}, "
+          f"{position['phase']} phase, epoch {position['epoch']}", flush=True)
+  elif previous is not None:
+    raise ConfigError(f"workdir {workdir} holds results but no checkpoint to resume from: "
+                      "choose another --workdir, or pass --restart to discard them")
+  else:
+    position = _fresh_position(initial_labeled_set(config.seed, dataset.num_train,
+                                                   al.initial_size))
+  position["config"] = config_dict
   results = {"config": config_dict, "num_devices": jax.device_count(),
              "data": {"name": dataset.name, "num_train": dataset.num_train,
                       "num_test": len(dataset.y_test), "class_names": list(dataset.class_names)},
-             "rounds": []}
+             "rounds": position["rounds"]}
+  logger = _Logger(workdir, config.log.tensorboard, position["epochs_logged"])
   print(f"{dataset.name}: {dataset.num_train} training / {len(dataset.y_test)} test images, "
         f"{dataset.num_classes} classes; strategy {config.strategy}, {al.num_rounds} rounds, "
         f"{al.initial_size} -> {final_size} labeled; {jax.device_count()} device(s) "
         f"({jax.devices()[0].platform})", flush=True)
 
-  for round_index in range(al.num_rounds):
-    if round_index > 0 and config.train.reinit_each_round:
-      learner = create_learner(config.model, dataset.num_classes, use_aux=config.train.use_aux,
-                               key=derive_key(config.seed, _MODEL_INIT, round_index))
-    start = time.perf_counter()
-    train_round(learner, config, cfg, pool, labeled, round_index, normalization,
-                lambda epoch, metrics: logger.epoch(round_index, epoch, metrics))
-    train_seconds = time.perf_counter() - start
-    metrics = evaluate(learner, dataset, normalization, config.train.eval_batch_size)
-    record = {"round": round_index, "num_labeled": int(len(labeled)),
-              "test_accuracy": metrics["accuracy"],
-              "per_class_accuracy": metrics["per_class_accuracy"],
-              "train_seconds": train_seconds, "query_seconds": 0.0,
-              "labeled_ids": [int(i) for i in labeled], "queried_ids": []}
+  def save(state):
+    position["epochs_logged"] = logger.epochs_done
+    checkpointer.save(state, position)
 
-    if round_index < al.num_rounds - 1:
-      start = time.perf_counter()
-      unlabeled = np.setdiff1d(np.arange(dataset.num_train), labeled, assume_unique=True)
-      context = strategies.QueryContext(
-          learner=learner, dataset=dataset,
-          subset_ids=random_subset(config.seed, round_index, unlabeled, al.subset_size),
-          query_size=al.query_size, key=derive_key(config.seed, _QUERY, round_index, 1),
-          normalization=normalization, query_config=config.query,
-          progress=config.log.progress)
-      selected = np.asarray(strategy(context).ids)
-      if (len(np.unique(selected)) != al.query_size
-          or np.intersect1d(selected, labeled).size):
-        raise RuntimeError(f"strategy {config.strategy} returned an invalid selection")
-      labeled = np.sort(np.concatenate([labeled, selected]))
-      record["query_seconds"] = time.perf_counter() - start
-      record["queried_ids"] = [int(i) for i in selected]
-
-    results["rounds"].append(record)
+  def publish():
     reporting.write_results(os.path.join(workdir, RESULTS_FILE), results)
     reporting.plot_accuracy(os.path.join(workdir, PLOT_FILE), results["rounds"],
                             f"{config.strategy} on {dataset.name}")
-    logger.round(record)
-    print(f"round {round_index + 1}/{al.num_rounds}: {record['num_labeled']} labeled, "
-          f"test accuracy {100 * record['test_accuracy']:.2f}%, train "
-          f"{train_seconds:.1f}s, query {record['query_seconds']:.1f}s", flush=True)
 
+  stopped = None
+  with StopRequest() as stop:
+    while True:
+      r = position["round"]
+      labeled = np.asarray(position["labeled_ids"], np.int32)
+      if position["phase"] == "train":
+        if position["epoch"] == 0 and position["step"] == 0:  # a round starts
+          if r > 0 and config.train.reinit_each_round:
+            learner = create_learner(config.model, dataset.num_classes,
+                                     use_aux=config.train.use_aux,
+                                     key=derive_key(config.seed, _MODEL_INIT, r))
+          graphdef, state = train.create_train_state(learner, cfg)  # fresh optimizer
+        start = time.perf_counter()
+        state = _train_round(state, graphdef, config, cfg, pool, labeled, position,
+                             normalization, logger, stop, save)
+        position["train_seconds"] += time.perf_counter() - start
+        if stop():
+          stopped = "training"
+          save(state)
+          break
+        nnx.update(learner, state.params, state.batch_stats)
+        metrics = evaluate(learner, dataset, normalization, config.train.eval_batch_size)
+        record = {"round": r, "num_labeled": int(len(labeled)),
+                  "test_accuracy": metrics["accuracy"],
+                  "per_class_accuracy": metrics["per_class_accuracy"],
+                  "train_seconds": position["train_seconds"], "query_seconds": 0.0,
+                  "labeled_ids": [int(i) for i in labeled], "queried_ids": []}
+        position["rounds"].append(record)
+        position.update(phase="query", epoch=0, step=0, train_seconds=0.0)
+        save(state)
+        publish()
+        logger.round(record)
+        print(f"round {r + 1}/{al.num_rounds}: {record['num_labeled']} labeled, "
+              f"test accuracy {100 * record['test_accuracy']:.2f}%, "
+              f"train {record['train_seconds']:.1f}s", flush=True)
+      if r >= al.num_rounds - 1:
+        break  # the last round trains and is evaluated; it queries only if extended
+      if stop():
+        stopped = "round"
+        break
+      record = position["rounds"][r]
+      print(f"round {r + 1}/{al.num_rounds}: querying {al.query_size} of "
+            f"{min(al.subset_size, dataset.num_train - len(labeled))} unlabeled images",
+            flush=True)
+      start = time.perf_counter()
+      selection = _query(strategy, config, learner, dataset, labeled, r, normalization)
+      record["query_seconds"] = time.perf_counter() - start
+      record["queried_ids"] = [int(i) for i in selection.ids]
+      if selection.scores is not None:
+        record["query_scores"] = _score_summary(selection.scores)
+      position.update(round=r + 1, phase="train", epoch=0, step=0,
+                      labeled_ids=[int(i) for i in np.sort(np.concatenate([labeled, selection.ids]))])
+      save(state)
+      publish()
+      if stop():
+        stopped = "round"
+        break
+
+  checkpointer.close()
   logger.close()
+  if stopped:
+    print(f"stopped by {stop.signal_name}: checkpoint saved in {checkpointer.directory} "
+          f"(round {position['round'] + 1}, {position['phase']} phase, epoch "
+          f"{position['epoch']}); rerun the same command to resume", flush=True)
+    return results
+  publish()
   print("\n" + reporting.summary_table(results["rounds"]), flush=True)
   print(f"results: {os.path.join(workdir, RESULTS_FILE)}", flush=True)
   return results
+
+
+def _train_round(state, graphdef, config, cfg, pool, labeled, position, normalization,
+                 logger, stop, save):
+  """Trains from `position` (epoch, step) to the end of the round, or until a stop request.
+
+  Saves a checkpoint every `config.checkpoint.every_epochs` epochs; `position`
+  tracks the next epoch and step.
+  """
+  tc = config.train
+  padded_ids = np.zeros(cfg.steps_per_epoch * cfg.batch_size, np.int32)
+  padded_ids[:len(labeled)] = labeled
+  epochs = tqdm(range(position["epoch"], tc.epochs), desc=f"round {position['round'] + 1} train",
+                unit="epoch", disable=not config.log.progress, leave=False,
+                initial=position["epoch"], total=tc.epochs)
+  for epoch in epochs:
+    state, metrics, next_step = train.train_epoch(
+        graphdef, cfg, state, pool[0], pool[1], padded_ids, len(labeled),
+        derive_key(config.seed, _TRAIN, position["round"], epoch),
+        train.learning_rate_at(tc, epoch), epoch >= tc.detach_features_epoch,
+        *normalization, first_step=position["step"], should_stop=stop)
+    if next_step < train.num_steps(cfg, len(labeled)):  # stopped inside the epoch
+      position.update(epoch=epoch, step=next_step)
+      return state
+    position.update(epoch=epoch + 1, step=0)
+    if metrics is not None:
+      epochs.set_postfix(logger.epoch(metrics))
+    every = config.checkpoint.every_epochs
+    if every and position["epoch"] % every == 0 and position["epoch"] < tc.epochs:
+      save(state)
+      if config.log.checkpoints:
+        print(f"checkpoint saved: round {position['round'] + 1}, epoch {position['epoch']}",
+              flush=True)
+  return state
+
+
+def _query(strategy, config, learner, dataset, labeled, round_index, normalization):
+  unlabeled = np.setdiff1d(np.arange(dataset.num_train), labeled, assume_unique=True)
+  context = strategies.QueryContext(
+      learner=learner, dataset=dataset,
+      subset_ids=random_subset(config.seed, round_index, unlabeled, config.al.subset_size),
+      query_size=config.al.query_size, key=derive_key(config.seed, _QUERY, round_index, 1),
+      normalization=normalization, query_config=config.query, progress=config.log.progress)
+  selection = strategy(context)
+  selection.ids = np.asarray(selection.ids)
+  if (len(np.unique(selection.ids)) != config.al.query_size
+      or np.intersect1d(selection.ids, labeled).size):
+    raise RuntimeError(f"strategy {config.strategy} returned an invalid selection")
+  return selection
+
+
+def _score_summary(scores: np.ndarray) -> dict:
+  return {"min": float(np.min(scores)), "median": float(np.median(scores)),
+          "max": float(np.max(scores)), "mean": float(np.mean(scores))}

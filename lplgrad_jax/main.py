@@ -4,16 +4,21 @@
   python -m lplgrad_jax.main --config=configs/cifar10.py:low --workdir=... --config.seed=1
 """
 
+import logging
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from lplgrad_jax import campaign
 from lplgrad_jax.errors import ConfigError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, plots and logs.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, plots, logs and "
+                                "checkpoints. Rerunning a command resumes its campaign.")
+_RESTART = flags.DEFINE_bool("restart", False, "Discard the campaign already in --workdir "
+                             "(checkpoints and results) and start over.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Campaign configuration file.",
                                           lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -42,6 +47,9 @@ def _parse_flags(argv):
 
 
 def main(argv):
+  if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log at INFO through absl
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
@@ -50,7 +58,7 @@ def main(argv):
   except OSError as e:
     _fail(e)
   try:
-    campaign.run(config, _WORKDIR.value)
+    campaign.run(config, _WORKDIR.value, restart=_RESTART.value)
   except ConfigError as e:
     _fail(e)
 

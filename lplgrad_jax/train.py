@@ -174,25 +174,35 @@ def train_batch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_
 
 def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_labels,
                 labeled_ids, num_labeled: int, key, learning_rate, detach_features,
-                mean, std):
-  """One epoch over the labeled set; returns metrics summed over its examples.
+                mean, std, *, first_step: int = 0, should_stop=lambda: False):
+  """Steps `first_step`.. of one epoch over the labeled set.
 
+  Returns (state, metrics summed over the examples seen, next step index);
+  the epoch is complete when the index equals `num_steps(...)`, and stops
+  early, at a step boundary, once `should_stop()` is true.
   A host loop of asynchronously dispatched steps, with no host sync inside:
   XLA:CPU runs convolutions inside `lax.scan`/`lax.cond` bodies about 14x
   slower than at top level (measured on this project's CPU machine), and on
   accelerators the per-step dispatch is far below the step's cost.
   `labeled_ids` is padded to `cfg.steps_per_epoch * cfg.batch_size` ids; only
-  the first `num_labeled` are real.
+  the first `num_labeled` are real. The batch order depends only on `key`, so
+  an epoch resumed at `first_step` continues the interrupted one exactly.
   """
   order = epoch_order(jax.random.fold_in(key, 0), labeled_ids, num_labeled,
                       cfg.steps_per_epoch * cfg.batch_size)
   totals = None
-  for step_index in range(-(-num_labeled // cfg.batch_size)):
+  for step_index in range(first_step, num_steps(cfg, num_labeled)):
+    if should_stop():
+      return state, totals, step_index
     state, metrics = train_batch(graphdef, cfg, state, pool_images, pool_labels, order,
                                  step_index, num_labeled, key, learning_rate,
                                  detach_features, mean, std)
     totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-  return state, totals
+  return state, totals, num_steps(cfg, num_labeled)
+
+
+def num_steps(cfg: StepConfig, num_labeled: int) -> int:
+  return -(-num_labeled // cfg.batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -203,11 +213,6 @@ def predict_batch(graphdef, params, batch_stats, images_uint8, mean, std):
   predicted_loss = (learner.loss_head(features) if learner.loss_head is not None
                     else jnp.zeros(logits.shape[:1]))
   return logits, predicted_loss
-
-
-def eval_graphdef(learner: nnx.Module):
-  """The graphdef of `learner` with BatchNorm in inference mode."""
-  return nnx.split(nnx.view(learner, use_running_average=True), nnx.Param, nnx.BatchStat)[0]
 
 
 def predict(graphdef, params, batch_stats, images: np.ndarray, mean, std,

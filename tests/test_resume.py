@@ -1,0 +1,175 @@
+"""Checkpoint-resume: kill the CLI anywhere, rerun the same command, get the same campaign."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, tiny_config
+from lplgrad_jax import campaign
+from lplgrad_jax.errors import ConfigError
+
+CLI_ARGS = ["--config=configs/digits.py", "--config.model.width=4",
+            "--config.model.loss_head_width=8", "--config.train.epochs=6",
+            "--config.train.batch_size=16", "--config.train.lr_milestones=(4,)",
+            "--config.train.detach_features_epoch=3", "--config.al.initial_size=20",
+            "--config.al.query_size=10", "--config.al.subset_size=40",
+            "--config.al.num_rounds=3", "--config.query.chunk_size=20",
+            "--config.checkpoint.every_epochs=2", "--config.log.progress=False"]
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+
+
+def _run(workdir):
+  proc = subprocess.run([sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS,
+                         f"--workdir={workdir}"], cwd=REPO_ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _run_until(workdir, trigger: str, sig: int, delay: float = 0.0):
+  """Starts the CLI and sends `sig` once a stdout line contains `trigger`."""
+  proc = subprocess.Popen([sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS,
+                           f"--workdir={workdir}"], cwd=REPO_ROOT, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if trigger in line:
+      time.sleep(delay)
+      proc.send_signal(sig)
+      break
+  rest, _ = proc.communicate(timeout=600)
+  assert any(trigger in line for line in seen), "".join(seen)
+  return proc.returncode, "".join(seen) + rest
+
+
+def _outcome(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    rounds = json.load(f)["rounds"]
+  return [(r["num_labeled"], r["labeled_ids"], r["queried_ids"], r["test_accuracy"],
+           r["per_class_accuracy"]) for r in rounds]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  _run(workdir)
+  return _outcome(workdir)
+
+
+@pytest.mark.parametrize("trigger, delay", [
+    ("checkpoint saved: round 2, epoch 2", 0.5),  # during training of round 2
+    ("round 2/3: querying", 0.0),                 # during the query of round 2
+    ("checkpoint saved: round 1, epoch 4", 0.0),  # right after a checkpoint
+])
+def test_kill_9_then_rerun_gives_the_same_results(trigger, delay, reference, tmp_path):
+  returncode, _ = _run_until(tmp_path, trigger, signal.SIGKILL, delay)
+  assert returncode == -signal.SIGKILL
+  resumed = _run(tmp_path)
+  assert "resuming from" in resumed.stdout
+  assert _outcome(tmp_path) == reference
+
+
+def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
+  returncode, output = _run_until(tmp_path, "checkpoint saved: round 2, epoch 4",
+                                  signal.SIGTERM)
+  assert returncode == 0
+  assert "stopped by SIGTERM" in output and "rerun the same command to resume" in output
+  assert os.listdir(tmp_path / "checkpoints")
+  resumed = _run(tmp_path)
+  assert "resuming from" in resumed.stdout
+  assert _outcome(tmp_path) == reference
+
+
+def _copy_campaign(tiny_campaign, tmp_path):
+  _, workdir, results = tiny_campaign
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  return str(copy), results
+
+
+def _strip_times(results):
+  return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in results["rounds"]]
+
+
+def test_rerunning_a_finished_campaign_changes_nothing(tiny_campaign, tmp_path, capsys):
+  workdir, results = _copy_campaign(tiny_campaign, tmp_path)
+  again = campaign.run(tiny_config(), workdir)
+  assert again["rounds"] == results["rounds"]
+  assert "resuming from" in capsys.readouterr().out
+
+
+def _latest_step_dir(workdir):
+  root = os.path.join(workdir, "checkpoints")
+  return os.path.join(root, str(max(int(d) for d in os.listdir(root) if d.isdigit())))
+
+
+def _truncate_array_files(step_dir):
+  for parent, _, files in os.walk(os.path.join(step_dir, "state")):
+    for name in files:
+      path = os.path.join(parent, name)
+      if os.path.getsize(path) > 64:
+        with open(path, "r+b") as f:
+          f.truncate(16)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove_state_dir"])
+def test_corrupt_latest_checkpoint_falls_back(damage, tiny_campaign, tmp_path, capsys):
+  workdir, results = _copy_campaign(tiny_campaign, tmp_path)
+  latest = _latest_step_dir(workdir)
+  if damage == "truncate":
+    _truncate_array_files(latest)
+  else:
+    shutil.rmtree(os.path.join(latest, "state"))
+  with pytest.warns(UserWarning, match="cannot be restored"):
+    again = campaign.run(tiny_config(), workdir)
+  assert "falling back" in capsys.readouterr().out
+  assert _strip_times(again) == _strip_times(results)  # the last round was trained again
+
+
+def test_no_restorable_checkpoint_is_refused(tiny_campaign, tmp_path):
+  workdir, _ = _copy_campaign(tiny_campaign, tmp_path)
+  root = os.path.join(workdir, "checkpoints")
+  for step in os.listdir(root):
+    if step.isdigit():
+      _truncate_array_files(os.path.join(root, step))
+  with pytest.warns(UserWarning), pytest.raises(ConfigError, match="--restart"):
+    campaign.run(tiny_config(), workdir)
+
+
+def test_other_configuration_is_refused_unless_restart(tiny_campaign, tmp_path):
+  workdir, _ = _copy_campaign(tiny_campaign, tmp_path)
+  with pytest.raises(ConfigError, match=r"differing: model.width, strategy"):
+    campaign.run(tiny_config(strategy="random", **{"model.width": 8}), workdir)
+  fresh = campaign.run(tiny_config(strategy="random", **{"al.num_rounds": 2}), workdir,
+                       restart=True)
+  assert len(fresh["rounds"]) == 2 and fresh["config"]["strategy"] == "random"
+
+
+def test_extending_num_rounds_continues_the_campaign(tiny_campaign, tmp_path):
+  workdir, results = _copy_campaign(tiny_campaign, tmp_path)
+  extended = campaign.run(tiny_config(**{"al.num_rounds": 4}), workdir)
+  assert len(extended["rounds"]) == 4
+  assert _strip_times(extended)[:2] == _strip_times(results)[:2]
+  # The round that used to be last now also queries; the new round trains on the result.
+  third = extended["rounds"][2]
+  assert len(third["queried_ids"]) == 10
+  assert set(extended["rounds"][3]["labeled_ids"]) == set(third["labeled_ids"]) | set(third["queried_ids"])
+  straight = campaign.run(tiny_config(**{"al.num_rounds": 4}), str(tmp_path / "straight"))
+  assert _strip_times(extended) == _strip_times(straight)
+
+
+def test_results_file_is_never_half_written(tiny_campaign):
+  _, workdir, _ = tiny_campaign
+  assert not [f for f in os.listdir(workdir) if f.endswith(".tmp")]
+  np.testing.assert_equal(len(json.load(open(os.path.join(workdir, "results.json")))["rounds"]), 3)
