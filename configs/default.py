@@ -42,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.lr_decay = 0.1
   config.train.momentum = 0.9
   config.train.weight_decay = 5e-4
-  config.train.use_aux = True          # train the loss-prediction module jointly
+  # Train the loss-prediction module jointly: None = the strategy's default
+  # (lplgrad, learning_loss: yes; the other baselines: no).
+  config.train.use_aux = ml_collections.config_dict.placeholder(bool)
   config.train.aux_weight = 1.0
   config.train.margin = 1.0
   config.train.detach_features_epoch = 120

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from lplgrad_jax import query
 from lplgrad_jax import reporting
 from lplgrad_jax import strategies
 from lplgrad_jax import train
@@ -27,7 +28,6 @@ from lplgrad_jax.checkpoint import Checkpointer
 from lplgrad_jax.data import Dataset, load_dataset
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.models import create_learner
-from lplgrad_jax.query import REDUCTIONS
 
 # Purposes folded into the seed, so each stream is independent of the others.
 _INITIAL_SET, _MODEL_INIT, _TRAIN, _QUERY = range(4)
@@ -55,7 +55,7 @@ def _positive_int(value, name: str) -> int:
 
 def validate_config(config) -> None:
   """Checks what can be checked before any data is loaded."""
-  strategies.get_strategy(config.strategy)
+  strategies.uses_aux(config)  # a known strategy, and a loss head if it needs one
   for name in ("al.initial_size", "al.query_size", "al.subset_size", "al.num_rounds",
                "train.epochs", "train.batch_size", "train.eval_batch_size",
                "query.chunk_size", "model.width"):
@@ -64,8 +64,8 @@ def validate_config(config) -> None:
   if config.al.subset_size < config.al.query_size:
     raise ConfigError(f"al.subset_size={config.al.subset_size} is smaller than "
                       f"al.query_size={config.al.query_size}: expected subset_size >= query_size")
-  if config.query.reduction not in REDUCTIONS:
-    raise ConfigError(f"unknown query.reduction {config.query.reduction!r}: expected one of {', '.join(REDUCTIONS)}")
+  if config.query.reduction not in query.REDUCTIONS:
+    raise ConfigError(f"unknown query.reduction {config.query.reduction!r}: expected one of {', '.join(query.REDUCTIONS)}")
   if config.train.augment not in ("crop_flip", "flip", "crop", "none"):
     raise ConfigError(f"unknown train.augment {config.train.augment!r}: expected crop_flip, crop, flip or none")
 
@@ -192,10 +192,12 @@ class _Logger:
 
 
 def evaluate(learner, dataset: Dataset, normalization, batch_size: int) -> dict:
-  graphdef, params, batch_stats = nnx.split(
-      nnx.view(learner, use_running_average=True), nnx.Param, nnx.BatchStat)
-  return train.evaluate(graphdef, params, batch_stats, dataset.x_test, dataset.y_test,
-                        *normalization, batch_size, dataset.num_classes)
+  """Test accuracy and per-class accuracy (0 for a class without test images)."""
+  logits = query.model_outputs(learner, dataset.x_test, normalization, batch_size)["logits"]
+  correct = np.argmax(logits, -1) == dataset.y_test
+  per_class = [float(correct[dataset.y_test == c].mean()) if np.any(dataset.y_test == c) else 0.0
+               for c in range(dataset.num_classes)]
+  return {"accuracy": float(correct.mean()), "per_class_accuracy": per_class}
 
 
 def _fresh_position(labeled: np.ndarray) -> dict:
@@ -231,8 +233,9 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
 
   normalization = dataset.channel_stats()
   pool = (jax.device_put(dataset.x_train), jax.device_put(dataset.y_train))
-  cfg = train.StepConfig.from_config(config.train, final_size)
-  learner = create_learner(config.model, dataset.num_classes, use_aux=config.train.use_aux,
+  use_aux = strategies.uses_aux(config)
+  cfg = train.StepConfig.from_config(config.train, final_size, use_aux)
+  learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
                            key=derive_key(config.seed, _MODEL_INIT, 0))
   graphdef, state = train.create_train_state(learner, cfg)
   if checkpointer.exists():
@@ -274,8 +277,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
       if position["phase"] == "train":
         if position["epoch"] == 0 and position["step"] == 0:  # a round starts
           if r > 0 and config.train.reinit_each_round:
-            learner = create_learner(config.model, dataset.num_classes,
-                                     use_aux=config.train.use_aux,
+            learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
                                      key=derive_key(config.seed, _MODEL_INIT, r))
           graphdef, state = train.create_train_state(learner, cfg)  # fresh optimizer
         start = time.perf_counter()
@@ -377,8 +379,9 @@ def _query(strategy, config, learner, dataset, labeled, round_index, normalizati
       learner=learner, dataset=dataset,
       subset_ids=random_subset(config.seed, round_index, unlabeled, config.al.subset_size),
       query_size=config.al.query_size, key=derive_key(config.seed, _QUERY, round_index, 1),
-      normalization=normalization, query_config=config.query, progress=config.log.progress)
-  selection = strategy(context)
+      normalization=normalization, query_config=config.query, labeled_ids=labeled,
+      progress=config.log.progress)
+  selection = strategy.select(context)
   selection.ids = np.asarray(selection.ids)
   if (len(np.unique(selection.ids)) != config.al.query_size
       or np.intersect1d(selection.ids, labeled).size):

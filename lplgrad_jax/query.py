@@ -1,4 +1,10 @@
-"""Query scorers: per-image scores computed from the current models.
+"""Query scorers: per-image scores and selections computed from the current models.
+
+`model_outputs` runs the learner in inference mode once over images and
+returns what the uncertainty, loss-prediction and diversity strategies read:
+logits, the pooled penultimate features and the predicted losses.
+`k_center_greedy` (Coreset) and `kmeans_plus_plus` (BADGE) select on the
+device with batched distance updates.
 
 `entropy_grad_norms` is LPLgrad's score: the entropy H of softmax(main model)
 is treated as a loss and each image is scored by the norm of dH/dw over all
@@ -21,6 +27,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.train import normalize
 
 REDUCTIONS = ("layer_sum", "frobenius")
 
@@ -37,6 +44,114 @@ def reduce_tensor_norms(squared_norms: list[jax.Array], reduction: str) -> jax.A
   if reduction == "layer_sum":
     return jnp.sum(jnp.sqrt(stacked), axis=0)
   return jnp.sqrt(jnp.sum(stacked, axis=0))
+
+
+def margin(logits: jax.Array) -> jax.Array:
+  """Top-1 minus top-2 probability (small = uncertain)."""
+  top2 = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), 2)[0]
+  return top2[..., 0] - top2[..., 1]
+
+
+def max_probability(logits: jax.Array) -> jax.Array:
+  return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+
+
+def _padded_chunks(images: np.ndarray, chunk_size: int):
+  """Yields (chunk padded to chunk_size, number of real images) so one shape compiles."""
+  for start in range(0, len(images), chunk_size):
+    chunk = images[start:start + chunk_size]
+    real = len(chunk)
+    if real < chunk_size:
+      chunk = np.concatenate([chunk, np.zeros((chunk_size - real,) + chunk.shape[1:], chunk.dtype)])
+    yield chunk, real
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _outputs_batch(graphdef, params, rest, images_uint8, mean, std):
+  learner = nnx.merge(graphdef, params, rest)
+  logits, features = learner.classifier(normalize(images_uint8, mean, std))
+  embedding = jnp.mean(features[-1], axis=(1, 2))
+  predicted_loss = (learner.loss_head(features) if learner.loss_head is not None
+                    else jnp.zeros(logits.shape[:1]))
+  return logits, embedding, predicted_loss
+
+
+def model_outputs(learner: nnx.Module, images: np.ndarray, normalization,
+                  batch_size: int) -> dict[str, np.ndarray]:
+  """Inference-mode logits, penultimate `embedding` and `predicted_loss` of uint8 images."""
+  graphdef, params, rest = _split_for_inference(learner)
+  mean, std = (np.asarray(a, np.float32) for a in normalization)
+  parts = [jax.device_get(_outputs_batch(graphdef, params, rest, chunk, mean, std))
+           + (real,) for chunk, real in _padded_chunks(np.asarray(images), batch_size)]
+  names = ("logits", "embedding", "predicted_loss")
+  return {name: np.concatenate([p[i][:p[-1]] for p in parts]) for i, name in enumerate(names)}
+
+
+def _squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.maximum(jnp.sum(x * x, 1)[:, None] + jnp.sum(y * y, 1)[None, :] - 2 * x @ y.T, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "center_chunk"))
+def k_center_greedy(candidates: jax.Array, centers: jax.Array, k: int,
+                    center_chunk: int = 1024):
+  """Sener & Savarese's greedy k-center: repeatedly take the candidate farthest from all centers.
+
+  Returns (indices of the k picks in order, covering radius before each pick).
+  Distances to the existing centers are reduced in chunks of `center_chunk`
+  centers, so memory is O(candidates x center_chunk).
+  """
+  n = candidates.shape[0]
+  pad = (-centers.shape[0]) % center_chunk
+  padded = jnp.concatenate([centers, jnp.zeros((pad, centers.shape[1]), centers.dtype)])
+  valid = jnp.arange(padded.shape[0]) < centers.shape[0]
+
+  def reduce_chunk(min_d, chunk):
+    block, block_valid = chunk
+    d = jnp.where(block_valid[None, :], _squared_distances(candidates, block), jnp.inf)
+    return jnp.minimum(min_d, jnp.min(d, axis=1)), None
+
+  min_d, _ = jax.lax.scan(
+      reduce_chunk, jnp.full((n,), jnp.inf),
+      (padded.reshape(-1, center_chunk, centers.shape[1]), valid.reshape(-1, center_chunk)))
+
+  def pick(i, carry):
+    min_d, picks, radii = carry
+    j = jnp.argmax(min_d)
+    radii = radii.at[i].set(jnp.sqrt(min_d[j]))
+    d = _squared_distances(candidates, candidates[j][None])[:, 0]
+    return jnp.minimum(min_d, d).at[j].set(-1.0), picks.at[i].set(j), radii
+
+  _, picks, radii = jax.lax.fori_loop(
+      0, k, pick, (min_d, jnp.zeros((k,), jnp.int32), jnp.zeros((k,))))
+  return picks, radii
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def kmeans_plus_plus(key: jax.Array, scale: jax.Array, features: jax.Array, k: int):
+  """k-means++ seeding on BADGE's gradient embeddings g_i = scale_i (outer) features_i.
+
+  `scale` (N, C) is p - onehot(argmax p); the (N, C*D) embeddings are never
+  built: ||g_i - g_j||^2 = |s_i|^2 |f_i|^2 + |s_j|^2 |f_j|^2 - 2 (s_i.s_j)(f_i.f_j).
+  The first center is the largest embedding, as in BADGE; then D^2 sampling.
+  """
+  norms = jnp.sum(scale * scale, 1) * jnp.sum(features * features, 1)
+
+  def distances_to(j):
+    return jnp.maximum(norms + norms[j] - 2 * (scale @ scale[j]) * (features @ features[j]), 0.0)
+
+  first = jnp.argmax(norms)
+
+  def pick(i, carry):
+    min_d, picks = carry
+    weights = jnp.where(min_d > 0, min_d, 0.0)
+    # All remaining points coincide with centers: fall back to uniform over the unpicked.
+    weights = jnp.where(jnp.sum(weights) > 0, weights, (min_d >= 0).astype(weights.dtype))
+    j = jax.random.choice(jax.random.fold_in(key, i), min_d.shape[0], p=weights / jnp.sum(weights))
+    return jnp.minimum(min_d, distances_to(j)).at[j].set(-1.0), picks.at[i].set(j)
+
+  min_d = distances_to(first).at[first].set(-1.0)
+  _, picks = jax.lax.fori_loop(1, k, pick, (min_d, jnp.zeros((k,), jnp.int32).at[0].set(first)))
+  return picks
 
 
 def _image_entropy(params, graphdef, rest, image):
@@ -83,14 +198,10 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
   mean, std = (np.zeros(3, np.float32), np.ones(3, np.float32)) if normalization is None \
       else (np.asarray(normalization[0], np.float32), np.asarray(normalization[1], np.float32))
   graphdef, params, rest = _split_for_inference(model)
-  n = len(images)
   scores = []
-  for start in tqdm(range(0, n, chunk_size), desc="query", unit="chunk",
-                    disable=not progress, leave=False):
-    chunk = images[start:start + chunk_size]
-    real = len(chunk)
-    if real < chunk_size:  # pad so every chunk shares one compiled shape
-      chunk = np.concatenate([chunk, np.zeros((chunk_size - real,) + chunk.shape[1:], chunk.dtype)])
+  for chunk, real in tqdm(_padded_chunks(images, chunk_size), desc="query", unit="chunk",
+                          total=-(-len(images) // chunk_size), disable=not progress,
+                          leave=False):
     scores.append(np.asarray(_vmap_grad_scores(graphdef, params, rest, chunk, mean, std,
                                                reduction))[:real])
   return np.concatenate(scores) if scores else np.zeros((0,), np.float32)

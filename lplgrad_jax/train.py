@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -40,13 +39,13 @@ class StepConfig:
   flip: bool = True
 
   @classmethod
-  def from_config(cls, train_config, max_labeled: int) -> "StepConfig":
+  def from_config(cls, train_config, max_labeled: int, use_aux: bool) -> "StepConfig":
     augment = train_config.augment
     return cls(
         batch_size=train_config.batch_size,
         steps_per_epoch=-(-max_labeled // train_config.batch_size),
         momentum=train_config.momentum, weight_decay=train_config.weight_decay,
-        use_aux=train_config.use_aux, aux_weight=train_config.aux_weight,
+        use_aux=use_aux, aux_weight=train_config.aux_weight,
         margin=train_config.margin,
         crop_padding=train_config.crop_padding if "crop" in augment else 0,
         flip="flip" in augment)
@@ -203,39 +202,3 @@ def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_
 
 def num_steps(cfg: StepConfig, num_labeled: int) -> int:
   return -(-num_labeled // cfg.batch_size)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def predict_batch(graphdef, params, batch_stats, images_uint8, mean, std):
-  """Logits and predicted losses (zeros without a loss head) in inference mode."""
-  learner = nnx.merge(graphdef, params, batch_stats)
-  logits, features = learner.classifier(normalize(images_uint8, mean, std))
-  predicted_loss = (learner.loss_head(features) if learner.loss_head is not None
-                    else jnp.zeros(logits.shape[:1]))
-  return logits, predicted_loss
-
-
-def predict(graphdef, params, batch_stats, images: np.ndarray, mean, std,
-            batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Logits and predicted losses for uint8 images, in fixed-size padded batches."""
-  n = len(images)
-  logits, losses = [], []
-  for start in range(0, n, batch_size):
-    chunk = images[start:start + batch_size]
-    real = len(chunk)
-    if real < batch_size:  # pad to one compiled shape
-      chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:], chunk.dtype)])
-    batch_logits, batch_losses = predict_batch(graphdef, params, batch_stats, chunk, mean, std)
-    logits.append(np.asarray(batch_logits)[:real])
-    losses.append(np.asarray(batch_losses)[:real])
-  return np.concatenate(logits), np.concatenate(losses)
-
-
-def evaluate(graphdef, params, batch_stats, images, labels, mean, std, batch_size: int,
-             num_classes: int) -> dict:
-  """Test accuracy and per-class accuracy (NaN-free: empty classes report 0)."""
-  logits, _ = predict(graphdef, params, batch_stats, images, mean, std, batch_size)
-  correct = np.argmax(logits, -1) == labels
-  per_class = [float(correct[labels == c].mean()) if np.any(labels == c) else 0.0
-               for c in range(num_classes)]
-  return {"accuracy": float(correct.mean()), "per_class_accuracy": per_class}

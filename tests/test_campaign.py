@@ -69,7 +69,7 @@ def test_lplgrad_selects_the_top_entropy_gradient_norms():
   context = strategies.QueryContext(
       learner=learner, dataset=dataset, subset_ids=subset, query_size=10,
       key=jax.random.key(1), normalization=normalization, query_config=config.query)
-  selection = strategies.get_strategy("lplgrad")(context)
+  selection = strategies.get_strategy("lplgrad").select(context)
   scores = query.entropy_grad_norms(learner.classifier, dataset.x_train[subset],
                                     normalization=normalization, chunk_size=20)
   np.testing.assert_array_equal(selection.ids, subset[np.argsort(-scores)[:10]])

@@ -73,7 +73,7 @@ def test_augment_crop_and_flip():
 def learner_and_batch():
   config = tiny_config()
   learner = models.create_learner(config.model, 10, use_aux=True, key=jax.random.key(0))
-  cfg = train.StepConfig.from_config(config.train, 64)
+  cfg = train.StepConfig.from_config(config.train, 64, use_aux=True)
   key = jax.random.key(1)
   images = jax.random.normal(key, (16, 16, 16, 3))
   labels = jax.random.randint(jax.random.fold_in(key, 1), (16,), 0, 10)
