@@ -250,7 +250,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
     position = _fresh_position(initial_labeled_set(config.seed, dataset.num_train,
                                                    al.initial_size))
   position["config"] = config_dict
-  results = {"config": config_dict, "num_devices": jax.device_count(),
+  results = {"config": config_dict, "use_aux": use_aux, "num_devices": jax.device_count(),
              "data": {"name": dataset.name, "num_train": dataset.num_train,
                       "num_test": len(dataset.y_test), "class_names": list(dataset.class_names)},
              "rounds": position["rounds"]}

@@ -1,0 +1,184 @@
+"""Turns a sweep's workdirs into the paper's tables and figures.
+
+  python experiments/aggregate.py --root=runs/cifar10 --out=experiments/results/cifar10
+
+Reads ROOT/<budget>/<strategy>/seed<k>/results.json and writes to OUT:
+  accuracy_<budget>.md/.csv   Table III style: mean +- std test accuracy (%) per labeled count
+  curves_<budget>.png         Figs 3-4 style: accuracy vs labeled images, std bands
+  times_<budget>.md           Table IV style: mean train / query seconds per round
+  aux_<budget>.md             Tables V-VI style: LPLgrad with vs without the loss-prediction module
+  comparison_<budget>.md      each strategy against lplgrad: difference of means, and whether
+                              it exceeds the sum of the two stds
+"""
+
+import collections
+import csv
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Strategies that train the loss-prediction module unless told otherwise (see strategies.py).
+_AUX_BY_DEFAULT = ("lplgrad", "learning_loss")
+
+
+def _uses_aux(results: dict) -> bool:
+  if "use_aux" in results:
+    return bool(results["use_aux"])
+  configured = results["config"]["train"].get("use_aux")
+  return configured if configured is not None else results["config"]["strategy"] in _AUX_BY_DEFAULT
+
+
+def load_runs(root: str) -> dict:
+  """{budget: {variant: [results, ...]}}; lplgrad without its module is 'lplgrad (no aux)'."""
+  runs = collections.defaultdict(lambda: collections.defaultdict(list))
+  for path in sorted(glob.glob(os.path.join(root, "*", "*", "*", "results.json"))):
+    budget = path.split(os.sep)[-4]
+    with open(path) as f:
+      results = json.load(f)
+    if not results.get("rounds"):
+      continue
+    strategy = results["config"]["strategy"]
+    if strategy == "lplgrad" and not _uses_aux(results):
+      strategy = "lplgrad (no aux)"
+    runs[budget][strategy].append(results)
+  return runs
+
+
+def accuracy_table(runs_of_budget: dict):
+  """(labeled counts, {strategy: (means, stds, number of seeds)}) in percent."""
+  counts = sorted({r["num_labeled"] for rs in runs_of_budget.values() for res in rs
+                   for r in res["rounds"]})
+  table = {}
+  for strategy, results in sorted(runs_of_budget.items()):
+    per_count = collections.defaultdict(list)
+    for res in results:
+      for r in res["rounds"]:
+        per_count[r["num_labeled"]].append(100 * r["test_accuracy"])
+    means = [float(np.mean(per_count[c])) if per_count[c] else float("nan") for c in counts]
+    stds = [float(np.std(per_count[c])) if per_count[c] else float("nan") for c in counts]
+    table[strategy] = (means, stds, len(results))
+  return counts, table
+
+
+def _markdown(header, rows):
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def write_accuracy(out: str, budget: str, counts, table) -> None:
+  header = ["strategy", "seeds"] + [str(c) for c in counts] + ["mean"]
+  rows = [[s, n] + [f"{m:.2f} ± {d:.2f}" for m, d in zip(means, stds)]
+          + [f"{np.nanmean(means):.2f}"] for s, (means, stds, n) in table.items()]
+  with open(os.path.join(out, f"accuracy_{budget}.md"), "w") as f:
+    f.write(f"Test accuracy (%) by number of labeled images, mean ± std over seeds ({budget} budget)\n\n")
+    f.write(_markdown(header, rows))
+  with open(os.path.join(out, f"accuracy_{budget}.csv"), "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["strategy", "num_labeled", "mean", "std", "seeds"])
+    for s, (means, stds, n) in table.items():
+      for c, m, d in zip(counts, means, stds):
+        writer.writerow([s, c, f"{m:.4f}", f"{d:.4f}", n])
+
+
+def write_comparison(out: str, budget: str, counts, table) -> None:
+  if "lplgrad" not in table:
+    return
+  ref_means, ref_stds, _ = table["lplgrad"]
+  rows = []
+  for s, (means, stds, _) in table.items():
+    if s == "lplgrad":
+      continue
+    cells = []
+    for rm, rd, m, d in zip(ref_means, ref_stds, means, stds):
+      diff = rm - m
+      cells.append(f"{diff:+.2f}{' *' if abs(diff) > rd + d else ''}")
+    rows.append([s] + cells)
+  with open(os.path.join(out, f"comparison_{budget}.md"), "w") as f:
+    f.write("LPLgrad minus each strategy, accuracy points; * = the difference exceeds the sum "
+            "of the two standard deviations\n\n")
+    f.write(_markdown(["strategy"] + [str(c) for c in counts], rows))
+
+
+def write_curves(out: str, budget: str, counts, table, title: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for s, (means, stds, _) in table.items():
+    means, stds = np.asarray(means), np.asarray(stds)
+    style = dict(linewidth=2.5) if s == "lplgrad" else dict(linewidth=1.2)
+    ax.plot(counts, means, marker="o", markersize=3, label=s, **style)
+    ax.fill_between(counts, means - stds, means + stds, alpha=0.15)
+  ax.set_xlabel("labeled images")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, f"curves_{budget}.png"), dpi=110)
+  plt.close(fig)
+
+
+def write_times(out: str, budget: str, runs_of_budget: dict) -> None:
+  rows = []
+  for s, results in sorted(runs_of_budget.items()):
+    train_s = [r["train_seconds"] for res in results for r in res["rounds"]]
+    query_s = [r["query_seconds"] for res in results for r in res["rounds"] if r["queried_ids"]]
+    rows.append([s, f"{np.mean(train_s):.1f}", f"{np.mean(query_s):.2f}" if query_s else "-",
+                 len(results)])
+  with open(os.path.join(out, f"times_{budget}.md"), "w") as f:
+    f.write("Mean seconds per round (training) and per query, over rounds and seeds\n\n")
+    f.write(_markdown(["strategy", "train s / round", "query s / round", "seeds"], rows))
+
+
+def write_aux(out: str, budget: str, counts, table) -> None:
+  pairs = [(name, label) for name, label in
+           (("lplgrad", "with loss-prediction module"),
+            ("ent_gradnorm", "without (Ent-GradNorm)"),
+            ("lplgrad (no aux)", "without (lplgrad, train.use_aux=False)")) if name in table]
+  if len(pairs) < 2:
+    return
+  rows = [[f"{name}: {label}"] + [f"{m:.2f} ± {d:.2f}" for m, d in zip(*table[name][:2])]
+          for name, label in pairs]
+  with open(os.path.join(out, f"aux_{budget}.md"), "w") as f:
+    f.write("The entropy-gradient-norm query with and without joint training of the "
+            "loss-prediction module, accuracy (%)\n\n")
+    f.write(_markdown(["training"] + [str(c) for c in counts], rows))
+
+
+def aggregate(root: str, out: str) -> list[str]:
+  runs = load_runs(root)
+  if not runs:
+    raise SystemExit(f"error: no results.json under {root}/<budget>/<strategy>/<seed>/")
+  os.makedirs(out, exist_ok=True)
+  for budget, runs_of_budget in sorted(runs.items()):
+    counts, table = accuracy_table(runs_of_budget)
+    name = next(iter(runs_of_budget.values()))[0].get("data", {}).get("name", "")
+    write_accuracy(out, budget, counts, table)
+    write_comparison(out, budget, counts, table)
+    write_curves(out, budget, counts, table, f"{name} ({budget} budget)")
+    write_times(out, budget, runs_of_budget)
+    write_aux(out, budget, counts, table)
+  return sorted(os.listdir(out))
+
+
+def main(argv):
+  del argv
+  root = flags.FLAGS.root
+  out = flags.FLAGS.out or os.path.join(root, "summary")
+  for name in aggregate(root, out):
+    print(os.path.join(out, name))
+
+
+if __name__ == "__main__":
+  # Defined here, not at import, so that tests can import this module beside sweep.py.
+  flags.DEFINE_string("root", None, "The sweep's root directory.", required=True)
+  flags.DEFINE_string("out", None, "Output directory (default: ROOT/summary).")
+  app.run(main)

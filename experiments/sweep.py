@@ -1,0 +1,97 @@
+"""Runs strategies x seeds x budgets of one data set config, each in its own (resumable) workdir.
+
+  python experiments/sweep.py --config=configs/cifar10.py --budgets=high,low \
+      --strategies=lplgrad,ent_gradnorm,learning_loss,coreset,entropy,random --seeds=0,1,2 \
+      --root=runs/cifar10 [--set=model.width=16 --set=train.epochs=50] [--shard=0/4]
+
+Workdirs: ROOT/<budget>/<strategy>/seed<k>. Finished runs are skipped and
+interrupted ones resume (the campaign's own checkpoints). Runs execute one
+after another in this process, so they share compiled functions; `--shard=i/n`
+takes every n-th run, to spread a sweep over processes or machines.
+Then: python experiments/aggregate.py --root=ROOT
+"""
+
+import ast
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+_CONFIG = flags.DEFINE_string("config", None, "Data set config file (configs/NAME.py).")
+_BUDGETS = flags.DEFINE_list("budgets", ["high"], "Budget rows: high, low.")
+_STRATEGIES = flags.DEFINE_list(
+    "strategies", ["lplgrad", "ent_gradnorm", "learning_loss", "coreset", "entropy", "random",
+                   "margin", "least_confidence", "badge"], "Strategies to run.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (trials).")
+_ROOT = flags.DEFINE_string("root", None, "Directory holding the sweep's workdirs.")
+_SET = flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE (Python literal), repeated.")
+_SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run every n-th run starting at i.")
+flags.mark_flags_as_required(["config", "root"])
+
+
+def load_config(path: str, budget: str):
+  spec = importlib.util.spec_from_file_location("sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  takes_budget = bool(inspect.signature(module.get_config).parameters)
+  return module.get_config(budget) if takes_budget else module.get_config()
+
+
+def apply_override(config, assignment: str) -> None:
+  key, _, text = assignment.partition("=")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  *path, leaf = key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  node[leaf] = value
+
+
+def is_finished(workdir: str, num_rounds: int) -> bool:
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      return len(json.load(f)["rounds"]) >= num_rounds
+  except (OSError, ValueError, KeyError):
+    return False
+
+
+def main(argv):
+  del argv
+  from lplgrad_jax import campaign
+  from lplgrad_jax.errors import ConfigError
+  index, count = (int(x) for x in _SHARD.value.split("/"))
+  runs = [(b, s, int(seed)) for b in _BUDGETS.value for s in _STRATEGIES.value
+          for seed in _SEEDS.value][index::count]
+  for number, (budget, strategy, seed) in enumerate(runs, 1):
+    config = load_config(_CONFIG.value, budget)
+    for assignment in _SET.value:
+      apply_override(config, assignment)
+    config.strategy, config.seed = strategy, seed
+    config.log.progress = False
+    workdir = os.path.join(_ROOT.value, budget, strategy, f"seed{seed}")
+    label = f"[{number}/{len(runs)}] {budget} {strategy} seed {seed}"
+    if is_finished(workdir, config.al.num_rounds):
+      print(f"{label}: finished, skipped", flush=True)
+      continue
+    print(f"{label}: {workdir}", flush=True)
+    start = time.perf_counter()
+    try:
+      campaign.run(config, workdir)
+    except ConfigError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(f"{label}: done in {time.perf_counter() - start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

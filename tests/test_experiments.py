@@ -1,0 +1,89 @@
+"""The reproduction harness: sweep runner and aggregator."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
+import aggregate  # noqa: E402
+import sweep  # noqa: E402
+
+
+def _write_run(root, budget, strategy, seed, accuracies, use_aux=None):
+  workdir = os.path.join(root, budget, strategy, f"seed{seed}")
+  os.makedirs(workdir)
+  rounds = [{"round": i, "num_labeled": 100 * (i + 1), "test_accuracy": a,
+             "per_class_accuracy": [a], "train_seconds": 2.0, "query_seconds": 0.5,
+             "labeled_ids": [], "queried_ids": [1] if i < len(accuracies) - 1 else []}
+            for i, a in enumerate(accuracies)]
+  results = {"config": {"strategy": strategy, "train": {"use_aux": use_aux}},
+             "data": {"name": "toy"}, "rounds": rounds}
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f)
+
+
+@pytest.fixture
+def sweep_root(tmp_path):
+  root = tmp_path / "sweep"
+  for seed, shift in enumerate((0.0, 0.02)):
+    _write_run(root, "high", "lplgrad", seed, [0.50 + shift, 0.70 + shift])
+    _write_run(root, "high", "random", seed, [0.50 + shift, 0.60 + shift])
+    _write_run(root, "high", "ent_gradnorm", seed, [0.49 + shift, 0.69 + shift])
+  _write_run(root, "high", "lplgrad", 5, [0.4, 0.5], use_aux=False)
+  return root
+
+
+def test_aggregator_writes_the_tables_and_curves(sweep_root, tmp_path):
+  out = tmp_path / "out"
+  files = aggregate.aggregate(str(sweep_root), str(out))
+  assert {"accuracy_high.md", "accuracy_high.csv", "curves_high.png", "times_high.md",
+          "aux_high.md", "comparison_high.md"} <= set(files)
+  table = (out / "accuracy_high.md").read_text()
+  assert "| lplgrad | 2 | 51.00 ± 1.00 | 71.00 ± 1.00 | 61.00 |" in table
+  assert "| random | 2 | 51.00 ± 1.00 | 61.00 ± 1.00 | 56.00 |" in table
+  assert "| lplgrad (no aux) | 1 | 40.00 ± 0.00 | 50.00 ± 0.00 | 45.00 |" in table
+  comparison = (out / "comparison_high.md").read_text()
+  assert "| random | +0.00 | +10.00 * |" in comparison
+  assert "| ent_gradnorm | +1.00 | +1.00 |" in comparison  # within the stds: no star
+  assert "with loss-prediction module" in (out / "aux_high.md").read_text()
+  assert "| lplgrad | 2.0 | 0.50 | 2 |" in (out / "times_high.md").read_text()
+  rows = (out / "accuracy_high.csv").read_text().splitlines()
+  assert rows[0] == "strategy,num_labeled,mean,std,seeds" and len(rows) == 1 + 4 * 2
+
+
+def test_sweep_runs_skips_finished_and_shards(tmp_path):
+  root = tmp_path / "runs"
+  args = [sys.executable, os.path.join(REPO_ROOT, "experiments", "sweep.py"),
+          "--config=configs/digits.py", f"--root={root}", "--strategies=random,entropy",
+          "--seeds=0", "--set=model.width=4", "--set=train.epochs=1",
+          "--set=al.num_rounds=2", "--set=al.initial_size=20", "--set=al.query_size=10",
+          "--set=al.subset_size=30", "--set=log.tensorboard=False"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  first = subprocess.run(args + ["--shard=1/2"], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert os.path.exists(root / "high" / "entropy" / "seed0" / "results.json")
+  assert not os.path.exists(root / "high" / "random")  # the other shard
+  again = subprocess.run(args + ["--shard=1/2"], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert "finished, skipped" in again.stdout
+  results = json.loads((root / "high" / "entropy" / "seed0" / "results.json").read_text())
+  assert results["config"]["model"]["width"] == 4 and len(results["rounds"]) == 2
+
+
+def test_override_parsing():
+  from conftest import tiny_config
+  config = tiny_config()
+  sweep.apply_override(config, "train.lr_milestones=(3, 4)")
+  sweep.apply_override(config, "data.name=cifar10")
+  sweep.apply_override(config, "train.epochs=7")
+  assert config.train.lr_milestones == (3, 4) and config.data.name == "cifar10"
+  assert config.train.epochs == 7
+  np.testing.assert_equal(sweep.load_config(os.path.join(REPO_ROOT, "configs", "cifar10.py"),
+                                            "low").al.initial_size, 500)
