@@ -20,6 +20,7 @@ import sys
 import time
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -67,6 +68,7 @@ def is_finished(workdir: str, num_rounds: int) -> bool:
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
   from lplgrad_jax import campaign
   from lplgrad_jax.errors import ConfigError
   index, count = (int(x) for x in _SHARD.value.split("/"))

@@ -269,65 +269,67 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
     reporting.plot_accuracy(os.path.join(workdir, PLOT_FILE), results["rounds"],
                             f"{config.strategy} on {dataset.name}")
 
-  stopped = None
-  with StopRequest() as stop:
-    while True:
-      r = position["round"]
-      labeled = np.asarray(position["labeled_ids"], np.int32)
-      if position["phase"] == "train":
-        if position["epoch"] == 0 and position["step"] == 0:  # a round starts
-          if r > 0 and config.train.reinit_each_round:
-            learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
-                                     key=derive_key(config.seed, _MODEL_INIT, r))
-          graphdef, state = train.create_train_state(learner, cfg)  # fresh optimizer
-        start = time.perf_counter()
-        state = _train_round(state, graphdef, config, cfg, pool, labeled, position,
-                             normalization, logger, stop, save)
-        position["train_seconds"] += time.perf_counter() - start
-        if stop():
-          stopped = "training"
+  stopped = False
+  try:
+    with StopRequest() as stop:
+      while True:
+        r = position["round"]
+        labeled = np.asarray(position["labeled_ids"], np.int32)
+        if position["phase"] == "train":
+          if position["epoch"] == 0 and position["step"] == 0:  # a round starts
+            if r > 0 and config.train.reinit_each_round:
+              learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
+                                       key=derive_key(config.seed, _MODEL_INIT, r))
+            graphdef, state = train.create_train_state(learner, cfg)  # fresh optimizer
+          start = time.perf_counter()
+          state = _train_round(state, graphdef, config, cfg, pool, labeled, position,
+                               normalization, logger, stop, save)
+          position["train_seconds"] += time.perf_counter() - start
+          if stop():
+            stopped = True
+            save(state)
+            break
+          nnx.update(learner, state.params, state.batch_stats)
+          metrics = evaluate(learner, dataset, normalization, config.train.eval_batch_size)
+          record = {"round": r, "num_labeled": int(len(labeled)),
+                    "test_accuracy": metrics["accuracy"],
+                    "per_class_accuracy": metrics["per_class_accuracy"],
+                    "train_seconds": position["train_seconds"], "query_seconds": 0.0,
+                    "labeled_ids": [int(i) for i in labeled], "queried_ids": []}
+          position["rounds"].append(record)
+          position.update(phase="query", epoch=0, step=0, train_seconds=0.0)
           save(state)
+          publish()
+          logger.round(record)
+          print(f"round {r + 1}/{al.num_rounds}: {record['num_labeled']} labeled, "
+                f"test accuracy {100 * record['test_accuracy']:.2f}%, "
+                f"train {record['train_seconds']:.1f}s", flush=True)
+        if r >= al.num_rounds - 1:
+          break  # the last round trains and is evaluated; it queries only if extended
+        if stop():
+          stopped = True
           break
-        nnx.update(learner, state.params, state.batch_stats)
-        metrics = evaluate(learner, dataset, normalization, config.train.eval_batch_size)
-        record = {"round": r, "num_labeled": int(len(labeled)),
-                  "test_accuracy": metrics["accuracy"],
-                  "per_class_accuracy": metrics["per_class_accuracy"],
-                  "train_seconds": position["train_seconds"], "query_seconds": 0.0,
-                  "labeled_ids": [int(i) for i in labeled], "queried_ids": []}
-        position["rounds"].append(record)
-        position.update(phase="query", epoch=0, step=0, train_seconds=0.0)
+        record = position["rounds"][r]
+        print(f"round {r + 1}/{al.num_rounds}: querying {al.query_size} of "
+              f"{min(al.subset_size, dataset.num_train - len(labeled))} unlabeled images",
+              flush=True)
+        start = time.perf_counter()
+        selection = _query(strategy, config, learner, dataset, labeled, r, normalization)
+        record["query_seconds"] = time.perf_counter() - start
+        record["queried_ids"] = [int(i) for i in selection.ids]
+        if selection.scores is not None:
+          record["query_scores"] = _score_summary(selection.scores)
+        position.update(round=r + 1, phase="train", epoch=0, step=0,
+                        labeled_ids=[int(i) for i in np.sort(
+                            np.concatenate([labeled, selection.ids]))])
         save(state)
         publish()
-        logger.round(record)
-        print(f"round {r + 1}/{al.num_rounds}: {record['num_labeled']} labeled, "
-              f"test accuracy {100 * record['test_accuracy']:.2f}%, "
-              f"train {record['train_seconds']:.1f}s", flush=True)
-      if r >= al.num_rounds - 1:
-        break  # the last round trains and is evaluated; it queries only if extended
-      if stop():
-        stopped = "round"
-        break
-      record = position["rounds"][r]
-      print(f"round {r + 1}/{al.num_rounds}: querying {al.query_size} of "
-            f"{min(al.subset_size, dataset.num_train - len(labeled))} unlabeled images",
-            flush=True)
-      start = time.perf_counter()
-      selection = _query(strategy, config, learner, dataset, labeled, r, normalization)
-      record["query_seconds"] = time.perf_counter() - start
-      record["queried_ids"] = [int(i) for i in selection.ids]
-      if selection.scores is not None:
-        record["query_scores"] = _score_summary(selection.scores)
-      position.update(round=r + 1, phase="train", epoch=0, step=0,
-                      labeled_ids=[int(i) for i in np.sort(np.concatenate([labeled, selection.ids]))])
-      save(state)
-      publish()
-      if stop():
-        stopped = "round"
-        break
-
-  checkpointer.close()
-  logger.close()
+        if stop():
+          stopped = True
+          break
+  finally:
+    checkpointer.close()  # waits for the asynchronous saves
+    logger.close()
   if stopped:
     print(f"stopped by {stop.signal_name}: checkpoint saved in {checkpointer.directory} "
           f"(round {position['round'] + 1}, {position['phase']} phase, epoch "
