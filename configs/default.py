@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.query = ml_collections.ConfigDict()
   config.query.reduction = "layer_sum"  # layer_sum (authors' code) | frobenius (paper eq. 8)
+  config.query.method = "fast"          # fast (per-layer, one backward) | vmap (reference)
   config.query.chunk_size = 64
 
   config.checkpoint = ml_collections.ConfigDict()

@@ -66,6 +66,8 @@ def validate_config(config) -> None:
                       f"al.query_size={config.al.query_size}: expected subset_size >= query_size")
   if config.query.reduction not in query.REDUCTIONS:
     raise ConfigError(f"unknown query.reduction {config.query.reduction!r}: expected one of {', '.join(query.REDUCTIONS)}")
+  if config.query.method not in query.METHODS:
+    raise ConfigError(f"unknown query.method {config.query.method!r}: expected one of {', '.join(query.METHODS)}")
   if config.train.augment not in ("crop_flip", "flip", "crop", "none"):
     raise ConfigError(f"unknown train.augment {config.train.augment!r}: expected crop_flip, crop, flip or none")
 

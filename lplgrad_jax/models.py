@@ -36,6 +36,17 @@ def _batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
                        rngs=rngs)
 
 
+def _layer(module, x, tap, mask=None):
+  """Applies a parametrised layer; `tap(module, input, output) -> output` may observe it.
+
+  The fast per-example gradient norms (query.py) use the tap to read each
+  layer's input and to add a zero perturbation whose gradient is the layer's
+  per-example output gradient.
+  """
+  y = module(x, mask=mask) if isinstance(module, nnx.BatchNorm) else module(x)
+  return y if tap is None else tap(module, x, y)
+
+
 class BasicBlock(nnx.Module):
   """Two 3x3 convolutions with an identity or 1x1-projection shortcut."""
 
@@ -51,11 +62,11 @@ class BasicBlock(nnx.Module):
       self.shortcut_conv = None
       self.shortcut_bn = None
 
-  def __call__(self, x, mask=None):
-    y = nnx.relu(self.bn1(self.conv1(x), mask=mask))
-    y = self.bn2(self.conv2(y), mask=mask)
+  def __call__(self, x, mask=None, tap=None):
+    y = nnx.relu(_layer(self.bn1, _layer(self.conv1, x, tap), tap, mask))
+    y = _layer(self.bn2, _layer(self.conv2, y, tap), tap, mask)
     if self.shortcut_conv is not None:
-      x = self.shortcut_bn(self.shortcut_conv(x), mask=mask)
+      x = _layer(self.shortcut_bn, _layer(self.shortcut_conv, x, tap), tap, mask)
     return nnx.relu(y + x)
 
 
@@ -65,7 +76,7 @@ class ResNet18(nnx.Module):
   stem="cifar": 3x3/stride-1 convolution, no max-pool (32x32 inputs).
   stem="imagenet": 7x7/stride-2 convolution and 3x3/stride-2 max-pool.
   `mask` (N,) marks the real examples of a padded batch: BatchNorm statistics
-  are computed over those alone.
+  are computed over those alone. `tap` observes every parametrised layer (see `_layer`).
   """
 
   stage_sizes = (2, 2, 2, 2)
@@ -91,19 +102,19 @@ class ResNet18(nnx.Module):
     self.stages = nnx.List(blocks)
     self.head = nnx.Linear(cin, num_classes, rngs=rngs)
 
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, tap=None):
     if mask is not None:
       mask = mask.astype(bool).reshape(-1, 1, 1, 1)
-    y = nnx.relu(self.stem_bn(self.stem_conv(x), mask=mask))
+    y = nnx.relu(_layer(self.stem_bn, _layer(self.stem_conv, x, tap), tap, mask))
     if self.stem == "imagenet":
       y = nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     features = []
     for stage in self.stages:
       for block in stage:
-        y = block(y, mask)
+        y = block(y, mask, tap)
       features.append(y)
     pooled = jnp.mean(y, axis=(1, 2))
-    return self.head(pooled), tuple(features)
+    return _layer(self.head, pooled, tap), tuple(features)
 
   def penultimate(self, x):
     """Globally pooled last-stage features (for Coreset-style strategies)."""

@@ -30,6 +30,7 @@ from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.train import normalize
 
 REDUCTIONS = ("layer_sum", "frobenius")
+METHODS = ("fast", "vmap")
 
 
 def entropy(logits: jax.Array) -> jax.Array:
@@ -154,6 +155,89 @@ def kmeans_plus_plus(key: jax.Array, scale: jax.Array, features: jax.Array, k: i
   return picks
 
 
+def _layer_squared_norms(module, inputs: jax.Array, out_grads: jax.Array) -> list[jax.Array]:
+  """Per-example squared L2 norms of the gradients of `module`'s parameter tensors.
+
+  From the layer's input a_i and its per-example output gradient g_i alone,
+  without forming the summed (or any per-example) weight gradient where that
+  costs more:
+    Dense        kernel a_i g_i^T: |a_i|^2 |g_i|^2; bias g_i
+    BatchNorm    scale sum_hw g_i * x_hat_i; bias sum_hw g_i (inference mode)
+    Conv         kernel U_i^T G_i (U_i: the T x p input patches, G_i: T x o), either
+                 directly (T p o per example) or as the Gram form <U_i U_i^T, G_i G_i^T>
+                 (T^2 (p + o)), whichever is cheaper for the layer's shapes.
+  """
+  n = inputs.shape[0]
+  hi = jax.lax.Precision.HIGHEST
+  if isinstance(module, nnx.Linear):
+    g2 = jnp.sum(jnp.square(out_grads), axis=1)
+    norms = [jnp.sum(jnp.square(inputs), axis=1) * g2]
+    return norms + ([g2] if module.bias is not None else [])
+  if isinstance(module, nnx.BatchNorm):
+    x_hat = (inputs - module.mean[...]) * jax.lax.rsqrt(module.var[...] + module.epsilon)
+    d_scale = jnp.sum(out_grads * x_hat, axis=(1, 2))
+    d_bias = jnp.sum(out_grads, axis=(1, 2))
+    return [jnp.sum(jnp.square(d_scale), axis=1), jnp.sum(jnp.square(d_bias), axis=1)]
+  if isinstance(module, nnx.Conv):
+    patches = jax.lax.conv_general_dilated_patches(
+        inputs, module.kernel_size, module.strides, module.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=hi)
+    u = patches.reshape(n, -1, patches.shape[-1])
+    g = out_grads.reshape(n, -1, out_grads.shape[-1])
+    t, p, o = u.shape[1], u.shape[2], g.shape[2]
+    if t * p * o <= t * t * (p + o):
+      per_example = jnp.einsum("ntp,nto->npo", u, g, precision=hi)
+      kernel = jnp.sum(jnp.square(per_example), axis=(1, 2))
+    else:
+      kernel = jnp.sum(jnp.einsum("ntp,nsp->nts", u, u, precision=hi)
+                       * jnp.einsum("nto,nso->nts", g, g, precision=hi), axis=(1, 2))
+    norms = [kernel]
+    if module.bias is not None:
+      norms.append(jnp.sum(jnp.square(jnp.sum(g, axis=1)), axis=1))
+    return norms
+  raise TypeError(f"no per-example gradient norm for {type(module).__name__}")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "reduction"))
+def _fast_scores(graphdef, params, rest, images, mean, std, reduction):
+  """Exact per-example gradient norms from one batched backward pass.
+
+  With BatchNorm in inference mode each image's entropy depends on that image
+  alone, so the gradient of sum_i H_i with respect to zero perturbations added
+  to every layer's output is, row by row, each image's output gradient.
+  """
+  if images.dtype == jnp.uint8:
+    images = normalize(images, mean, std)
+  model = nnx.merge(graphdef, params, rest)
+  output_shapes = []
+
+  def record_shape(module, inputs, outputs):
+    output_shapes.append(outputs.shape)
+    return outputs
+
+  jax.eval_shape(lambda x: model(x, tap=record_shape)[0], images)
+  modules = []
+
+  def total_entropy(perturbations):
+    remaining = iter(perturbations)
+    inputs = []
+    modules.clear()
+
+    def tap(module, layer_input, outputs):
+      modules.append(module)
+      inputs.append(layer_input)
+      return outputs + next(remaining)
+
+    logits, _ = model(images, tap=tap)
+    return jnp.sum(entropy(logits)), inputs
+
+  zeros = [jnp.zeros(shape, images.dtype) for shape in output_shapes]
+  out_grads, inputs = jax.grad(total_entropy, has_aux=True)(zeros)
+  squared = [norm for module, a, g in zip(modules, inputs, out_grads)
+             for norm in _layer_squared_norms(module, a, g)]
+  return reduce_tensor_norms(squared, reduction)
+
+
 def _image_entropy(params, graphdef, rest, image):
   model = nnx.merge(graphdef, params, rest)
   logits, _ = model(image[None])
@@ -177,7 +261,7 @@ def _split_for_inference(model: nnx.Module):
 
 
 def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum",
-                       chunk_size: int = 64, normalization=None,
+                       method: str = "fast", chunk_size: int = 64, normalization=None,
                        progress: bool = False) -> np.ndarray:
   """One score per image: ||d entropy(softmax(model(x))) / d params||.
 
@@ -185,6 +269,8 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
     model: the main model (`logits, features = model(x)`); it is not changed.
     images: (N, H, W, 3) float32 inputs, or uint8 with `normalization`.
     reduction: "layer_sum" or "frobenius" (see module docstring).
+    method: "fast" (per-layer norms from one batched backward pass, see
+      `_fast_scores`) or "vmap" (`jax.vmap(jax.grad)`: the reference). Both are exact.
     chunk_size: images per compiled call; bounds memory (the vmap holds
       `chunk_size` copies of the gradient).
     normalization: (mean, std) per channel for uint8 images.
@@ -192,6 +278,9 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
   """
   if reduction not in REDUCTIONS:
     raise ConfigError(f"unknown gradient-norm reduction {reduction!r}: expected one of {REDUCTIONS}")
+  if method not in METHODS:
+    raise ConfigError(f"unknown gradient-norm method {method!r}: expected one of {METHODS}")
+  score_chunk = _fast_scores if method == "fast" else _vmap_grad_scores
   images = np.asarray(images)
   if images.dtype == np.uint8 and normalization is None:
     raise ValueError("uint8 images need normalization=(mean, std)")
@@ -202,6 +291,6 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
   for chunk, real in tqdm(_padded_chunks(images, chunk_size), desc="query", unit="chunk",
                           total=-(-len(images) // chunk_size), disable=not progress,
                           leave=False):
-    scores.append(np.asarray(_vmap_grad_scores(graphdef, params, rest, chunk, mean, std,
-                                               reduction))[:real])
+    scores.append(np.asarray(score_chunk(graphdef, params, rest, chunk, mean, std,
+                                         reduction))[:real])
   return np.concatenate(scores) if scores else np.zeros((0,), np.float32)

@@ -112,7 +112,8 @@ def random_query(ctx: QueryContext) -> Selection:
 def _entropy_grad_norm_query(ctx: QueryContext) -> Selection:
   scores = query.entropy_grad_norms(
       ctx.learner.classifier, ctx.dataset.x_train[ctx.subset_ids],
-      reduction=ctx.query_config.reduction, chunk_size=ctx.query_config.chunk_size,
+      reduction=ctx.query_config.reduction, method=ctx.query_config.method,
+      chunk_size=ctx.query_config.chunk_size,
       normalization=ctx.normalization, progress=ctx.progress)
   return top_scores(ctx, scores)
 

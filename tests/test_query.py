@@ -47,14 +47,36 @@ def test_entropy():
   assert float(query.entropy(jnp.array([[100.0, 0.0, 0.0]]))[0]) < 1e-6
 
 
-def test_scores_match_per_sample_grad_loop(model, images):
+@pytest.mark.parametrize("method", query.METHODS)
+def test_scores_match_per_sample_grad_loop(method, model, images):
   layer_sum, frobenius = _reference_scores(model, images)
   # chunk_size 3 with 7 images: the last chunk is padded.
-  got_sum = query.entropy_grad_norms(model, images, reduction="layer_sum", chunk_size=3)
-  got_frob = query.entropy_grad_norms(model, images, reduction="frobenius", chunk_size=3)
+  got_sum = query.entropy_grad_norms(model, images, reduction="layer_sum", chunk_size=3,
+                                     method=method)
+  got_frob = query.entropy_grad_norms(model, images, reduction="frobenius", chunk_size=3,
+                                      method=method)
   np.testing.assert_allclose(got_sum, layer_sum, rtol=1e-5)
   np.testing.assert_allclose(got_frob, frobenius, rtol=1e-5)
   assert np.all(got_frob < got_sum)  # triangle inequality over the 62 tensors
+
+
+@pytest.mark.parametrize("reduction", query.REDUCTIONS)
+def test_fast_equals_vmap_for_the_imagenet_stem(reduction):
+  # 7x7/stride-2 stem and max-pool; a 32x32 input leaves 1x1 maps in the last stage, where
+  # the Gram form is used (and the direct form in the first layers).
+  model = _trained_like_imagenet()
+  images = np.asarray(jax.random.normal(jax.random.key(9), (5, 32, 32, 3)), np.float32)
+  fast = query.entropy_grad_norms(model, images, reduction=reduction, method="fast",
+                                  chunk_size=5)
+  vmap = query.entropy_grad_norms(model, images, reduction=reduction, method="vmap",
+                                  chunk_size=5)
+  np.testing.assert_allclose(fast, vmap, rtol=1e-5)
+
+
+def _trained_like_imagenet():
+  model = ResNet18(6, width=4, stem="imagenet", rngs=nnx.Rngs(3))
+  model(jax.random.normal(jax.random.key(4), (16, 32, 32, 3)) * 1.5 - 0.2)
+  return model
 
 
 def test_scores_do_not_depend_on_the_batch(model, images):
@@ -82,6 +104,8 @@ def test_query_leaves_the_model_unchanged(model, images):
     np.testing.assert_array_equal(a, b)
 
 
-def test_unknown_reduction(model, images):
+def test_unknown_reduction_and_method(model, images):
   with pytest.raises(ConfigError, match="reduction 'l1'"):
     query.entropy_grad_norms(model, images, reduction="l1")
+  with pytest.raises(ConfigError, match="method 'loop'"):
+    query.entropy_grad_norms(model, images, method="loop")
