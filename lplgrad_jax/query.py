@@ -14,6 +14,8 @@ depends on that image alone). Two exact reductions over the parameter tensors
 dense bias, as in the PyTorch model):
   "layer_sum"  sum over tensors of each tensor's L2 norm (the authors' code)
   "frobenius"  the global L2 norm over all parameters (the paper's eq. 8)
+and two exact methods: "fast" (`_fast_scores`: per-layer norms from one
+batched backward pass) and "vmap" (`_vmap_grad_scores`: the reference).
 """
 
 from __future__ import annotations
@@ -247,7 +249,7 @@ def _image_entropy(params, graphdef, rest, image):
 @functools.partial(jax.jit, static_argnames=("graphdef", "reduction"))
 def _vmap_grad_scores(graphdef, params, rest, images, mean, std, reduction):
   if images.dtype == jnp.uint8:
-    images = (images.astype(jnp.float32) / 255.0 - mean) / std
+    images = normalize(images, mean, std)
   grads = jax.vmap(jax.grad(_image_entropy), in_axes=(None, None, None, 0))(
       params, graphdef, rest, images)
   squared = [jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
