@@ -41,7 +41,8 @@ def load_runs(root: str) -> dict:
     budget = path.split(os.sep)[-4]
     with open(path) as f:
       results = json.load(f)
-    if not results.get("rounds"):
+    if len(results.get("rounds", [])) < results["config"]["al"]["num_rounds"]:
+      print(f"skipping unfinished run {os.path.dirname(path)}", file=sys.stderr)
       continue
     strategy = results["config"]["strategy"]
     if strategy == "lplgrad" and not _uses_aux(results):
