@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from lplgrad_jax import query
 from lplgrad_jax import reporting
+from lplgrad_jax import sharding
 from lplgrad_jax import strategies
 from lplgrad_jax import train
 from lplgrad_jax.checkpoint import Checkpointer
@@ -233,15 +234,20 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
   final_size = check_budgets(al, dataset.num_train)
   os.makedirs(workdir, exist_ok=True)
 
+  mesh = sharding.data_mesh()
+  if config.train.batch_size % mesh.size:
+    raise ConfigError(f"train.batch_size={config.train.batch_size} does not split over "
+                      f"{mesh.size} devices: expected a multiple of {mesh.size}")
   normalization = dataset.channel_stats()
-  pool = (jax.device_put(dataset.x_train), jax.device_put(dataset.y_train))
+  pool = sharding.replicate((dataset.x_train, dataset.y_train), mesh)
   use_aux = strategies.uses_aux(config)
-  cfg = train.StepConfig.from_config(config.train, final_size, use_aux)
+  cfg = train.StepConfig.from_config(config.train, final_size, use_aux, mesh)
   learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
                            key=derive_key(config.seed, _MODEL_INIT, 0))
   graphdef, state = train.create_train_state(learner, cfg)
   if checkpointer.exists():
     state, position = checkpointer.restore(state)
+    state = sharding.replicate(state, mesh)
     nnx.update(learner, state.params, state.batch_stats)
     print(f"resuming from {checkpointer.directory}: round {position['round'] + 1}, "
           f"{position['phase']} phase, epoch {position['epoch']}", flush=True)
@@ -283,6 +289,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
               learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
                                        key=derive_key(config.seed, _MODEL_INIT, r))
             graphdef, state = train.create_train_state(learner, cfg)  # fresh optimizer
+          state = sharding.replicate(state, mesh)
           start = time.perf_counter()
           state = _train_round(state, graphdef, config, cfg, pool, labeled, position,
                                normalization, logger, stop, save)
@@ -353,6 +360,7 @@ def _train_round(state, graphdef, config, cfg, pool, labeled, position, normaliz
   tc = config.train
   padded_ids = np.zeros(cfg.steps_per_epoch * cfg.batch_size, np.int32)
   padded_ids[:len(labeled)] = labeled
+  padded_ids = sharding.replicate(padded_ids, cfg.mesh)
   epochs = tqdm(range(position["epoch"], tc.epochs), desc=f"round {position['round'] + 1} train",
                 unit="epoch", disable=not config.log.progress, leave=False,
                 initial=position["epoch"], total=tc.epochs)

@@ -26,8 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
+
+from lplgrad_jax import sharding
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.train import normalize
 
@@ -200,7 +203,6 @@ def _layer_squared_norms(module, inputs: jax.Array, out_grads: jax.Array) -> lis
   raise TypeError(f"no per-example gradient norm for {type(module).__name__}")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "reduction"))
 def _fast_scores(graphdef, params, rest, images, mean, std, reduction):
   """Exact per-example gradient norms from one batched backward pass.
 
@@ -246,7 +248,6 @@ def _image_entropy(params, graphdef, rest, image):
   return entropy(logits[0])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "reduction"))
 def _vmap_grad_scores(graphdef, params, rest, images, mean, std, reduction):
   if images.dtype == jnp.uint8:
     images = normalize(images, mean, std)
@@ -257,6 +258,23 @@ def _vmap_grad_scores(graphdef, params, rest, images, mean, std, reduction):
   return reduce_tensor_norms(squared, reduction)
 
 
+_SCORERS = {"fast": _fast_scores, "vmap": _vmap_grad_scores}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "reduction", "method", "mesh"))
+def _sharded_scores(graphdef, params, rest, images, mean, std, *, reduction, method, mesh):
+  """Scores a chunk split evenly over the mesh's devices, each device its own shard."""
+  def score_shard(params, rest, images, mean, std):
+    return _SCORERS[method](graphdef, params, rest, images, mean, std, reduction)
+
+  replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
+  # check_vma=False: differentiating w.r.t. the replicated parameters must give each
+  # device its own examples' gradients; with VMA checks JAX would sum them over devices.
+  return jax.shard_map(score_shard, mesh=mesh,
+                       in_specs=(replicated, replicated, split, replicated, replicated),
+                       out_specs=split, check_vma=False)(params, rest, images, mean, std)
+
+
 def _split_for_inference(model: nnx.Module):
   """(graphdef, params, rest) of `model` with BatchNorm in inference mode."""
   return nnx.split(nnx.view(model, use_running_average=True), nnx.Param, ...)
@@ -264,7 +282,7 @@ def _split_for_inference(model: nnx.Module):
 
 def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum",
                        method: str = "fast", chunk_size: int = 64, normalization=None,
-                       progress: bool = False) -> np.ndarray:
+                       progress: bool = False, mesh=None) -> np.ndarray:
   """One score per image: ||d entropy(softmax(model(x))) / d params||.
 
   Args:
@@ -273,26 +291,30 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
     reduction: "layer_sum" or "frobenius" (see module docstring).
     method: "fast" (per-layer norms from one batched backward pass, see
       `_fast_scores`) or "vmap" (`jax.vmap(jax.grad)`: the reference). Both are exact.
-    chunk_size: images per compiled call; bounds memory (the vmap holds
-      `chunk_size` copies of the gradient).
+    chunk_size: images per compiled call, over all devices (rounded up to a
+      multiple of their number); bounds memory.
     normalization: (mean, std) per channel for uint8 images.
     progress: show a progress bar over chunks.
+    mesh: devices to split each chunk over (default: all, `sharding.data_mesh()`).
   """
   if reduction not in REDUCTIONS:
     raise ConfigError(f"unknown gradient-norm reduction {reduction!r}: expected one of {REDUCTIONS}")
   if method not in METHODS:
     raise ConfigError(f"unknown gradient-norm method {method!r}: expected one of {METHODS}")
-  score_chunk = _fast_scores if method == "fast" else _vmap_grad_scores
+  mesh = mesh if mesh is not None else sharding.data_mesh()
+  chunk_size = -(-chunk_size // mesh.size) * mesh.size
   images = np.asarray(images)
   if images.dtype == np.uint8 and normalization is None:
     raise ValueError("uint8 images need normalization=(mean, std)")
   mean, std = (np.zeros(3, np.float32), np.ones(3, np.float32)) if normalization is None \
       else (np.asarray(normalization[0], np.float32), np.asarray(normalization[1], np.float32))
   graphdef, params, rest = _split_for_inference(model)
+  params, rest = sharding.replicate((params, rest), mesh)
   scores = []
   for chunk, real in tqdm(_padded_chunks(images, chunk_size), desc="query", unit="chunk",
                           total=-(-len(images) // chunk_size), disable=not progress,
                           leave=False):
-    scores.append(np.asarray(score_chunk(graphdef, params, rest, chunk, mean, std,
-                                         reduction))[:real])
+    scores.append(np.asarray(_sharded_scores(
+        graphdef, params, rest, jax.device_put(chunk, sharding.batch_sharded(mesh)), mean, std,
+        reduction=reduction, method=method, mesh=mesh))[:real])
   return np.concatenate(scores) if scores else np.zeros((0,), np.float32)

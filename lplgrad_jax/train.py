@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
+
+from lplgrad_jax import sharding
 
 
 class TrainState(NamedTuple):
@@ -37,11 +40,13 @@ class StepConfig:
   margin: float = 1.0
   crop_padding: int = 4
   flip: bool = True
+  mesh: Mesh | None = None  # data-parallel over its "data" axis when set
 
   @classmethod
-  def from_config(cls, train_config, max_labeled: int, use_aux: bool) -> "StepConfig":
+  def from_config(cls, train_config, max_labeled: int, use_aux: bool,
+                  mesh: Mesh | None = None) -> "StepConfig":
     augment = train_config.augment
-    return cls(
+    return cls(mesh=mesh,
         batch_size=train_config.batch_size,
         steps_per_epoch=-(-max_labeled // train_config.batch_size),
         momentum=train_config.momentum, weight_decay=train_config.weight_decay,
@@ -165,9 +170,12 @@ def train_batch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_
   start = step_index * cfg.batch_size
   ids = jax.lax.dynamic_slice(order, (start,), (cfg.batch_size,))
   mask = ((start + jnp.arange(cfg.batch_size)) < num_labeled).astype(jnp.float32)
-  images = augment(jax.random.fold_in(key, step_index + 1), pool_images[ids],
-                   cfg.crop_padding, cfg.flip)
-  return train_step(graphdef, cfg, state, normalize(images, mean, std), pool_labels[ids],
+  images, labels = pool_images[ids], pool_labels[ids]
+  if cfg.mesh is not None:  # split the batch over devices; parameters stay replicated
+    images, labels, mask = (jax.lax.with_sharding_constraint(a, sharding.batch_sharded(cfg.mesh))
+                            for a in (images, labels, mask))
+  images = augment(jax.random.fold_in(key, step_index + 1), images, cfg.crop_padding, cfg.flip)
+  return train_step(graphdef, cfg, state, normalize(images, mean, std), labels,
                     mask, learning_rate, detach_features)
 
 

@@ -1,0 +1,53 @@
+"""Run by test_sharding.py in a process with 4 CPU devices (XLA_FLAGS set before JAX starts)."""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conftest import tiny_config
+from lplgrad_jax import campaign, models, query, sharding, train
+
+
+def query_scores():
+  model = models.ResNet18(10, width=4, rngs=nnx.Rngs(0))
+  model(jax.random.normal(jax.random.key(5), (32, 16, 16, 3)))
+  images = np.asarray(jax.random.normal(jax.random.key(7), (10, 16, 16, 3)), np.float32)
+  one = sharding.data_mesh(jax.devices()[:1])
+  return {method: [query.entropy_grad_norms(model, images, method=method, chunk_size=8).tolist(),
+                   query.entropy_grad_norms(model, images, method=method, chunk_size=8,
+                                            mesh=one).tolist()]
+          for method in query.METHODS}
+
+
+def train_params():
+  """Parameters after 3 data-parallel steps on 4 devices and on 1, from the same start."""
+  config = tiny_config()
+  pool = np.asarray(jax.random.randint(jax.random.key(1), (64, 16, 16, 3), 0, 256), np.uint8)
+  labels = np.asarray(jax.random.randint(jax.random.key(2), (64,), 0, 10), np.int32)
+  out = []
+  for mesh in (sharding.data_mesh(), sharding.data_mesh(jax.devices()[:1])):
+    learner = models.create_learner(config.model, 10, use_aux=True, key=jax.random.key(0))
+    cfg = train.StepConfig.from_config(config.train, 64, use_aux=True, mesh=mesh)
+    graphdef, state = train.create_train_state(learner, cfg)
+    state = sharding.replicate(state, mesh)
+    ids = sharding.replicate(np.arange(64, dtype=np.int32), mesh)
+    state, _, _ = train.train_epoch(graphdef, cfg, state, *sharding.replicate((pool, labels), mesh),
+                                    ids, 48, jax.random.key(3), 0.1, False,
+                                    np.zeros(3, np.float32), np.ones(3, np.float32))
+    out.append([np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state)])
+  return out
+
+
+def campaign_devices(workdir):
+  config = tiny_config(**{"al.num_rounds": 2})
+  return campaign.run(config, workdir)["num_devices"]
+
+
+if __name__ == "__main__":
+  assert jax.device_count() == 4, jax.devices()
+  print(json.dumps({"query": query_scores(), "train": train_params(),
+                    "num_devices": campaign_devices(sys.argv[1])}))
