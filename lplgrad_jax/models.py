@@ -116,11 +116,6 @@ class ResNet18(nnx.Module):
     pooled = jnp.mean(y, axis=(1, 2))
     return _layer(self.head, pooled, tap), tuple(features)
 
-  def penultimate(self, x):
-    """Globally pooled last-stage features (for Coreset-style strategies)."""
-    _, features = self(x)
-    return jnp.mean(features[-1], axis=(1, 2))
-
 
 class LossPredictionModule(nnx.Module):
   """Yoo & Kweon's loss-prediction head: per stage GAP -> Dense -> ReLU, concat -> Dense(1)."""
