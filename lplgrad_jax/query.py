@@ -29,7 +29,6 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
-
 from lplgrad_jax import sharding
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.train import normalize

@@ -46,14 +46,14 @@ class StepConfig:
   def from_config(cls, train_config, max_labeled: int, use_aux: bool,
                   mesh: Mesh | None = None) -> "StepConfig":
     augment = train_config.augment
-    return cls(mesh=mesh,
+    return cls(
         batch_size=train_config.batch_size,
         steps_per_epoch=-(-max_labeled // train_config.batch_size),
         momentum=train_config.momentum, weight_decay=train_config.weight_decay,
         use_aux=use_aux, aux_weight=train_config.aux_weight,
         margin=train_config.margin,
         crop_padding=train_config.crop_padding if "crop" in augment else 0,
-        flip="flip" in augment)
+        flip="flip" in augment, mesh=mesh)
 
 
 def make_optimizer(learning_rate, cfg: StepConfig) -> optax.GradientTransformation:
