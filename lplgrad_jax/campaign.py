@@ -260,7 +260,11 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
   position["config"] = config_dict
   results = {"config": config_dict, "use_aux": use_aux, "num_devices": jax.device_count(),
              "data": {"name": dataset.name, "num_train": dataset.num_train,
-                      "num_test": len(dataset.y_test), "class_names": list(dataset.class_names)},
+                      "num_test": len(dataset.y_test), "class_names": list(dataset.class_names),
+                      "image_size": int(dataset.x_train.shape[1]),
+                      # what the predictor needs to feed new images to the model
+                      "normalization": {"mean": normalization[0].tolist(),
+                                        "std": normalization[1].tolist()}},
              "rounds": position["rounds"]}
   logger = _Logger(workdir, config.log.tensorboard, position["epochs_logged"])
   print(f"{dataset.name}: {dataset.num_train} training / {len(dataset.y_test)} test images, "
