@@ -6,6 +6,8 @@ Sources (chosen by `config.data.source`):
   tfds          cifar10, cifar100, svhn_cropped, caltech101 via TFDS (data_dir,
                 manual_dir, download)
   image_folder  root/train/<class>/* and root/test/<class>/* (CDD, users' data)
+  (human oracle) root/labeled/<class>/*, root/unlabeled/*, optional root/test/<class>/*
+                (`load_labeling_folder`: the pool mixes labeled and unlabeled images)
   digits        scikit-learn's bundled 8x8 digits, upsampled (the embedded default)
   npz           x_train/y_train/x_test/y_test arrays in one .npz file
 """
@@ -19,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.oracle import SKIP
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped", "caltech101")
@@ -32,6 +35,9 @@ class Dataset:
   x_test: np.ndarray
   y_test: np.ndarray
   class_names: tuple[str, ...]
+  # Set by `load_labeling_folder` alone: what a human oracle is shown and starts from.
+  train_files: tuple[str, ...] = ()   # absolute path of each pool image, by id
+  seed_ids: np.ndarray | None = None  # sorted ids of the images the user labeled up front
 
   @property
   def num_classes(self) -> int:
@@ -115,21 +121,29 @@ def _list_class_dirs(split_dir: str) -> list[str]:
                 if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith("."))
 
 
+def read_image(path: str, size: int) -> np.ndarray:
+  """One image file as the model sees it: RGB uint8 (size, size, 3), bilinear resize.
+
+  Shared by the folder loaders and the predictor, so that new images are
+  prepared exactly like the training pool. ConfigError naming the file if
+  Pillow cannot decode it.
+  """
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+  except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # SyntaxError: broken PNG
+    raise ConfigError(f"cannot read image {path}: {e}") from None
+
+
 def _read_image_folder(split_dir: str, class_names: list[str], size: int):
-  from PIL import Image, UnidentifiedImageError
   images, labels = [], []
   for label, name in enumerate(class_names):
     class_dir = os.path.join(split_dir, name)
     for file in sorted(os.listdir(class_dir)):
       if not file.lower().endswith(IMAGE_SUFFIXES):
         continue
-      path = os.path.join(class_dir, file)
-      try:
-        with Image.open(path) as im:
-          im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-          images.append(np.asarray(im, dtype=np.uint8))
-      except (UnidentifiedImageError, OSError) as e:
-        raise ConfigError(f"cannot read image {path}: {e}") from None
+      images.append(read_image(os.path.join(class_dir, file), size))
       labels.append(label)
   if not images:
     raise ConfigError(f"{split_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
@@ -156,6 +170,96 @@ def load_image_folder(data_config) -> Dataset:
   x_test, y_test = _read_image_folder(test_dir, classes, size)
   name = data_config.get("name") or os.path.basename(os.path.normpath(root))
   return Dataset(name, x_train, y_train, x_test, y_test, tuple(classes))
+
+
+def image_files(directory: str) -> list[str]:
+  """Image files under `directory`, recursively, sorted, as paths relative to it.
+
+  Hidden files and folders are passed over: macOS's `._IMG_1.jpg` companions
+  carry an image suffix but are not images.
+  """
+  found = []
+  for parent, dirs, files in os.walk(directory):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    found += [os.path.relpath(os.path.join(parent, f), directory) for f in files
+              if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+  return sorted(found)
+
+
+def _class_files(split_dir: str) -> dict[str, list[str]]:
+  """{class folder name: paths of its images} of `split_dir/<class>/`, classes sorted.
+
+  An image lying directly in `split_dir` is refused rather than ignored: it
+  is almost always one the user meant to file under a class.
+  """
+  loose = [f for f in sorted(os.listdir(split_dir))
+           if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)
+           and os.path.isfile(os.path.join(split_dir, f))]
+  if loose:
+    raise ConfigError(f"{os.path.join(split_dir, loose[0])} is not in a class folder: "
+                      f"expected {split_dir}/<class>/<image files>")
+  files = {}
+  for name in _list_class_dirs(split_dir):
+    class_dir = os.path.join(split_dir, name)
+    files[name] = [os.path.join(class_dir, f) for f in image_files(class_dir)]
+    if not files[name]:
+      raise ConfigError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+  return files
+
+
+def load_labeling_folder(data_config) -> Dataset:
+  """A user's photos for the human oracle: a labeled seed set, unlabeled images, maybe a test set.
+
+  Layout: `root/labeled/<class>/*` (the seed set; its folders name the classes),
+  `root/unlabeled/*` and optionally `root/test/<class>/*` (classes among the
+  labeled ones; without it the test split is empty). Folders below these are
+  read recursively, as photo collections often come in dated subfolders.
+  The pool holds the labeled and the unlabeled images together, ordered by file
+  name (then path): ids follow file names, so the ids in a query file are easy
+  to find among one's files, and a user who numbers files keeps those numbers.
+  `y_train` is -1 for unlabeled images; `seed_ids` lists the labeled ones.
+  """
+  layout = "expected labeled/<class>/, unlabeled/ and optionally test/<class>/ in it"
+  root = os.path.abspath(os.path.expanduser(data_config.root)) if data_config.root else ""
+  if not root or not os.path.isdir(root):
+    raise ConfigError(f"data.root={data_config.root!r} is not a directory: {layout}")
+  labeled_dir, unlabeled_dir, test_dir = (os.path.join(root, d)
+                                          for d in ("labeled", "unlabeled", "test"))
+  for directory in (labeled_dir, unlabeled_dir):
+    if not os.path.isdir(directory):
+      raise ConfigError(f"{directory} is missing: {layout}")
+  labeled = _class_files(labeled_dir)
+  if not labeled:
+    raise ConfigError(f"{labeled_dir} has no class folders: expected "
+                      f"{labeled_dir}/<class>/<image files>, a few labeled images per class")
+  classes = tuple(labeled)
+  if any(c.casefold() == SKIP for c in classes):
+    raise ConfigError(f"class folder {labeled_dir}/{SKIP} clashes with the label {SKIP!r} that "
+                      "marks unusable images: rename the folder")
+  pool = [(path, label) for label, name in enumerate(classes) for path in labeled[name]]
+  pool += [(os.path.join(unlabeled_dir, f), -1) for f in image_files(unlabeled_dir)]
+  pool.sort(key=lambda item: (os.path.basename(item[0]), os.path.relpath(item[0], root)))
+  size = data_config.image_size
+  x_train = np.stack([read_image(path, size) for path, _ in pool])
+  y_train = np.asarray([label for _, label in pool], np.int32)
+
+  x_test, y_test = np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32)
+  if os.path.isdir(test_dir):
+    test = _class_files(test_dir)
+    if not test:
+      raise ConfigError(f"{test_dir} has no class folders: expected {test_dir}/<class>/<image "
+                        "files> with classes of labeled/, or no test/ folder")
+    unknown = [c for c in test if c not in classes]
+    if unknown:
+      raise ConfigError(f"test class folder {os.path.join(test_dir, unknown[0])} is not a class "
+                        f"of {labeled_dir}: expected test classes among {', '.join(classes)}")
+    test_pairs = [(path, classes.index(name)) for name in test for path in test[name]]
+    x_test = np.stack([read_image(path, size) for path, _ in test_pairs])
+    y_test = np.asarray([label for _, label in test_pairs], np.int32)
+  name = data_config.get("name") or os.path.basename(root)
+  return Dataset(name, x_train, y_train, x_test, y_test, classes,
+                 train_files=tuple(path for path, _ in pool),
+                 seed_ids=np.flatnonzero(y_train >= 0).astype(np.int32))
 
 
 def load_tfds(data_config) -> Dataset:
