@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.augment = "crop_flip"   # crop_flip | crop | flip | none
   config.train.crop_padding = 4
   config.train.reinit_each_round = False  # False: warm start, as the authors' code
+  config.train.compute_dtype = "float32"  # float32 | bfloat16 (float32 weights and statistics)
 
   config.al = ml_collections.ConfigDict()
   config.al.initial_size = 1000
@@ -62,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.query.reduction = "layer_sum"  # layer_sum (authors' code) | frobenius (paper eq. 8)
   config.query.method = "fast"          # fast (per-layer, one backward) | vmap (reference)
   config.query.chunk_size = 64
+  config.query.compute_dtype = "float32"  # gradient-norm scoring: float32 | bfloat16
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_epochs = 10  # also at the end of every round and on SIGTERM/SIGINT

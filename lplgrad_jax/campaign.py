@@ -28,7 +28,7 @@ from lplgrad_jax import train
 from lplgrad_jax.checkpoint import Checkpointer
 from lplgrad_jax.data import Dataset, load_dataset
 from lplgrad_jax.errors import ConfigError
-from lplgrad_jax.models import create_learner
+from lplgrad_jax.models import COMPUTE_DTYPES, create_learner
 
 # Purposes folded into the seed, so each stream is independent of the others.
 _INITIAL_SET, _MODEL_INIT, _TRAIN, _QUERY = range(4)
@@ -69,6 +69,10 @@ def validate_config(config) -> None:
     raise ConfigError(f"unknown query.reduction {config.query.reduction!r}: expected one of {', '.join(query.REDUCTIONS)}")
   if config.query.method not in query.METHODS:
     raise ConfigError(f"unknown query.method {config.query.method!r}: expected one of {', '.join(query.METHODS)}")
+  for name in ("train.compute_dtype", "query.compute_dtype"):
+    section, key = name.split(".")
+    if config[section][key] not in COMPUTE_DTYPES:
+      raise ConfigError(f"unknown {name} {config[section][key]!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
   if config.train.augment not in ("crop_flip", "flip", "crop", "none"):
     raise ConfigError(f"unknown train.augment {config.train.augment!r}: expected crop_flip, crop, flip or none")
 

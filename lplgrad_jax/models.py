@@ -17,6 +17,8 @@ from flax import nnx
 
 from lplgrad_jax.errors import ConfigError
 
+# Activations and matmul inputs; parameters and BatchNorm statistics stay float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 # He initialisation (fan_out) as in torchvision's ResNets.
@@ -114,7 +116,8 @@ class ResNet18(nnx.Module):
         y = block(y, mask, tap)
       features.append(y)
     pooled = jnp.mean(y, axis=(1, 2))
-    return _layer(self.head, pooled, tap), tuple(features)
+    # float32 logits whatever the compute dtype: softmax, entropy and losses need the range.
+    return _layer(self.head, pooled, tap).astype(jnp.float32), tuple(features)
 
 
 class LossPredictionModule(nnx.Module):
@@ -129,7 +132,7 @@ class LossPredictionModule(nnx.Module):
   def __call__(self, features) -> jax.Array:
     hidden = [nnx.relu(dense(jnp.mean(f, axis=(1, 2))))
               for dense, f in zip(self.stage_dense, features)]
-    return self.out(jnp.concatenate(hidden, axis=-1))[:, 0]
+    return self.out(jnp.concatenate(hidden, axis=-1))[:, 0].astype(jnp.float32)
 
 
 class ActiveLearner(nnx.Module):
@@ -141,6 +144,24 @@ class ActiveLearner(nnx.Module):
 
 
 _MODELS = {"resnet18": ResNet18}
+
+
+def with_compute_dtype(module: nnx.Module, dtype: str) -> nnx.Module:
+  """A copy of `module`, sharing its arrays, whose layers compute in `dtype`.
+
+  Convolutions and dense layers cast their inputs and weights to `dtype`
+  (bfloat16: fp32 accumulation on accelerators' matrix units); BatchNorm
+  reduces in float32 and keeps float32 statistics; gradients reach the
+  float32 parameters through the casts. The dtype lives in the graphdef, so
+  training and the query may each choose their own.
+  """
+  if dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"unknown compute dtype {dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+  copy = nnx.merge(*nnx.split(module))
+  for _, layer in nnx.iter_modules(copy):
+    if isinstance(layer, (nnx.Conv, nnx.Linear, nnx.BatchNorm)):
+      layer.dtype = COMPUTE_DTYPES[dtype]
+  return copy
 
 
 def create_learner(model_config, num_classes: int, *, use_aux: bool,

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
+from lplgrad_jax import models
 from lplgrad_jax import sharding
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.train import normalize
@@ -188,11 +189,15 @@ def _layer_squared_norms(module, inputs: jax.Array, out_grads: jax.Array) -> lis
   """
   n = inputs.shape[0]
   hi = jax.lax.Precision.HIGHEST
+  # Products in the layer's compute dtype, sums in float32.
+  dot = functools.partial(jnp.einsum, precision=hi, preferred_element_type=jnp.float32)
   if isinstance(module, nnx.Linear):
+    inputs, out_grads = inputs.astype(jnp.float32), out_grads.astype(jnp.float32)
     g2 = jnp.sum(jnp.square(out_grads), axis=1)
     norms = [jnp.sum(jnp.square(inputs), axis=1) * g2]
     return norms + ([g2] if module.bias is not None else [])
   if isinstance(module, nnx.BatchNorm):
+    inputs, out_grads = inputs.astype(jnp.float32), out_grads.astype(jnp.float32)
     x_hat = (inputs - module.mean[...]) * jax.lax.rsqrt(module.var[...] + module.epsilon)
     d_scale = jnp.sum(out_grads * x_hat, axis=(1, 2))
     d_bias = jnp.sum(out_grads, axis=(1, 2))
@@ -200,21 +205,20 @@ def _layer_squared_norms(module, inputs: jax.Array, out_grads: jax.Array) -> lis
   if isinstance(module, nnx.Conv):
     shifted = _kernel_offset_inputs(inputs, module.kernel_size, module.strides, module.padding)
     g = out_grads.reshape(n, -1, out_grads.shape[-1])
+    shifted = [x.astype(g.dtype) for x in shifted]
     t, o = g.shape[1], g.shape[2]
     p = inputs.shape[-1] * len(shifted)
     if t * p * o <= t * t * (p + o):
       # The kernel's offsets partition its entries, so the squared norm is a sum over
       # offsets of ||x_shift_i^T G_i||^2: no (T, p) patch matrix is ever built.
-      kernel = sum(jnp.sum(jnp.square(jnp.einsum("ntc,nto->nco", x.reshape(n, t, -1), g,
-                                                   precision=hi)), axis=(1, 2))
+      kernel = sum(jnp.sum(jnp.square(dot("ntc,nto->nco", x.reshape(n, t, -1), g)), axis=(1, 2))
                    for x in shifted)
     else:
       u = jnp.concatenate(shifted, axis=-1).reshape(n, t, p)
-      kernel = jnp.sum(jnp.einsum("ntp,nsp->nts", u, u, precision=hi)
-                       * jnp.einsum("nto,nso->nts", g, g, precision=hi), axis=(1, 2))
+      kernel = jnp.sum(dot("ntp,nsp->nts", u, u) * dot("nto,nso->nts", g, g), axis=(1, 2))
     norms = [kernel]
     if module.bias is not None:
-      norms.append(jnp.sum(jnp.square(jnp.sum(g, axis=1)), axis=1))
+      norms.append(jnp.sum(jnp.square(jnp.sum(g.astype(jnp.float32), axis=1)), axis=1))
     return norms
   raise TypeError(f"no per-example gradient norm for {type(module).__name__}")
 
@@ -232,7 +236,7 @@ def _fast_scores(graphdef, params, rest, images, mean, std, reduction):
   output_shapes = []
 
   def record_shape(module, inputs, outputs):
-    output_shapes.append(outputs.shape)
+    output_shapes.append(jax.ShapeDtypeStruct(outputs.shape, outputs.dtype))
     return outputs
 
   jax.eval_shape(lambda x: model(x, tap=record_shape)[0], images)
@@ -251,7 +255,7 @@ def _fast_scores(graphdef, params, rest, images, mean, std, reduction):
     logits, _ = model(images, tap=tap)
     return jnp.sum(entropy(logits)), inputs
 
-  zeros = [jnp.zeros(shape, images.dtype) for shape in output_shapes]
+  zeros = [jnp.zeros(s.shape, s.dtype) for s in output_shapes]
   out_grads, inputs = jax.grad(total_entropy, has_aux=True)(zeros)
   squared = [norm for module, a, g in zip(modules, inputs, out_grads)
              for norm in _layer_squared_norms(module, a, g)]
@@ -291,14 +295,16 @@ def _sharded_scores(graphdef, params, rest, images, mean, std, *, reduction, met
                        out_specs=split, check_vma=False)(params, rest, images, mean, std)
 
 
-def _split_for_inference(model: nnx.Module):
+def _split_for_inference(model: nnx.Module, compute_dtype: str = "float32"):
   """(graphdef, params, rest) of `model` with BatchNorm in inference mode."""
-  return nnx.split(nnx.view(model, use_running_average=True), nnx.Param, ...)
+  view = nnx.view(model, use_running_average=True)
+  return nnx.split(models.with_compute_dtype(view, compute_dtype), nnx.Param, ...)
 
 
 def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum",
                        method: str = "fast", chunk_size: int = 64, normalization=None,
-                       progress: bool = False, mesh=None) -> np.ndarray:
+                       progress: bool = False, mesh=None,
+                       compute_dtype: str = "float32") -> np.ndarray:
   """One score per image: ||d entropy(softmax(model(x))) / d params||.
 
   Args:
@@ -312,6 +318,8 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
     normalization: (mean, std) per channel for uint8 images.
     progress: show a progress bar over chunks.
     mesh: devices to split each chunk over (default: all, `sharding.data_mesh()`).
+    compute_dtype: "float32", or "bfloat16" for the model's convolutions and
+      the per-layer products (float32 sums; see README for its measured error).
   """
   if reduction not in REDUCTIONS:
     raise ConfigError(f"unknown gradient-norm reduction {reduction!r}: expected one of {REDUCTIONS}")
@@ -324,7 +332,7 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
     raise ValueError("uint8 images need normalization=(mean, std)")
   mean, std = (np.zeros(3, np.float32), np.ones(3, np.float32)) if normalization is None \
       else (np.asarray(normalization[0], np.float32), np.asarray(normalization[1], np.float32))
-  graphdef, params, rest = _split_for_inference(model)
+  graphdef, params, rest = _split_for_inference(model, compute_dtype)
   params, rest = sharding.replicate((params, rest), mesh)
   scores = []
   for chunk, real in tqdm(_padded_chunks(images, chunk_size), desc="query", unit="chunk",

@@ -113,7 +113,7 @@ def _entropy_grad_norm_query(ctx: QueryContext) -> Selection:
   scores = query.entropy_grad_norms(
       ctx.learner.classifier, ctx.dataset.x_train[ctx.subset_ids],
       reduction=ctx.query_config.reduction, method=ctx.query_config.method,
-      chunk_size=ctx.query_config.chunk_size,
+      chunk_size=ctx.query_config.chunk_size, compute_dtype=ctx.query_config.compute_dtype,
       normalization=ctx.normalization, progress=ctx.progress)
   return top_scores(ctx, scores)
 

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from lplgrad_jax import models
 from lplgrad_jax import sharding
 
 
@@ -40,6 +41,7 @@ class StepConfig:
   margin: float = 1.0
   crop_padding: int = 4
   flip: bool = True
+  compute_dtype: str = "float32"  # of activations; parameters stay float32
   mesh: Mesh | None = None  # data-parallel over its "data" axis when set
 
   @classmethod
@@ -53,7 +55,7 @@ class StepConfig:
         use_aux=use_aux, aux_weight=train_config.aux_weight,
         margin=train_config.margin,
         crop_padding=train_config.crop_padding if "crop" in augment else 0,
-        flip="flip" in augment, mesh=mesh)
+        flip="flip" in augment, compute_dtype=train_config.compute_dtype, mesh=mesh)
 
 
 def make_optimizer(learning_rate, cfg: StepConfig) -> optax.GradientTransformation:
@@ -65,7 +67,8 @@ def make_optimizer(learning_rate, cfg: StepConfig) -> optax.GradientTransformati
 def create_train_state(learner: nnx.Module, cfg: StepConfig):
   """Splits a learner (in training mode) into its graphdef and a fresh TrainState."""
   learner.train()
-  graphdef, params, batch_stats = nnx.split(learner, nnx.Param, nnx.BatchStat)
+  graphdef, params, batch_stats = nnx.split(
+      models.with_compute_dtype(learner, cfg.compute_dtype), nnx.Param, nnx.BatchStat)
   opt_state = make_optimizer(0.0, cfg).init(params)
   return graphdef, TrainState(params, batch_stats, opt_state)
 

@@ -80,8 +80,15 @@ def learner_and_batch():
   return learner, cfg, images, labels
 
 
-def test_train_step_lowers_the_loss(learner_and_batch):
+@pytest.fixture(scope="module")
+def fp32_losses():
+  return {}
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_train_step_lowers_the_loss(compute_dtype, learner_and_batch, fp32_losses):
   learner, cfg, images, labels = learner_and_batch
+  cfg = train.StepConfig(**{**cfg.__dict__, "compute_dtype": compute_dtype})
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   mask = jnp.ones(16)
   step = jax.jit(lambda s: train.train_step(graphdef, cfg, s, images, labels, mask, 0.05, False))
@@ -90,6 +97,13 @@ def test_train_step_lowers_the_loss(learner_and_batch):
     state, metrics = step(state)
     losses.append(float(metrics["loss"]) / float(metrics["count"]))
   assert losses[-1] < 0.5 * losses[0]
+  # bf16 compute: float32 master weights, BatchNorm statistics and momentum throughout.
+  assert {x.dtype for x in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
+  if compute_dtype == "float32":
+    fp32_losses["first"] = losses[0]
+  elif "first" in fp32_losses:  # same weights and batch: the forward differs by rounding only
+    assert losses[0] == pytest.approx(fp32_losses["first"], rel=1e-2)
+    assert losses[0] != fp32_losses["first"]
 
 
 def test_sgd_matches_pytorch_update_rule(learner_and_batch):
@@ -145,3 +159,4 @@ def test_padded_batch_equals_the_unpadded_one(learner_and_batch):
 def test_epoch_visits_every_labeled_image_once():
   order = train.epoch_order(jax.random.key(3), jnp.arange(100, 132), 27, 32)
   np.testing.assert_array_equal(np.sort(np.asarray(order[:27])), np.arange(100, 127))
+
