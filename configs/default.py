@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.crop_padding = 4
   config.train.reinit_each_round = False  # False: warm start, as the authors' code
   config.train.compute_dtype = "float32"  # float32 | bfloat16 (float32 weights and statistics)
+  config.train.epoch_loop = "auto"  # host (CPU) | scan (one call per epoch; auto on GPU/TPU)
 
   config.al = ml_collections.ConfigDict()
   config.al.initial_size = 1000

@@ -38,7 +38,7 @@ PLOT_FILE = "accuracy.png"
 # frequency, memory knobs (batch sizes of evaluation and query) and the
 # number of rounds (to extend a campaign). Everything else must match.
 RESUMABLE_KEYS = ("log.", "checkpoint.", "al.num_rounds", "train.eval_batch_size",
-                  "query.chunk_size")
+                  "train.epoch_loop", "query.chunk_size")
 
 
 def derive_key(seed: int, *path: int) -> jax.Array:
@@ -73,6 +73,7 @@ def validate_config(config) -> None:
     section, key = name.split(".")
     if config[section][key] not in COMPUTE_DTYPES:
       raise ConfigError(f"unknown {name} {config[section][key]!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+  train.resolve_epoch_loop(config.train.epoch_loop)
   if config.train.augment not in ("crop_flip", "flip", "crop", "none"):
     raise ConfigError(f"unknown train.augment {config.train.augment!r}: expected crop_flip, crop, flip or none")
 

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from lplgrad_jax import models
 from lplgrad_jax import sharding
+from lplgrad_jax.errors import ConfigError
 
 
 class TrainState(NamedTuple):
@@ -42,6 +43,7 @@ class StepConfig:
   crop_padding: int = 4
   flip: bool = True
   compute_dtype: str = "float32"  # of activations; parameters stay float32
+  epoch_loop: str = "host"  # "host": a Python loop of jitted steps; "scan": one jitted loop
   mesh: Mesh | None = None  # data-parallel over its "data" axis when set
 
   @classmethod
@@ -55,7 +57,22 @@ class StepConfig:
         use_aux=use_aux, aux_weight=train_config.aux_weight,
         margin=train_config.margin,
         crop_padding=train_config.crop_padding if "crop" in augment else 0,
-        flip="flip" in augment, compute_dtype=train_config.compute_dtype, mesh=mesh)
+        flip="flip" in augment, compute_dtype=train_config.compute_dtype,
+        epoch_loop=resolve_epoch_loop(train_config.epoch_loop), mesh=mesh)
+
+
+EPOCH_LOOPS = ("auto", "host", "scan")
+
+
+def resolve_epoch_loop(epoch_loop: str) -> str:
+  """"auto": "host" on CPU, where XLA runs convolutions inside loops ~14x slower
+  (measured on this project's CPU machine); "scan" on accelerators, where a
+  whole epoch in one call leaves the host nothing to do per step."""
+  if epoch_loop not in EPOCH_LOOPS:
+    raise ConfigError(f"unknown train.epoch_loop {epoch_loop!r}: expected one of {', '.join(EPOCH_LOOPS)}")
+  if epoch_loop == "auto":
+    return "host" if jax.default_backend() == "cpu" else "scan"
+  return epoch_loop
 
 
 def make_optimizer(learning_rate, cfg: StepConfig) -> optax.GradientTransformation:
@@ -161,10 +178,9 @@ def epoch_order(key, labeled_ids, num_labeled, capacity: int):
   return labeled_ids[jnp.argsort(sort_keys)]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
-def train_batch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_labels,
-                order, step_index, num_labeled, key, learning_rate, detach_features,
-                mean, std):
+def _train_batch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_labels,
+                 order, step_index, num_labeled, key, learning_rate, detach_features,
+                 mean, std):
   """Gathers batch `step_index` of an epoch's `order` from the pool, augments it, steps.
 
   Every batch of every round has the same shapes (the last one of an epoch is
@@ -182,6 +198,31 @@ def train_batch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_
                     mask, learning_rate, detach_features)
 
 
+train_batch = jax.jit(_train_batch, static_argnames=("graphdef", "cfg"),
+                      donate_argnames=("state",))
+METRICS = ("loss", "main_loss", "aux_loss", "correct", "count")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
+def train_steps(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_labels,
+                order, first_step, num_labeled, key, learning_rate, detach_features, mean, std):
+  """Steps `first_step`.. of an epoch in one call: a device-side loop over `_train_batch`.
+
+  The trip count follows `num_labeled` at run time (a while loop), so one
+  compilation still serves every round.
+  """
+  def step(step_index, carry):
+    state, totals = carry
+    state, metrics = _train_batch(graphdef, cfg, state, pool_images, pool_labels, order,
+                                  step_index, num_labeled, key, learning_rate,
+                                  detach_features, mean, std)
+    return state, {k: totals[k] + metrics[k] for k in METRICS}
+
+  last = (num_labeled + cfg.batch_size - 1) // cfg.batch_size
+  totals = {k: jnp.zeros((), jnp.float32) for k in METRICS}
+  return jax.lax.fori_loop(first_step, last, step, (state, totals))
+
+
 def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_labels,
                 labeled_ids, num_labeled: int, key, learning_rate, detach_features,
                 mean, std, *, first_step: int = 0, should_stop=lambda: False):
@@ -190,16 +231,23 @@ def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_
   Returns (state, metrics summed over the examples seen, next step index);
   the epoch is complete when the index equals `num_steps(...)`, and stops
   early, at a step boundary, once `should_stop()` is true.
-  A host loop of asynchronously dispatched steps, with no host sync inside:
-  XLA:CPU runs convolutions inside `lax.scan`/`lax.cond` bodies about 14x
-  slower than at top level (measured on this project's CPU machine), and on
-  accelerators the per-step dispatch is far below the step's cost.
+  `cfg.epoch_loop` "host": a Python loop of asynchronously dispatched steps,
+  with no host sync inside (XLA:CPU runs convolutions inside loop bodies about
+  14x slower than at top level); "scan": the whole epoch in one call
+  (`train_steps`), which checks `should_stop` only at the epoch's start.
   `labeled_ids` is padded to `cfg.steps_per_epoch * cfg.batch_size` ids; only
   the first `num_labeled` are real. The batch order depends only on `key`, so
   an epoch resumed at `first_step` continues the interrupted one exactly.
   """
   order = epoch_order(jax.random.fold_in(key, 0), labeled_ids, num_labeled,
                       cfg.steps_per_epoch * cfg.batch_size)
+  if cfg.epoch_loop == "scan":  # stop requests wait for the epoch's end
+    if should_stop():
+      return state, None, first_step
+    state, totals = train_steps(graphdef, cfg, state, pool_images, pool_labels, order,
+                                first_step, num_labeled, key, learning_rate, detach_features,
+                                mean, std)
+    return state, totals, num_steps(cfg, num_labeled)
   totals = None
   for step_index in range(first_step, num_steps(cfg, num_labeled)):
     if should_stop():

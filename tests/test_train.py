@@ -7,6 +7,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from lplgrad_jax import models, train
+from lplgrad_jax.errors import ConfigError
 
 
 def test_margin_ranking_loss_hand_computed():
@@ -160,3 +161,33 @@ def test_epoch_visits_every_labeled_image_once():
   order = train.epoch_order(jax.random.key(3), jnp.arange(100, 132), 27, 32)
   np.testing.assert_array_equal(np.sort(np.asarray(order[:27])), np.arange(100, 127))
 
+
+
+def test_scan_epoch_equals_the_host_loop(learner_and_batch):
+  # One device-side loop per epoch (accelerators) and the host loop (CPU) take the same
+  # steps on the same batches; a resumed epoch (first_step=2) too.
+  learner, cfg, _, _ = learner_and_batch
+  pool = jax.random.randint(jax.random.key(4), (40, 16, 16, 3), 0, 256).astype(jnp.uint8)
+  pool_labels = jax.random.randint(jax.random.key(5), (40,), 0, 10)
+  labeled = jnp.zeros(cfg.steps_per_epoch * cfg.batch_size, jnp.int32).at[:37].set(jnp.arange(37))
+  mean, std = jnp.full(3, 0.5), jnp.full(3, 0.25)
+  finals = {}
+  for loop in ("host", "scan"):
+    loop_cfg = train.StepConfig(**{**cfg.__dict__, "epoch_loop": loop})
+    for first_step in (0, 2):
+      graphdef, state = train.create_train_state(nnx.clone(learner), loop_cfg)
+      state = jax.tree.map(jnp.copy, state)  # the epoch donates it; `learner` shares its arrays
+      state, totals, next_step = train.train_epoch(
+          graphdef, loop_cfg, state, pool, pool_labels, labeled, 37, jax.random.key(6), 0.05,
+          False, mean, std, first_step=first_step)
+      assert next_step == 3  # ceil(37 / 16)
+      finals[loop, first_step] = state, totals
+  for first_step, seen in ((0, 37), (2, 5)):
+    (host, host_totals), (scan, scan_totals) = finals["host", first_step], finals["scan", first_step]
+    assert float(scan_totals["count"]) == float(host_totals["count"]) == seen
+    np.testing.assert_allclose(scan_totals["loss"], host_totals["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(scan)):  # up to float reassociation
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ConfigError, match="unknown train.epoch_loop 'gpu'"):
+    train.resolve_epoch_loop("gpu")
+  assert train.resolve_epoch_loop("auto") == "host"  # the CPU
