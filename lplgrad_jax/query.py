@@ -281,18 +281,22 @@ def _vmap_grad_scores(graphdef, params, rest, images, mean, std, reduction):
 _SCORERS = {"fast": _fast_scores, "vmap": _vmap_grad_scores}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "reduction", "method", "mesh"))
-def _sharded_scores(graphdef, params, rest, images, mean, std, *, reduction, method, mesh):
-  """Scores a chunk split evenly over the mesh's devices, each device its own shard."""
+@functools.lru_cache(maxsize=16)
+def _chunk_scorer(graphdef, reduction: str, method: str, mesh):
+  """The compiled scorer of one chunk, split evenly over the mesh's devices.
+
+  Cached per model structure: the jitted function then takes arrays alone, so
+  a chunk's dispatch does not hash the graphdef (milliseconds for a ResNet).
+  """
   def score_shard(params, rest, images, mean, std):
     return _SCORERS[method](graphdef, params, rest, images, mean, std, reduction)
 
   replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
   # check_vma=False: differentiating w.r.t. the replicated parameters must give each
   # device its own examples' gradients; with VMA checks JAX would sum them over devices.
-  return jax.shard_map(score_shard, mesh=mesh,
-                       in_specs=(replicated, replicated, split, replicated, replicated),
-                       out_specs=split, check_vma=False)(params, rest, images, mean, std)
+  return jax.jit(jax.shard_map(score_shard, mesh=mesh,
+                               in_specs=(replicated, replicated, split, replicated, replicated),
+                               out_specs=split, check_vma=False))
 
 
 def _split_for_inference(model: nnx.Module, compute_dtype: str = "float32"):
@@ -334,11 +338,14 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
       else (np.asarray(normalization[0], np.float32), np.asarray(normalization[1], np.float32))
   graphdef, params, rest = _split_for_inference(model, compute_dtype)
   params, rest = sharding.replicate((params, rest), mesh)
-  scores = []
+  score = _chunk_scorer(graphdef, reduction, method, mesh)
+  pending = []
   for chunk, real in tqdm(_padded_chunks(images, chunk_size), desc="query", unit="chunk",
                           total=-(-len(images) // chunk_size), disable=not progress,
                           leave=False):
-    scores.append(np.asarray(_sharded_scores(
-        graphdef, params, rest, jax.device_put(chunk, sharding.batch_sharded(mesh)), mean, std,
-        reduction=reduction, method=method, mesh=mesh))[:real])
+    pending.append((score(params, rest, jax.device_put(chunk, sharding.batch_sharded(mesh)),
+                          mean, std), real))
+    if len(pending) > 2:  # two chunks in flight: the device never waits for the host
+      pending[-3][0].block_until_ready()
+  scores = [np.asarray(s)[:real] for s, real in pending]
   return np.concatenate(scores) if scores else np.zeros((0,), np.float32)

@@ -200,6 +200,13 @@ def _train_batch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool
 
 train_batch = jax.jit(_train_batch, static_argnames=("graphdef", "cfg"),
                       donate_argnames=("state",))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_batch_step(graphdef, cfg: StepConfig):
+  """`train_batch` for one model structure, taking arrays alone: a step's dispatch
+  then skips hashing the graphdef (milliseconds for a ResNet)."""
+  return jax.jit(functools.partial(_train_batch, graphdef, cfg), donate_argnums=0)
 METRICS = ("loss", "main_loss", "aux_loss", "correct", "count")
 
 
@@ -249,12 +256,12 @@ def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_
                                 mean, std)
     return state, totals, num_steps(cfg, num_labeled)
   totals = None
+  step = _compiled_batch_step(graphdef, cfg)
   for step_index in range(first_step, num_steps(cfg, num_labeled)):
     if should_stop():
       return state, totals, step_index
-    state, metrics = train_batch(graphdef, cfg, state, pool_images, pool_labels, order,
-                                 step_index, num_labeled, key, learning_rate,
-                                 detach_features, mean, std)
+    state, metrics = step(state, pool_images, pool_labels, order, step_index, num_labeled,
+                          key, learning_rate, detach_features, mean, std)
     totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
   return state, totals, num_steps(cfg, num_labeled)
 
