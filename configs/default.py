@@ -14,6 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.strategy = "lplgrad"
+  # simulated: the pool's labels are known and revealed when queried.
+  # human: a person labels each query (data.source="image_folder" with
+  # labeled/<class>/, unlabeled/ and optionally test/<class>/; see README).
+  config.oracle = "simulated"
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "tfds"          # tfds | image_folder | digits | npz

@@ -9,6 +9,7 @@ All randomness is derived from the seed with `fold_in(seed, purpose, round, ...)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from lplgrad_jax import oracle
 from lplgrad_jax import query
 from lplgrad_jax import reporting
 from lplgrad_jax import sharding
@@ -32,6 +34,7 @@ from lplgrad_jax.models import COMPUTE_DTYPES, create_learner
 
 # Purposes folded into the seed, so each stream is independent of the others.
 _INITIAL_SET, _MODEL_INIT, _TRAIN, _QUERY = range(4)
+ORACLES = ("simulated", "human")
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy.png"
 # Settings that may change when a campaign is resumed: logging, checkpoint
@@ -74,19 +77,31 @@ def validate_config(config) -> None:
     if config[section][key] not in COMPUTE_DTYPES:
       raise ConfigError(f"unknown {name} {config[section][key]!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
   train.resolve_epoch_loop(config.train.epoch_loop)
+  if config.oracle not in ORACLES:
+    raise ConfigError(f"unknown oracle {config.oracle!r}: expected one of {', '.join(ORACLES)}")
+  if config.oracle == "human" and config.data.source != "image_folder":
+    raise ConfigError(f"oracle 'human' reads an image folder, not data.source="
+                      f"{config.data.source!r}: set data.source='image_folder' and data.root "
+                      "to a folder with labeled/<class>/ and unlabeled/")
   if config.train.augment not in ("crop_flip", "flip", "crop", "none"):
     raise ConfigError(f"unknown train.augment {config.train.augment!r}: expected crop_flip, crop, flip or none")
 
 
-def check_budgets(al_config, pool_size: int) -> int:
-  """Returns the final labeled-set size; ConfigError if the budgets exceed the pool."""
-  if al_config.initial_size > pool_size:
-    raise ConfigError(f"al.initial_size={al_config.initial_size} exceeds the pool of "
+def check_budgets(al_config, pool_size: int, initial_size: int | None = None) -> int:
+  """Returns the final labeled-set size; ConfigError if the budgets exceed the pool.
+
+  `initial_size`: the seed set's size when it is given (the human oracle's
+  labeled/ folder) rather than drawn (al.initial_size).
+  """
+  initial_name = "al.initial_size" if initial_size is None else "the labeled images"
+  initial_size = al_config.initial_size if initial_size is None else initial_size
+  if initial_size > pool_size:
+    raise ConfigError(f"{initial_name}={initial_size} exceeds the pool of "
                       f"{pool_size} training images")
-  final = al_config.initial_size + (al_config.num_rounds - 1) * al_config.query_size
+  final = initial_size + (al_config.num_rounds - 1) * al_config.query_size
   if final > pool_size:
     raise ConfigError(
-        f"al.initial_size + (al.num_rounds - 1) * al.query_size = {al_config.initial_size} + "
+        f"{initial_name} + (al.num_rounds - 1) * al.query_size = {initial_size} + "
         f"{al_config.num_rounds - 1} * {al_config.query_size} = {final} exceeds the pool of "
         f"{pool_size} training images")
   return final
@@ -190,7 +205,7 @@ class _Logger:
     return {"loss": f"{summary['loss']:.3f}", "acc": f"{summary['accuracy']:.3f}"}
 
   def round(self, record: dict) -> None:
-    if self.writer is not None:
+    if self.writer is not None and record["test_accuracy"] is not None:
       self.writer.add_scalar("test/accuracy", record["test_accuracy"], record["num_labeled"])
       self.writer.flush()
 
@@ -200,7 +215,12 @@ class _Logger:
 
 
 def evaluate(learner, dataset: Dataset, normalization, batch_size: int) -> dict:
-  """Test accuracy and per-class accuracy (0 for a class without test images)."""
+  """Test accuracy and per-class accuracy (0 for a class without test images).
+
+  Both are None without a test split (a human-labeled folder without test/).
+  """
+  if not len(dataset.y_test):
+    return {"accuracy": None, "per_class_accuracy": None}
   logits = query.model_outputs(learner, dataset.x_test, normalization, batch_size)["logits"]
   correct = np.argmax(logits, -1) == dataset.y_test
   per_class = [float(correct[dataset.y_test == c].mean()) if np.any(dataset.y_test == c) else 0.0
@@ -234,9 +254,10 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
   previous = _previous_config(workdir, checkpointer)
   if previous is not None:
     check_same_campaign(workdir, previous, config_dict)
-  dataset = load_dataset(config.data)
+  human = config.oracle == "human"
+  dataset = load_dataset(config.data, human_oracle=human)
   al = config.al
-  final_size = check_budgets(al, dataset.num_train)
+  final_size = check_budgets(al, dataset.num_train, len(dataset.seed_ids) if human else None)
   os.makedirs(workdir, exist_ok=True)
 
   mesh = sharding.data_mesh()
@@ -244,7 +265,6 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
     raise ConfigError(f"train.batch_size={config.train.batch_size} does not split over "
                       f"{mesh.size} devices: expected a multiple of {mesh.size}")
   normalization = dataset.channel_stats()
-  pool = sharding.replicate((dataset.x_train, dataset.y_train), mesh)
   use_aux = strategies.uses_aux(config)
   cfg = train.StepConfig.from_config(config.train, final_size, use_aux, mesh)
   learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
@@ -260,9 +280,12 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
     raise ConfigError(f"workdir {workdir} holds results but no checkpoint to resume from: "
                       "choose another --workdir, or pass --restart to discard them")
   else:
-    position = _fresh_position(initial_labeled_set(config.seed, dataset.num_train,
-                                                   al.initial_size))
+    position = _fresh_position(dataset.seed_ids if human else initial_labeled_set(
+        config.seed, dataset.num_train, al.initial_size))
   position["config"] = config_dict
+  if human:  # the person's labels so far, and those of a query just filled in
+    dataset = _with_human_labels(dataset, position, workdir)
+  pool = sharding.replicate((dataset.x_train, dataset.y_train), mesh)
   results = {"config": config_dict, "use_aux": use_aux, "num_devices": jax.device_count(),
              "data": {"name": dataset.name, "num_train": dataset.num_train,
                       "num_test": len(dataset.y_test), "class_names": list(dataset.class_names),
@@ -319,8 +342,9 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
           save(state)
           publish()
           logger.round(record)
-          print(f"round {r + 1}/{al.num_rounds}: {record['num_labeled']} labeled, "
-                f"test accuracy {100 * record['test_accuracy']:.2f}%, "
+          accuracy = ("no test set" if record["test_accuracy"] is None
+                      else f"test accuracy {100 * record['test_accuracy']:.2f}%")
+          print(f"round {r + 1}/{al.num_rounds}: {record['num_labeled']} labeled, {accuracy}, "
                 f"train {record['train_seconds']:.1f}s", flush=True)
         if r >= al.num_rounds - 1:
           break  # the last round trains and is evaluated; it queries only if extended
@@ -332,11 +356,20 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
               f"{min(al.subset_size, dataset.num_train - len(labeled))} unlabeled images",
               flush=True)
         start = time.perf_counter()
-        selection = _query(strategy, config, learner, dataset, labeled, r, normalization)
+        selection, selected_scores = _query(strategy, config, learner, dataset, labeled,
+                                            position.get("skipped_ids", []), r, normalization)
         record["query_seconds"] = time.perf_counter() - start
         record["queried_ids"] = [int(i) for i in selection.ids]
         if selection.scores is not None:
           record["query_scores"] = _score_summary(selection.scores)
+        if human:  # the person labels the query; the next run reads their labels
+          results["awaiting_labels"] = oracle.write_query(
+              workdir, r + 1, selection.ids, [dataset.train_files[i] for i in selection.ids],
+              selected_scores, dataset.x_train[selection.ids], dataset.class_names)[0]
+          position.update(phase="labels", pending_ids=record["queried_ids"])
+          save(state)
+          publish()
+          break
         position.update(round=r + 1, phase="train", epoch=0, step=0,
                         labeled_ids=[int(i) for i in np.sort(
                             np.concatenate([labeled, selection.ids]))])
@@ -348,6 +381,14 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
   finally:
     checkpointer.close()  # waits for the asynchronous saves
     logger.close()
+  if "awaiting_labels" in results:
+    csv_path = results["awaiting_labels"]
+    print(f"round {position['round'] + 1}: {len(position['pending_ids'])} images to label. "
+          f"Write a class name ({', '.join(dataset.class_names)}) or {oracle.SKIP!r} in the "
+          f"label column of every row of {csv_path} (thumbnails: "
+          f"{os.path.basename(oracle.contact_sheet_path(workdir, position['round'] + 1))}), "
+          "then rerun the same command to continue", flush=True)
+    return results
   if stopped:
     print(f"stopped by {stop.signal_name}: checkpoint saved in {checkpointer.directory} "
           f"(round {position['round'] + 1}, {position['phase']} phase, epoch "
@@ -394,8 +435,38 @@ def _train_round(state, graphdef, config, cfg, pool, labeled, position, normaliz
   return state
 
 
-def _query(strategy, config, learner, dataset, labeled, round_index, normalization):
-  unlabeled = np.setdiff1d(np.arange(dataset.num_train), labeled, assume_unique=True)
+def _with_human_labels(dataset: Dataset, position: dict, workdir: str) -> Dataset:
+  """`dataset` with the labels the person gave; reads the query they were asked to fill in.
+
+  A filled query file moves its labeled ids to the labeled set (skipped ones
+  out of the pool) and starts the next round. A bad file raises LabelFileError
+  before anything changes.
+  """
+  if position["phase"] == "labels":
+    r = position["round"]
+    answers = oracle.read_labels(oracle.query_csv_path(workdir, r + 1), position["pending_ids"],
+                                 dataset.class_names)
+    labels = position.setdefault("human_labels", {})
+    labels.update({str(i): c for i, c in answers.items() if c is not None})
+    skipped = [i for i, c in answers.items() if c is None]
+    position.setdefault("skipped_ids", []).extend(skipped)
+    position["rounds"][r]["skipped_ids"] = skipped
+    new = [i for i, c in answers.items() if c is not None]
+    position.update(round=r + 1, phase="train", epoch=0, step=0,
+                    labeled_ids=sorted(position["labeled_ids"] + new))
+    position.pop("pending_ids")
+    print(f"round {r + 1}: read {len(new)} labels and {len(skipped)} skips from "
+          f"{oracle.query_csv_path(workdir, r + 1)}", flush=True)
+  y_train = dataset.y_train.copy()
+  for i, c in position.get("human_labels", {}).items():
+    y_train[int(i)] = c
+  return dataclasses.replace(dataset, y_train=y_train)
+
+
+def _query(strategy, config, learner, dataset, labeled, skipped, round_index, normalization):
+  """(selection, the selected ids' scores best first or None) of one round's query."""
+  excluded = np.union1d(labeled, np.asarray(skipped, np.int64))
+  unlabeled = np.setdiff1d(np.arange(dataset.num_train), excluded, assume_unique=True)
   context = strategies.QueryContext(
       learner=learner, dataset=dataset,
       subset_ids=random_subset(config.seed, round_index, unlabeled, config.al.subset_size),
@@ -407,7 +478,11 @@ def _query(strategy, config, learner, dataset, labeled, round_index, normalizati
   if (len(np.unique(selection.ids)) != config.al.query_size
       or np.intersect1d(selection.ids, labeled).size):
     raise RuntimeError(f"strategy {config.strategy} returned an invalid selection")
-  return selection
+  selected_scores = None
+  if selection.scores is not None:
+    where = {int(i): k for k, i in enumerate(context.subset_ids)}
+    selected_scores = [float(selection.scores[where[int(i)]]) for i in selection.ids]
+  return selection, selected_scores
 
 
 def _score_summary(scores: np.ndarray) -> dict:

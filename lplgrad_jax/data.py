@@ -186,11 +186,12 @@ def image_files(directory: str) -> list[str]:
   return sorted(found)
 
 
-def _class_files(split_dir: str) -> dict[str, list[str]]:
+def _class_files(split_dir: str, allow_empty: bool = False) -> dict[str, list[str]]:
   """{class folder name: paths of its images} of `split_dir/<class>/`, classes sorted.
 
   An image lying directly in `split_dir` is refused rather than ignored: it
-  is almost always one the user meant to file under a class.
+  is almost always one the user meant to file under a class. `allow_empty`:
+  an empty folder still names a class (one with no seed images yet).
   """
   loose = [f for f in sorted(os.listdir(split_dir))
            if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)
@@ -202,7 +203,7 @@ def _class_files(split_dir: str) -> dict[str, list[str]]:
   for name in _list_class_dirs(split_dir):
     class_dir = os.path.join(split_dir, name)
     files[name] = [os.path.join(class_dir, f) for f in image_files(class_dir)]
-    if not files[name]:
+    if not files[name] and not allow_empty:
       raise ConfigError(f"class folder {class_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
   return files
 
@@ -228,14 +229,15 @@ def load_labeling_folder(data_config) -> Dataset:
   for directory in (labeled_dir, unlabeled_dir):
     if not os.path.isdir(directory):
       raise ConfigError(f"{directory} is missing: {layout}")
-  labeled = _class_files(labeled_dir)
-  if not labeled:
-    raise ConfigError(f"{labeled_dir} has no class folders: expected "
+  labeled = _class_files(labeled_dir, allow_empty=True)
+  if not any(labeled.values()):
+    raise ConfigError(f"{labeled_dir} has no labeled images: expected "
                       f"{labeled_dir}/<class>/<image files>, a few labeled images per class")
   classes = tuple(labeled)
-  if any(c.casefold() == SKIP for c in classes):
-    raise ConfigError(f"class folder {labeled_dir}/{SKIP} clashes with the label {SKIP!r} that "
-                      "marks unusable images: rename the folder")
+  for name in classes:
+    if name.casefold() == SKIP:
+      raise ConfigError(f"class folder {os.path.join(labeled_dir, name)} clashes with the label "
+                        f"{SKIP!r} that marks unusable images: rename the folder")
   pool = [(path, label) for label, name in enumerate(classes) for path in labeled[name]]
   pool += [(os.path.join(unlabeled_dir, f), -1) for f in image_files(unlabeled_dir)]
   pool.sort(key=lambda item: (os.path.basename(item[0]), os.path.relpath(item[0], root)))
@@ -319,10 +321,15 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 }
 
 
-def load_dataset(data_config) -> Dataset:
-  """Loads the data set that `config.data` names; ConfigError on bad settings."""
+def load_dataset(data_config, *, human_oracle: bool = False) -> Dataset:
+  """Loads the data set that `config.data` names; ConfigError on bad settings.
+
+  `human_oracle`: an image folder is a labeling folder (`load_labeling_folder`).
+  """
   if data_config.source not in SOURCES:
     raise ConfigError(f"unknown data source {data_config.source!r}: expected one of {', '.join(SOURCES)}")
   if not isinstance(data_config.image_size, int) or data_config.image_size < 8:
     raise ConfigError(f"data.image_size={data_config.image_size!r}: expected an integer >= 8")
+  if human_oracle and data_config.source == "image_folder":
+    return load_labeling_folder(data_config)
   return SOURCES[data_config.source](data_config)

@@ -5,6 +5,7 @@
 """
 
 import logging
+import shlex
 import sys
 
 from absl import app
@@ -13,6 +14,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from lplgrad_jax import campaign
+from lplgrad_jax import errors
 from lplgrad_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, plots, logs and "
@@ -25,18 +27,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _fail(error: Exception) -> None:
-  """Reports a user mistake as one line on stderr and exits with status 2."""
+  """Reports a user mistake as `error:` line(s) on stderr and exits with status 2."""
   if isinstance(error, (AttributeError, KeyError)):  # --config.<key> the config lacks
     key = str(error).strip("\"'")
     message = f"unknown configuration key {key!r}: see configs/default.py for the keys"
-  else:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if len(lines) > 1 and ("Traceback" in lines[1] or "Attempted" in lines[1]):
-      # A config file that failed to load: keep the flag and the final cause.
-      lines = [lines[0].split(": Error whilst")[0], lines[-1]]
-    message = ": ".join(lines)
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+    errors.exit_with(ConfigError(message))
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if len(lines) > 1 and ("Traceback" in lines[1] or "Attempted" in lines[1]):
+    # A config file that failed to load: keep the flag and the final cause.
+    errors.exit_with(ConfigError(f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}"))
+  errors.exit_with(error)
 
 
 def _parse_flags(argv):
@@ -58,9 +58,12 @@ def main(argv):
   except OSError as e:
     _fail(e)
   try:
-    campaign.run(config, _WORKDIR.value, restart=_RESTART.value)
+    results = campaign.run(config, _WORKDIR.value, restart=_RESTART.value)
   except ConfigError as e:
     _fail(e)
+  if "awaiting_labels" in results:
+    again = [a for a in sys.argv[1:] if not a.startswith(("--restart", "-restart"))]
+    print(f"continue with: python -m lplgrad_jax.main {shlex.join(again)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def plot_accuracy(path: str, rounds: list[dict], title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
+  rounds = [r for r in rounds if r["test_accuracy"] is not None]  # None: no test split
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.plot([r["num_labeled"] for r in rounds], [100 * r["test_accuracy"] for r in rounds],
           marker="o")
@@ -48,6 +49,7 @@ def summary_table(rounds: list[dict]) -> str:
   header = f"{'round':>5}  {'labeled':>8}  {'test acc':>8}  {'train s':>8}  {'query s':>8}"
   lines = [header, "-" * len(header)]
   for r in rounds:
-    lines.append(f"{r['round'] + 1:>5}  {r['num_labeled']:>8}  {100 * r['test_accuracy']:>7.2f}%"
+    accuracy = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}%"
+    lines.append(f"{r['round'] + 1:>5}  {r['num_labeled']:>8}  {accuracy:>8}"
                  f"  {r['train_seconds']:>8.1f}  {r['query_seconds']:>8.1f}")
   return "\n".join(lines)

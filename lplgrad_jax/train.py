@@ -189,7 +189,8 @@ def _train_batch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool
   start = step_index * cfg.batch_size
   ids = jax.lax.dynamic_slice(order, (start,), (cfg.batch_size,))
   mask = ((start + jnp.arange(cfg.batch_size)) < num_labeled).astype(jnp.float32)
-  images, labels = pool_images[ids], pool_labels[ids]
+  # Padding rows may point at unlabeled images (label -1): give them a valid class.
+  images, labels = pool_images[ids], jnp.where(mask > 0, pool_labels[ids], 0)
   if cfg.mesh is not None:  # split the batch over devices; parameters stay replicated
     images, labels, mask = (jax.lax.with_sharding_constraint(a, sharding.batch_sharded(cfg.mesh))
                             for a in (images, labels, mask))
