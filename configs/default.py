@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.crop_padding = 4
   config.train.reinit_each_round = False  # False: warm start, as the authors' code
   config.train.compute_dtype = "float32"  # float32 | bfloat16 (float32 weights and statistics)
-  config.train.epoch_loop = "auto"  # host (CPU) | scan (one call per epoch; auto on GPU/TPU)
+  config.train.epoch_loop = "host"  # host (a loop of async steps) | scan (one call per epoch)
 
   config.al = ml_collections.ConfigDict()
   config.al.initial_size = 1000
@@ -73,6 +73,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_epochs = 10  # also at the end of every round and on SIGTERM/SIGINT
   config.checkpoint.keep = 2           # newest checkpoints kept (the older one is a fallback)
+
+  # Multi-host runs (one process per host, the same command on each; see README).
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = False      # call jax.distributed.initialize first
+  config.distributed.coordinator_address = ""  # host:port of process 0 ("": from the cluster)
+  config.distributed.num_processes = 0       # 0: from the cluster (SLURM, Open MPI, TPU)
+  config.distributed.process_id = -1         # -1: from the cluster
+  config.distributed.cpu_collectives = "gloo"  # how CPU devices of different hosts talk
+  config.distributed.initialization_timeout_seconds = 300
+  config.distributed.heartbeat_timeout_seconds = 100  # a host silent this long fails the run
+  config.distributed.shutdown_timeout_seconds = 300
 
   config.log = ml_collections.ConfigDict()
   config.log.progress = True

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from lplgrad_jax import distributed
 from lplgrad_jax import oracle
 from lplgrad_jax import query
 from lplgrad_jax import reporting
@@ -30,6 +31,7 @@ from lplgrad_jax import train
 from lplgrad_jax.checkpoint import Checkpointer
 from lplgrad_jax.data import Dataset, load_dataset
 from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.distributed import say
 from lplgrad_jax.models import COMPUTE_DTYPES, create_learner
 
 # Purposes folded into the seed, so each stream is independent of the others.
@@ -38,10 +40,11 @@ ORACLES = ("simulated", "human")
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy.png"
 # Settings that may change when a campaign is resumed: logging, checkpoint
-# frequency, memory knobs (batch sizes of evaluation and query) and the
-# number of rounds (to extend a campaign). Everything else must match.
-RESUMABLE_KEYS = ("log.", "checkpoint.", "al.num_rounds", "train.eval_batch_size",
-                  "train.epoch_loop", "query.chunk_size")
+# frequency, how processes meet (distributed.*: each host has its own process_id),
+# memory and speed knobs (evaluation and query batch sizes, the epoch loop) and
+# the number of rounds (to extend a campaign). Everything else must match.
+RESUMABLE_KEYS = ("log.", "checkpoint.", "distributed.", "al.num_rounds",
+                  "train.eval_batch_size", "train.epoch_loop", "query.chunk_size")
 
 
 def derive_key(seed: int, *path: int) -> jax.Array:
@@ -243,14 +246,18 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
   uninterrupted run. `restart=True` discards the workdir's campaign first.
   """
   validate_config(config)
+  distributed.initialize(config.distributed)  # before anything touches a device
+  main_process = distributed.is_main_process()
   strategy = strategies.get_strategy(config.strategy)
   config_dict = config.to_dict()
   checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep)
   if restart:
-    checkpointer.delete_all()
-    for name in (RESULTS_FILE, PLOT_FILE):
-      if os.path.exists(os.path.join(workdir, name)):
-        os.remove(os.path.join(workdir, name))
+    if main_process:
+      checkpointer.delete_all()
+      for name in (RESULTS_FILE, PLOT_FILE):
+        if os.path.exists(os.path.join(workdir, name)):
+          os.remove(os.path.join(workdir, name))
+    distributed.barrier("restart")
   previous = _previous_config(workdir, checkpointer)
   if previous is not None:
     check_same_campaign(workdir, previous, config_dict)
@@ -270,12 +277,12 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
   learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
                            key=derive_key(config.seed, _MODEL_INIT, 0))
   graphdef, state = train.create_train_state(learner, cfg)
+  state = sharding.replicate(state, mesh)  # restored with the shardings of this target
   if checkpointer.exists():
     state, position = checkpointer.restore(state)
-    state = sharding.replicate(state, mesh)
     nnx.update(learner, state.params, state.batch_stats)
-    print(f"resuming from {checkpointer.directory}: round {position['round'] + 1}, "
-          f"{position['phase']} phase, epoch {position['epoch']}", flush=True)
+    say(f"resuming from {checkpointer.directory}: round {position['round'] + 1}, "
+        f"{position['phase']} phase, epoch {position['epoch']}")
   elif previous is not None:
     raise ConfigError(f"workdir {workdir} holds results but no checkpoint to resume from: "
                       "choose another --workdir, or pass --restart to discard them")
@@ -287,6 +294,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
     dataset = _with_human_labels(dataset, position, workdir)
   pool = sharding.replicate((dataset.x_train, dataset.y_train), mesh)
   results = {"config": config_dict, "use_aux": use_aux, "num_devices": jax.device_count(),
+             "num_processes": jax.process_count(),
              "data": {"name": dataset.name, "num_train": dataset.num_train,
                       "num_test": len(dataset.y_test), "class_names": list(dataset.class_names),
                       "image_size": int(dataset.x_train.shape[1]),
@@ -294,17 +302,20 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
                       "normalization": {"mean": normalization[0].tolist(),
                                         "std": normalization[1].tolist()}},
              "rounds": position["rounds"]}
-  logger = _Logger(workdir, config.log.tensorboard, position["epochs_logged"])
-  print(f"{dataset.name}: {dataset.num_train} training / {len(dataset.y_test)} test images, "
-        f"{dataset.num_classes} classes; strategy {config.strategy}, {al.num_rounds} rounds, "
-        f"{al.initial_size} -> {final_size} labeled; {jax.device_count()} device(s) "
-        f"({jax.devices()[0].platform})", flush=True)
+  logger = _Logger(workdir, config.log.tensorboard and main_process, position["epochs_logged"])
+  say(f"{dataset.name}: {dataset.num_train} training / {len(dataset.y_test)} test images, "
+      f"{dataset.num_classes} classes; strategy {config.strategy}, {al.num_rounds} rounds, "
+      f"{final_size - (al.num_rounds - 1) * al.query_size} -> {final_size} labeled; "
+      f"{jax.device_count()} device(s) ({jax.devices()[0].platform})"
+      + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""))
 
   def save(state):
     position["epochs_logged"] = logger.epochs_done
     checkpointer.save(state, position)
 
   def publish():
+    if not main_process:
+      return
     reporting.write_results(os.path.join(workdir, RESULTS_FILE), results)
     reporting.plot_accuracy(os.path.join(workdir, PLOT_FILE), results["rounds"],
                             f"{config.strategy} on {dataset.name}")
@@ -344,17 +355,16 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
           logger.round(record)
           accuracy = ("no test set" if record["test_accuracy"] is None
                       else f"test accuracy {100 * record['test_accuracy']:.2f}%")
-          print(f"round {r + 1}/{al.num_rounds}: {record['num_labeled']} labeled, {accuracy}, "
-                f"train {record['train_seconds']:.1f}s", flush=True)
+          say(f"round {r + 1}/{al.num_rounds}: {record['num_labeled']} labeled, {accuracy}, "
+              f"train {record['train_seconds']:.1f}s")
         if r >= al.num_rounds - 1:
           break  # the last round trains and is evaluated; it queries only if extended
         if stop():
           stopped = True
           break
         record = position["rounds"][r]
-        print(f"round {r + 1}/{al.num_rounds}: querying {al.query_size} of "
-              f"{min(al.subset_size, dataset.num_train - len(labeled))} unlabeled images",
-              flush=True)
+        say(f"round {r + 1}/{al.num_rounds}: querying {al.query_size} of "
+            f"{min(al.subset_size, dataset.num_train - len(labeled))} unlabeled images")
         start = time.perf_counter()
         selection, selected_scores = _query(strategy, config, learner, dataset, labeled,
                                             position.get("skipped_ids", []), r, normalization)
@@ -363,9 +373,11 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
         if selection.scores is not None:
           record["query_scores"] = _score_summary(selection.scores)
         if human:  # the person labels the query; the next run reads their labels
-          results["awaiting_labels"] = oracle.write_query(
-              workdir, r + 1, selection.ids, [dataset.train_files[i] for i in selection.ids],
-              selected_scores, dataset.x_train[selection.ids], dataset.class_names)[0]
+          results["awaiting_labels"] = oracle.query_csv_path(workdir, r + 1)
+          if main_process:
+            oracle.write_query(
+                workdir, r + 1, selection.ids, [dataset.train_files[i] for i in selection.ids],
+                selected_scores, dataset.x_train[selection.ids], dataset.class_names)
           position.update(phase="labels", pending_ids=record["queried_ids"])
           save(state)
           publish()
@@ -383,20 +395,20 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
     logger.close()
   if "awaiting_labels" in results:
     csv_path = results["awaiting_labels"]
-    print(f"round {position['round'] + 1}: {len(position['pending_ids'])} images to label. "
-          f"Write a class name ({', '.join(dataset.class_names)}) or {oracle.SKIP!r} in the "
-          f"label column of every row of {csv_path} (thumbnails: "
-          f"{os.path.basename(oracle.contact_sheet_path(workdir, position['round'] + 1))}), "
-          "then rerun the same command to continue", flush=True)
+    say(f"round {position['round'] + 1}: {len(position['pending_ids'])} images to label. "
+        f"Write a class name ({', '.join(dataset.class_names)}) or {oracle.SKIP!r} in the "
+        f"label column of every row of {csv_path} (thumbnails: "
+        f"{os.path.basename(oracle.contact_sheet_path(workdir, position['round'] + 1))}), "
+        "then rerun the same command to continue")
     return results
   if stopped:
-    print(f"stopped by {stop.signal_name}: checkpoint saved in {checkpointer.directory} "
-          f"(round {position['round'] + 1}, {position['phase']} phase, epoch "
-          f"{position['epoch']}); rerun the same command to resume", flush=True)
+    say(f"stopped by {stop.signal_name}: checkpoint saved in {checkpointer.directory} "
+        f"(round {position['round'] + 1}, {position['phase']} phase, epoch "
+        f"{position['epoch']}); rerun the same command to resume")
     return results
   publish()
-  print("\n" + reporting.summary_table(results["rounds"]), flush=True)
-  print(f"results: {os.path.join(workdir, RESULTS_FILE)}", flush=True)
+  say("\n" + reporting.summary_table(results["rounds"]))
+  say(f"results: {os.path.join(workdir, RESULTS_FILE)}")
   return results
 
 
@@ -412,7 +424,7 @@ def _train_round(state, graphdef, config, cfg, pool, labeled, position, normaliz
   padded_ids[:len(labeled)] = labeled
   padded_ids = sharding.replicate(padded_ids, cfg.mesh)
   epochs = tqdm(range(position["epoch"], tc.epochs), desc=f"round {position['round'] + 1} train",
-                unit="epoch", disable=not config.log.progress, leave=False,
+                unit="epoch", disable=not (config.log.progress and distributed.is_main_process()), leave=False,
                 initial=position["epoch"], total=tc.epochs)
   for epoch in epochs:
     state, metrics, next_step = train.train_epoch(
@@ -430,8 +442,7 @@ def _train_round(state, graphdef, config, cfg, pool, labeled, position, normaliz
     if every and position["epoch"] % every == 0 and position["epoch"] < tc.epochs:
       save(state)
       if config.log.checkpoints:
-        print(f"checkpoint saved: round {position['round'] + 1}, epoch {position['epoch']}",
-              flush=True)
+        say(f"checkpoint saved: round {position['round'] + 1}, epoch {position['epoch']}")
   return state
 
 
@@ -455,8 +466,8 @@ def _with_human_labels(dataset: Dataset, position: dict, workdir: str) -> Datase
     position.update(round=r + 1, phase="train", epoch=0, step=0,
                     labeled_ids=sorted(position["labeled_ids"] + new))
     position.pop("pending_ids")
-    print(f"round {r + 1}: read {len(new)} labels and {len(skipped)} skips from "
-          f"{oracle.query_csv_path(workdir, r + 1)}", flush=True)
+    say(f"round {r + 1}: read {len(new)} labels and {len(skipped)} skips from "
+        f"{oracle.query_csv_path(workdir, r + 1)}")
   y_train = dataset.y_train.copy()
   for i, c in position.get("human_labels", {}).items():
     y_train[int(i)] = c
@@ -472,7 +483,7 @@ def _query(strategy, config, learner, dataset, labeled, skipped, round_index, no
       subset_ids=random_subset(config.seed, round_index, unlabeled, config.al.subset_size),
       query_size=config.al.query_size, key=derive_key(config.seed, _QUERY, round_index, 1),
       normalization=normalization, query_config=config.query, labeled_ids=labeled,
-      progress=config.log.progress)
+      progress=config.log.progress and distributed.is_main_process())
   selection = strategy.select(context)
   selection.ids = np.asarray(selection.ids)
   if (len(np.unique(selection.ids)) != config.al.query_size

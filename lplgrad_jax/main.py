@@ -14,6 +14,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from lplgrad_jax import campaign
+from lplgrad_jax import distributed
 from lplgrad_jax import errors
 from lplgrad_jax.errors import ConfigError
 
@@ -63,7 +64,7 @@ def main(argv):
     _fail(e)
   if "awaiting_labels" in results:
     again = [a for a in sys.argv[1:] if not a.startswith(("--restart", "-restart"))]
-    print(f"continue with: python -m lplgrad_jax.main {shlex.join(again)}", flush=True)
+    distributed.say(f"continue with: python -m lplgrad_jax.main {shlex.join(again)}")
 
 
 if __name__ == "__main__":

@@ -294,9 +294,11 @@ def _chunk_scorer(graphdef, reduction: str, method: str, mesh):
   replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
   # check_vma=False: differentiating w.r.t. the replicated parameters must give each
   # device its own examples' gradients; with VMA checks JAX would sum them over devices.
+  # Scores leave replicated: every process (of a multi-host run) reads all of them.
   return jax.jit(jax.shard_map(score_shard, mesh=mesh,
                                in_specs=(replicated, replicated, split, replicated, replicated),
-                               out_specs=split, check_vma=False))
+                               out_specs=split, check_vma=False),
+                 out_shardings=sharding.replicated(mesh))
 
 
 def _split_for_inference(model: nnx.Module, compute_dtype: str = "float32"):
@@ -343,8 +345,7 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
   for chunk, real in tqdm(_padded_chunks(images, chunk_size), desc="query", unit="chunk",
                           total=-(-len(images) // chunk_size), disable=not progress,
                           leave=False):
-    pending.append((score(params, rest, jax.device_put(chunk, sharding.batch_sharded(mesh)),
-                          mean, std), real))
+    pending.append((score(params, rest, sharding.split_batch(chunk, mesh), mean, std), real))
     if len(pending) > 2:  # two chunks in flight: the device never waits for the host
       pending[-3][0].block_until_ready()
   scores = [np.asarray(s)[:real] for s, real in pending]

@@ -61,17 +61,17 @@ class StepConfig:
         epoch_loop=resolve_epoch_loop(train_config.epoch_loop), mesh=mesh)
 
 
-EPOCH_LOOPS = ("auto", "host", "scan")
+EPOCH_LOOPS = ("host", "scan")
 
 
 def resolve_epoch_loop(epoch_loop: str) -> str:
-  """"auto": "host" on CPU, where XLA runs convolutions inside loops ~14x slower
-  (measured on this project's CPU machine); "scan" on accelerators, where a
-  whole epoch in one call leaves the host nothing to do per step."""
+  """Checks `train.epoch_loop`. "host" is the default: XLA:CPU runs a ResNet step
+  inside a device loop 14x (width 16) to 85x (width 64) slower than at top level
+  (experiments/results/bench_cpu.md), while the host loop never waits for the device
+  (steps are dispatched asynchronously); "scan" is for accelerators, where whether
+  it beats the host loop is for `experiments/bench.py --epoch_steps=...` to show."""
   if epoch_loop not in EPOCH_LOOPS:
     raise ConfigError(f"unknown train.epoch_loop {epoch_loop!r}: expected one of {', '.join(EPOCH_LOOPS)}")
-  if epoch_loop == "auto":
-    return "host" if jax.default_backend() == "cpu" else "scan"
   return epoch_loop
 
 

@@ -189,4 +189,3 @@ def test_scan_epoch_equals_the_host_loop(learner_and_batch):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   with pytest.raises(ConfigError, match="unknown train.epoch_loop 'gpu'"):
     train.resolve_epoch_loop("gpu")
-  assert train.resolve_epoch_loop("auto") == "host"  # the CPU

@@ -1,0 +1,51 @@
+"""How far bfloat16 query scores are from float32 ones, on a trained model.
+
+  python experiments/bf16_error.py --workdir=workdirs/demo [--config=configs/digits.py] [--images=2000]
+
+Scores the first --images pool images of the campaign in --workdir (its
+newest checkpoint) with `entropy_grad_norms` in float32 and in bfloat16 and
+prints the relative error of the scores, their Spearman rank correlation, and
+how many of the top-k picks (k = the campaign's query size) agree.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A campaign's workdir.", required=True)
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Its config file.")
+_IMAGES = flags.DEFINE_integer("images", 2000, "Pool images to score.")
+
+
+def main(_):
+  import numpy as np
+  from scipy import stats
+  from lplgrad_jax import data, predict, query
+
+  model = predict.load_model(_WORKDIR.value)
+  config = _CONFIG.value
+  pool = data.load_dataset(config.data).x_train[:_IMAGES.value]
+  scores = {dtype: query.entropy_grad_norms(
+      model.learner.classifier, pool, reduction=config.query.reduction,
+      chunk_size=config.query.chunk_size, normalization=model.normalization,
+      compute_dtype=dtype) for dtype in ("float32", "bfloat16")}
+  fp32, bf16 = scores["float32"], scores["bfloat16"]
+  relative = np.abs(bf16 - fp32) / fp32
+  k = config.al.query_size
+  top = lambda s: set(np.argsort(-s, kind="stable")[:k].tolist())
+  report = {"images": len(pool), "width": config.model.width, "rounds_trained": model.rounds_trained,
+            "relative_error_median": float(np.median(relative)),
+            "relative_error_p99": float(np.quantile(relative, 0.99)),
+            "relative_error_max": float(relative.max()),
+            "spearman": float(stats.spearmanr(fp32, bf16).statistic),
+            f"top_{k}_overlap": len(top(fp32) & top(bf16)) / k}
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,126 @@
+"""Multi-host: two processes on localhost (jax.distributed, gloo), two CPU devices each.
+
+Each process runs the real command line, as on two hosts; the run must equal
+one process with four devices, and survive both processes being killed.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO_ROOT
+from test_resume import CLI_ARGS as RESUME_ARGS
+
+# test_resume's tiny campaign, two rounds of 3 epochs at a gentle learning rate. The
+# processes sum over gloo in another order than one process does; one step agrees to 4e-7,
+# but a width-4 network trained on 20-30 images amplifies that noise within a round or two
+# (as going from 1 to 2 or 4 devices in one process does), reordering near-tied scores.
+# The first query, and so both rounds' labeled sets, is far from that.
+_CHANGED = {"--config.train.epochs": "3", "--config.train.lr_milestones": "(2,)",
+            "--config.train.detach_features_epoch": "2", "--config.checkpoint.every_epochs": "1",
+            "--config.train.learning_rate": "0.01", "--config.al.num_rounds": "2"}
+CLI_ARGS = [a for a in RESUME_ARGS if a.split("=")[0] not in _CHANGED] + [
+    f"{k}={v}" for k, v in _CHANGED.items()]
+TIMEOUT_S = 600
+
+
+def _env(num_devices: int) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
+             JAX_NUM_CPU_DEVICES=str(num_devices))
+  env.pop("XLA_FLAGS", None)  # the device count comes from JAX_NUM_CPU_DEVICES alone
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start_hosts(workdir, logs):
+  """Starts the two processes of one campaign; their output goes to `logs`[i]."""
+  port = _free_port()
+  procs = []
+  for process_id, log in enumerate(logs):
+    args = [sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS, f"--workdir={workdir}",
+            "--config.distributed.initialize=True",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={process_id}",
+            "--config.distributed.initialization_timeout_seconds=60",
+            "--config.distributed.heartbeat_timeout_seconds=20",
+            "--config.distributed.shutdown_timeout_seconds=30"]
+    procs.append(subprocess.Popen(args, cwd=REPO_ROOT, env=_env(2), stdout=open(log, "w"),
+                                  stderr=subprocess.STDOUT))
+  return procs
+
+
+def _wait(procs, logs, kill_when=None):
+  """Waits for all processes; kills all once `kill_when` shows in process 0's output,
+  or once one fails (a survivor would otherwise wait for its peer until a timeout)."""
+  deadline = time.monotonic() + TIMEOUT_S
+  while any(p.poll() is None for p in procs):
+    failed = any(p.returncode not in (None, 0) for p in procs)
+    triggered = kill_when is not None and kill_when in open(logs[0]).read()
+    if failed or triggered or time.monotonic() > deadline:
+      for p in procs:
+        if p.poll() is None:
+          p.send_signal(signal.SIGKILL)
+      for p in procs:
+        p.wait()
+      return [p.returncode for p in procs]
+    time.sleep(0.2)
+  return [p.returncode for p in procs]
+
+
+def _run_hosts(workdir, tmp_path, name, kill_when=None):
+  logs = [str(tmp_path / f"{name}_process{i}.log") for i in range(2)]
+  codes = _wait(_start_hosts(workdir, logs), logs, kill_when)
+  return codes, [open(log).read() for log in logs]
+
+
+def _rounds(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  return results, [(r["labeled_ids"], sorted(r["queried_ids"])) for r in results["rounds"]]
+
+
+@pytest.fixture(scope="module")
+def one_process_four_devices(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("single")
+  proc = subprocess.run([sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS,
+                         f"--workdir={workdir}"], cwd=REPO_ROOT, env=_env(4),
+                        capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return _rounds(workdir)
+
+
+def test_two_processes_equal_one_process_with_four_devices(one_process_four_devices, tmp_path):
+  codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "run")
+  assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+  results, selections = _rounds(tmp_path / "w")
+  single, single_selections = one_process_four_devices
+  assert results["num_processes"] == 2 and results["num_devices"] == 4
+  assert single["num_processes"] == 1 and single["num_devices"] == 4
+  assert selections == single_selections  # the same labeled (and queried) ids every round
+  assert results["rounds"][0]["test_accuracy"] == pytest.approx(
+      single["rounds"][0]["test_accuracy"], abs=0.01)
+  # Process 0 reports; process 1 prints no progress of its own.
+  assert "round 2/2" in outputs[0] and "in 2 processes" in outputs[0]
+  assert "round 1/3" not in outputs[1]
+
+
+def test_both_processes_killed_then_rerun_resumes(one_process_four_devices, tmp_path):
+  codes, _ = _run_hosts(tmp_path / "w", tmp_path, "killed",
+                        kill_when="checkpoint saved: round 2, epoch 1")
+  assert codes == [-signal.SIGKILL, -signal.SIGKILL]
+  codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "resumed")
+  assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+  assert "resuming from" in outputs[0]
+  assert _rounds(tmp_path / "w")[1] == one_process_four_devices[1]
