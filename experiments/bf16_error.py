@@ -13,6 +13,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,6 +24,7 @@ _IMAGES = flags.DEFINE_integer("images", 2000, "Pool images to score.")
 
 
 def main(_):
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs its restores at INFO
   import numpy as np
   from scipy import stats
   from lplgrad_jax import data, predict, query

@@ -66,7 +66,7 @@ EPOCH_LOOPS = ("host", "scan")
 
 def resolve_epoch_loop(epoch_loop: str) -> str:
   """Checks `train.epoch_loop`. "host" is the default: XLA:CPU runs a ResNet step
-  inside a device loop 14x (width 16) to 85x (width 64) slower than at top level
+  inside a device loop 40x (width 16) to 85x (width 64) slower than at top level
   (experiments/results/bench_cpu.md), while the host loop never waits for the device
   (steps are dispatched asynchronously); "scan" is for accelerators, where whether
   it beats the host loop is for `experiments/bench.py --epoch_steps=...` to show."""
