@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.test_split = "test"
   config.data.image_size = 32
   config.data.class_names = ()         # npz only: names for labels 0..C-1
+  # Multi-host: each process loads only its devices' rows of the pool, which stays split
+  # by rows over the devices (batches are gathered with one all-reduce of their rows).
+  config.data.shard_pool = False
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet18"

@@ -40,10 +40,11 @@ ORACLES = ("simulated", "human")
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy.png"
 # Settings that may change when a campaign is resumed: logging, checkpoint
-# frequency, how processes meet (distributed.*: each host has its own process_id),
+# frequency, how processes meet and hold the pool (distributed.*: each host has its own
+# process_id; data.shard_pool),
 # memory and speed knobs (evaluation and query batch sizes, the epoch loop) and
 # the number of rounds (to extend a campaign). Everything else must match.
-RESUMABLE_KEYS = ("log.", "checkpoint.", "distributed.", "al.num_rounds",
+RESUMABLE_KEYS = ("log.", "checkpoint.", "distributed.", "data.shard_pool", "al.num_rounds",
                   "train.eval_batch_size", "train.epoch_loop", "query.chunk_size")
 
 
@@ -82,6 +83,9 @@ def validate_config(config) -> None:
   train.resolve_epoch_loop(config.train.epoch_loop)
   if config.oracle not in ORACLES:
     raise ConfigError(f"unknown oracle {config.oracle!r}: expected one of {', '.join(ORACLES)}")
+  if config.oracle == "human" and config.data.shard_pool:
+    raise ConfigError("data.shard_pool=True with oracle 'human': the human oracle keeps the "
+                      "whole labeling folder on every process; expected data.shard_pool=False")
   if config.oracle == "human" and config.data.source != "image_folder":
     raise ConfigError(f"oracle 'human' reads an image folder, not data.source="
                       f"{config.data.source!r}: set data.source='image_folder' and data.root "
@@ -262,18 +266,20 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
   if previous is not None:
     check_same_campaign(workdir, previous, config_dict)
   human = config.oracle == "human"
-  dataset = load_dataset(config.data, human_oracle=human)
+  mesh = sharding.data_mesh()
+  dataset = load_dataset(config.data, human_oracle=human,
+                         rows=sharding.process_rows(mesh) if config.data.shard_pool else None)
   al = config.al
   final_size = check_budgets(al, dataset.num_train, len(dataset.seed_ids) if human else None)
   os.makedirs(workdir, exist_ok=True)
 
-  mesh = sharding.data_mesh()
   if config.train.batch_size % mesh.size:
     raise ConfigError(f"train.batch_size={config.train.batch_size} does not split over "
                       f"{mesh.size} devices: expected a multiple of {mesh.size}")
-  normalization = dataset.channel_stats()
+  normalization = _pool_channel_stats(dataset)
   use_aux = strategies.uses_aux(config)
-  cfg = train.StepConfig.from_config(config.train, final_size, use_aux, mesh)
+  cfg = train.StepConfig.from_config(config.train, final_size, use_aux, mesh,
+                                     pool_sharded=config.data.shard_pool)
   learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
                            key=derive_key(config.seed, _MODEL_INIT, 0))
   graphdef, state = train.create_train_state(learner, cfg)
@@ -292,7 +298,9 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
   position["config"] = config_dict
   if human:  # the person's labels so far, and those of a query just filled in
     dataset = _with_human_labels(dataset, position, workdir)
-  pool = sharding.replicate((dataset.x_train, dataset.y_train), mesh)
+  pool = (sharding.shard_rows((dataset.x_train, dataset.y_train), dataset.num_train, mesh)
+          if config.data.shard_pool else
+          sharding.replicate((dataset.x_train, dataset.y_train), mesh))
   results = {"config": config_dict, "use_aux": use_aux, "num_devices": jax.device_count(),
              "num_processes": jax.process_count(),
              "data": {"name": dataset.name, "num_train": dataset.num_train,
@@ -367,7 +375,8 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
             f"{min(al.subset_size, dataset.num_train - len(labeled))} unlabeled images")
         start = time.perf_counter()
         selection, selected_scores = _query(strategy, config, learner, dataset, labeled,
-                                            position.get("skipped_ids", []), r, normalization)
+                                            position.get("skipped_ids", []), r, normalization,
+                                            pool if config.data.shard_pool else None, mesh)
         record["query_seconds"] = time.perf_counter() - start
         record["queried_ids"] = [int(i) for i in selection.ids]
         if selection.scores is not None:
@@ -446,6 +455,17 @@ def _train_round(state, graphdef, config, cfg, pool, labeled, position, normaliz
   return state
 
 
+def _pool_channel_stats(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std of the whole pool, also when each process holds a shard."""
+  if dataset.pool_size is None:
+    return dataset.channel_stats()
+  pixels = dataset.x_train.reshape(-1, 3).astype(np.float64) / 255.0
+  count = distributed.sum_over_processes(np.array([len(pixels)]))[0]
+  mean = distributed.sum_over_processes(pixels.sum(0)) / count
+  var = distributed.sum_over_processes(np.square(pixels - mean).sum(0)) / count
+  return mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-3).astype(np.float32)
+
+
 def _with_human_labels(dataset: Dataset, position: dict, workdir: str) -> Dataset:
   """`dataset` with the labels the person gave; reads the query they were asked to fill in.
 
@@ -474,7 +494,8 @@ def _with_human_labels(dataset: Dataset, position: dict, workdir: str) -> Datase
   return dataclasses.replace(dataset, y_train=y_train)
 
 
-def _query(strategy, config, learner, dataset, labeled, skipped, round_index, normalization):
+def _query(strategy, config, learner, dataset, labeled, skipped, round_index, normalization,
+           sharded_pool, mesh):
   """(selection, the selected ids' scores best first or None) of one round's query."""
   excluded = np.union1d(labeled, np.asarray(skipped, np.int64))
   unlabeled = np.setdiff1d(np.arange(dataset.num_train), excluded, assume_unique=True)
@@ -483,6 +504,7 @@ def _query(strategy, config, learner, dataset, labeled, skipped, round_index, no
       subset_ids=random_subset(config.seed, round_index, unlabeled, config.al.subset_size),
       query_size=config.al.query_size, key=derive_key(config.seed, _QUERY, round_index, 1),
       normalization=normalization, query_config=config.query, labeled_ids=labeled,
+      sharded_pool=sharded_pool, mesh=mesh,
       progress=config.log.progress and distributed.is_main_process())
   selection = strategy.select(context)
   selection.ids = np.asarray(selection.ids)

@@ -38,6 +38,10 @@ class Dataset:
   # Set by `load_labeling_folder` alone: what a human oracle is shown and starts from.
   train_files: tuple[str, ...] = ()   # absolute path of each pool image, by id
   seed_ids: np.ndarray | None = None  # sorted ids of the images the user labeled up front
+  # Set when this process loaded only rows [first_row, first_row + len(y_train)) of the
+  # pool (config.data.shard_pool); x_train and y_train then hold those rows alone.
+  first_row: int = 0
+  pool_size: int | None = None
 
   @property
   def num_classes(self) -> int:
@@ -45,7 +49,8 @@ class Dataset:
 
   @property
   def num_train(self) -> int:
-    return len(self.y_train)
+    """The size of the whole pool (of which this process may hold a shard)."""
+    return len(self.y_train) if self.pool_size is None else self.pool_size
 
   def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of the training pool, in [0, 1] units."""
@@ -82,7 +87,21 @@ def _check_labels(y: np.ndarray, num_classes: int, what: str) -> np.ndarray:
   return y.astype(np.int32)
 
 
-def load_digits(data_config) -> Dataset:
+# A process's share of the pool: (first row, end row) given the pool's size.
+RowRange = Callable[[int], tuple[int, int]]
+
+
+def _keep_rows(dataset: Dataset, rows: RowRange | None) -> Dataset:
+  """`dataset` holding only its pool rows `rows(N)` (for sources read whole anyway)."""
+  if rows is None:
+    return dataset
+  start, end = rows(dataset.num_train)
+  return dataclasses.replace(dataset, x_train=dataset.x_train[start:end],
+                             y_train=dataset.y_train[start:end], first_row=start,
+                             pool_size=dataset.num_train)
+
+
+def load_digits(data_config, rows: RowRange | None = None) -> Dataset:
   """scikit-learn's 1,797 real 8x8 digits, upsampled; fixed 80/20 split (seed 0)."""
   from sklearn import datasets as sk_datasets
   digits = sk_datasets.load_digits()
@@ -92,11 +111,11 @@ def load_digits(data_config) -> Dataset:
   num_test = len(images) // 5
   test, train = order[:num_test], order[num_test:]
   labels = digits.target.astype(np.int32)
-  return Dataset("digits", images[train], labels[train], images[test], labels[test],
-                 tuple(str(d) for d in range(10)))
+  return _keep_rows(Dataset("digits", images[train], labels[train], images[test], labels[test],
+                           tuple(str(d) for d in range(10))), rows)
 
 
-def load_npz(data_config) -> Dataset:
+def load_npz(data_config, rows: RowRange | None = None) -> Dataset:
   path = os.path.expanduser(data_config.root or "")
   if not path or not os.path.isfile(path):
     raise ConfigError(f"data.root={data_config.root!r} is not an .npz file: expected a file holding x_train, y_train, x_test, y_test")
@@ -111,9 +130,10 @@ def load_npz(data_config) -> Dataset:
   names = tuple(data_config.class_names) if data_config.get("class_names") else tuple(
       str(c) for c in range(num_classes))
   size = data_config.image_size
-  return Dataset(os.path.splitext(os.path.basename(path))[0],
-                 _resize(x_train, size), _check_labels(y_train, len(names), "y_train"),
-                 _resize(x_test, size), _check_labels(y_test, len(names), "y_test"), names)
+  return _keep_rows(Dataset(
+      os.path.splitext(os.path.basename(path))[0],
+      _resize(x_train, size), _check_labels(y_train, len(names), "y_train"),
+      _resize(x_test, size), _check_labels(y_test, len(names), "y_test"), names), rows)
 
 
 def _list_class_dirs(split_dir: str) -> list[str]:
@@ -136,21 +156,23 @@ def read_image(path: str, size: int) -> np.ndarray:
     raise ConfigError(f"cannot read image {path}: {e}") from None
 
 
-def _read_image_folder(split_dir: str, class_names: list[str], size: int):
-  images, labels = [], []
-  for label, name in enumerate(class_names):
-    class_dir = os.path.join(split_dir, name)
-    for file in sorted(os.listdir(class_dir)):
-      if not file.lower().endswith(IMAGE_SUFFIXES):
-        continue
-      images.append(read_image(os.path.join(class_dir, file), size))
-      labels.append(label)
-  if not images:
+def _read_image_folder(split_dir: str, class_names: list[str], size: int,
+                       rows: RowRange | None = None):
+  """(images, labels, number of files, first row read): the files of rows `rows(N)` alone."""
+  files = [(os.path.join(split_dir, name, file), label)
+           for label, name in enumerate(class_names)
+           for file in sorted(os.listdir(os.path.join(split_dir, name)))
+           if file.lower().endswith(IMAGE_SUFFIXES)]
+  if not files:
     raise ConfigError(f"{split_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-  return np.stack(images), np.asarray(labels, np.int32)
+  start, end = rows(len(files)) if rows is not None else (0, len(files))
+  images = [read_image(path, size) for path, _ in files[start:end]]
+  shape = (0, size, size, 3)
+  return (np.stack(images) if images else np.zeros(shape, np.uint8),
+          np.asarray([label for _, label in files[start:end]], np.int32), len(files), start)
 
 
-def load_image_folder(data_config) -> Dataset:
+def load_image_folder(data_config, rows: RowRange | None = None) -> Dataset:
   """`root/train/<class>/*` and `root/test/<class>/*`, RGB, resized to image_size."""
   root = os.path.expanduser(data_config.root or "")
   train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
@@ -166,10 +188,11 @@ def load_image_folder(data_config) -> Dataset:
   if test_classes != classes:
     raise ConfigError(f"test classes {test_classes} differ from train classes {classes} in {root}: expected the same class folders")
   size = data_config.image_size
-  x_train, y_train = _read_image_folder(train_dir, classes, size)
-  x_test, y_test = _read_image_folder(test_dir, classes, size)
+  x_train, y_train, pool_size, first_row = _read_image_folder(train_dir, classes, size, rows)
+  x_test, y_test, _, _ = _read_image_folder(test_dir, classes, size)
   name = data_config.get("name") or os.path.basename(os.path.normpath(root))
-  return Dataset(name, x_train, y_train, x_test, y_test, tuple(classes))
+  return Dataset(name, x_train, y_train, x_test, y_test, tuple(classes), first_row=first_row,
+                 pool_size=pool_size if rows is not None else None)
 
 
 def image_files(directory: str) -> list[str]:
@@ -264,7 +287,7 @@ def load_labeling_folder(data_config) -> Dataset:
                  seed_ids=np.flatnonzero(y_train >= 0).astype(np.int32))
 
 
-def load_tfds(data_config) -> Dataset:
+def load_tfds(data_config, rows: RowRange | None = None) -> Dataset:
   """A TFDS image-classification data set, read once into memory in file order."""
   name = data_config.name
   if name not in TFDS_DATASETS:
@@ -291,8 +314,10 @@ def load_tfds(data_config) -> Dataset:
 
   size = data_config.image_size
 
-  def read(split: str):
+  def read(split: str, start: int = 0, end: int | None = None):
     ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    if end is not None:  # this process's rows only: skipped ones are never kept
+      ds = ds.skip(start).take(end - start)
     if size:
       ds = ds.map(lambda x, y: (tf.cast(tf.image.resize(x, (size, size), antialias=True)
                                         if x.shape[0] != size or x.shape[1] != size else x,
@@ -301,16 +326,25 @@ def load_tfds(data_config) -> Dataset:
     for x, y in tfds.as_numpy(ds.batch(1024)):
       xs.append(x)
       ys.append(y)
+    if not xs:
+      return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32)
     return _to_rgb_uint8(np.concatenate(xs), f"{name}:{split}"), np.concatenate(ys).astype(np.int32)
 
   try:
-    x_train, y_train = read(data_config.train_split)
+    pool_size = first_row = None
+    if rows is not None:
+      pool_size = builder.info.splits[data_config.train_split].num_examples
+      first_row, end = rows(pool_size)
+      x_train, y_train = read(data_config.train_split, first_row, end)
+    else:
+      x_train, y_train = read(data_config.train_split)
     x_test, y_test = read(data_config.test_split)
   except ValueError as e:  # e.g. a bad split expression
     raise ConfigError(f"cannot read {name} splits {data_config.train_split!r}/{data_config.test_split!r}: {e}") from None
   label = builder.info.supervised_keys[1]
   class_names = tuple(builder.info.features[label].names)
-  return Dataset(name, x_train, y_train, x_test, y_test, class_names)
+  return Dataset(name, x_train, y_train, x_test, y_test, class_names,
+                 first_row=first_row or 0, pool_size=pool_size)
 
 
 SOURCES: dict[str, Callable[..., Dataset]] = {
@@ -321,10 +355,14 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 }
 
 
-def load_dataset(data_config, *, human_oracle: bool = False) -> Dataset:
+def load_dataset(data_config, *, human_oracle: bool = False,
+                 rows: RowRange | None = None) -> Dataset:
   """Loads the data set that `config.data` names; ConfigError on bad settings.
 
   `human_oracle`: an image folder is a labeling folder (`load_labeling_folder`).
+  `rows`: keep only the training rows `rows(pool size)` (a process's shard of the
+  pool); image folders and TFDS then read no others, digits and npz read the
+  whole file and drop the rest.
   """
   if data_config.source not in SOURCES:
     raise ConfigError(f"unknown data source {data_config.source!r}: expected one of {', '.join(SOURCES)}")
@@ -332,4 +370,4 @@ def load_dataset(data_config, *, human_oracle: bool = False) -> Dataset:
     raise ConfigError(f"data.image_size={data_config.image_size!r}: expected an integer >= 8")
   if human_oracle and data_config.source == "image_folder":
     return load_labeling_folder(data_config)
-  return SOURCES[data_config.source](data_config)
+  return SOURCES[data_config.source](data_config, rows)

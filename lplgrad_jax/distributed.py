@@ -17,6 +17,7 @@ The workdir must be one directory every host sees (a shared file system).
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from lplgrad_jax.errors import ConfigError
@@ -62,3 +63,16 @@ def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (nothing to wait for alone)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def sum_over_processes(values: np.ndarray) -> np.ndarray:
+  """The sum over all processes of a float64 host array, to float64 precision.
+
+  Sent as raw bytes: as a JAX array float64 would become float32.
+  """
+  values = np.ascontiguousarray(values, np.float64)
+  if jax.process_count() == 1:
+    return values
+  raw = multihost_utils.process_allgather(np.frombuffer(values.tobytes(), np.uint8))
+  return np.frombuffer(np.ascontiguousarray(raw).tobytes(), np.float64).reshape(
+      (-1,) + values.shape).sum(0)

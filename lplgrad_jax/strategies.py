@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from lplgrad_jax import query
+from lplgrad_jax import sharding
 from lplgrad_jax.data import Dataset
 from lplgrad_jax.errors import ConfigError
 
@@ -38,10 +39,22 @@ class QueryContext:
   query_config: object         # config.query
   labeled_ids: np.ndarray | None = None  # the labeled set (Coreset's initial centers)
   progress: bool = False
+  sharded_pool: tuple | None = None  # (images, labels) split by rows over `mesh`, if so
+  mesh: object = None
+
+  def images(self, ids: np.ndarray) -> np.ndarray:
+    """uint8 pool images by id: from host memory, or gathered from the devices'
+    shards when each process loaded only its part of the pool (data.shard_pool)."""
+    if self.sharded_pool is None:
+      return self.dataset.x_train[ids]
+    return np.asarray(_gather_rows(self.sharded_pool[0], np.asarray(ids, np.int32), self.mesh))
 
   def outputs(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-    return query.model_outputs(self.learner, self.dataset.x_train[ids], self.normalization,
+    return query.model_outputs(self.learner, self.images(ids), self.normalization,
                                self.query_config.chunk_size)
+
+
+_gather_rows = jax.jit(sharding.gather_rows, static_argnames="mesh")
 
 
 @dataclasses.dataclass
@@ -111,7 +124,7 @@ def random_query(ctx: QueryContext) -> Selection:
 
 def _entropy_grad_norm_query(ctx: QueryContext) -> Selection:
   scores = query.entropy_grad_norms(
-      ctx.learner.classifier, ctx.dataset.x_train[ctx.subset_ids],
+      ctx.learner.classifier, ctx.images(ctx.subset_ids),
       reduction=ctx.query_config.reduction, method=ctx.query_config.method,
       chunk_size=ctx.query_config.chunk_size, compute_dtype=ctx.query_config.compute_dtype,
       normalization=ctx.normalization, progress=ctx.progress)

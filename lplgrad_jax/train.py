@@ -44,11 +44,12 @@ class StepConfig:
   flip: bool = True
   compute_dtype: str = "float32"  # of activations; parameters stay float32
   epoch_loop: str = "host"  # "host": a Python loop of jitted steps; "scan": one jitted loop
+  pool_sharded: bool = False  # the pool is split by rows over the mesh (data.shard_pool)
   mesh: Mesh | None = None  # data-parallel over its "data" axis when set
 
   @classmethod
   def from_config(cls, train_config, max_labeled: int, use_aux: bool,
-                  mesh: Mesh | None = None) -> "StepConfig":
+                  mesh: Mesh | None = None, pool_sharded: bool = False) -> "StepConfig":
     augment = train_config.augment
     return cls(
         batch_size=train_config.batch_size,
@@ -58,7 +59,8 @@ class StepConfig:
         margin=train_config.margin,
         crop_padding=train_config.crop_padding if "crop" in augment else 0,
         flip="flip" in augment, compute_dtype=train_config.compute_dtype,
-        epoch_loop=resolve_epoch_loop(train_config.epoch_loop), mesh=mesh)
+        epoch_loop=resolve_epoch_loop(train_config.epoch_loop), pool_sharded=pool_sharded,
+        mesh=mesh)
 
 
 EPOCH_LOOPS = ("host", "scan")
@@ -189,8 +191,12 @@ def _train_batch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool
   start = step_index * cfg.batch_size
   ids = jax.lax.dynamic_slice(order, (start,), (cfg.batch_size,))
   mask = ((start + jnp.arange(cfg.batch_size)) < num_labeled).astype(jnp.float32)
+  if cfg.pool_sharded:
+    images, labels = sharding.gather_rows((pool_images, pool_labels), ids, cfg.mesh)
+  else:
+    images, labels = pool_images[ids], pool_labels[ids]
   # Padding rows may point at unlabeled images (label -1): give them a valid class.
-  images, labels = pool_images[ids], jnp.where(mask > 0, pool_labels[ids], 0)
+  labels = jnp.where(mask > 0, labels, 0)
   if cfg.mesh is not None:  # split the batch over devices; parameters stay replicated
     images, labels, mask = (jax.lax.with_sharding_constraint(a, sharding.batch_sharded(cfg.mesh))
                             for a in (images, labels, mask))

@@ -1,6 +1,7 @@
 """Run by test_sharding.py in a process with 4 CPU devices (XLA_FLAGS set before JAX starts)."""
 
 import json
+import os
 import sys
 
 import jax
@@ -41,12 +42,28 @@ def train_params():
   return out
 
 
-def campaign_devices(workdir):
-  config = tiny_config(**{"al.num_rounds": 2})
-  return campaign.run(config, workdir)["num_devices"]
+def gather_rows():
+  """Rows gathered from a pool split by rows over the 4 devices, against numpy indexing."""
+  mesh = sharding.data_mesh()
+  pool = np.arange(10 * 3, dtype=np.uint8).reshape(10, 3)  # 10 rows: padded to 12
+  ids = np.array([9, 0, 4, 4, 7, 2], np.int32)
+  gathered = jax.jit(sharding.gather_rows, static_argnames="mesh")(
+      sharding.shard_rows(pool, 10, mesh), ids, mesh)
+  return np.asarray(gathered).tolist(), pool[ids].tolist()
+
+
+def campaigns(workdir):
+  """The same 2-round campaign with the pool replicated and split by rows."""
+  outcome = {}
+  for shard_pool in (False, True):
+    config = tiny_config(**{"al.num_rounds": 2, "data.shard_pool": shard_pool})
+    results = campaign.run(config, os.path.join(workdir, str(shard_pool)))
+    outcome[str(shard_pool)] = {"num_devices": results["num_devices"], "rounds": [
+        (r["labeled_ids"], r["queried_ids"], r["test_accuracy"]) for r in results["rounds"]]}
+  return outcome
 
 
 if __name__ == "__main__":
   assert jax.device_count() == 4, jax.devices()
-  print(json.dumps({"query": query_scores(), "train": train_params(),
-                    "num_devices": campaign_devices(sys.argv[1])}))
+  print(json.dumps({"query": query_scores(), "train": train_params(), "gather": gather_rows(),
+                    "campaigns": campaigns(sys.argv[1])}))

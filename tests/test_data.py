@@ -82,6 +82,23 @@ def test_image_folder_reads_rgb_and_grayscale(tmp_path):
   np.testing.assert_array_equal(ds.x_train[4], np.full((12, 12, 3), 40, np.uint8))
 
 
+def _assert_shard_of(shard, whole, start, end):
+  """`shard` (loaded with rows=(start, end)) holds exactly those pool rows of `whole`."""
+  assert (shard.first_row, shard.num_train, len(shard.y_train)) == (start, whole.num_train,
+                                                                    end - start)
+  np.testing.assert_array_equal(shard.x_train, whole.x_train[start:end])
+  np.testing.assert_array_equal(shard.y_train, whole.y_train[start:end])
+  np.testing.assert_array_equal(shard.x_test, whole.x_test)  # every process tests on all
+
+
+@pytest.mark.parametrize("source", ["image_folder", "digits"])
+def test_a_process_loads_only_its_rows_of_the_pool(source, tmp_path):
+  _write_image_folder(tmp_path)
+  config = _data_config(source=source, root=str(tmp_path), image_size=12)
+  whole = data.load_dataset(config)
+  _assert_shard_of(data.load_dataset(config, rows=lambda n: (5, min(9, n))), whole, 5, 9)
+
+
 def test_image_folder_errors(tmp_path):
   with pytest.raises(ConfigError, match="is not a directory"):
     data.load_dataset(_data_config(source="image_folder", root=str(tmp_path / "nope")))
@@ -143,6 +160,7 @@ def test_tfds_builds_locally_then_reads_offline(tmp_path):
     assert match.sum() == 1 and ds.y_test[match][0] == label
   again = data.load_dataset(config)
   np.testing.assert_array_equal(again.x_train, ds.x_train)  # stable ids across loads
+  _assert_shard_of(data.load_dataset(config, rows=lambda n: (7, 19)), ds, 7, 19)
   resized = data.load_dataset(_data_config(source="tfds", name="cifar10", data_dir=str(data_dir),
                                            image_size=16))
   assert resized.x_train.shape == (30, 16, 16, 3)

@@ -43,7 +43,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_hosts(workdir, logs):
+def _start_hosts(workdir, logs, extra_args):
   """Starts the two processes of one campaign; their output goes to `logs`[i]."""
   port = _free_port()
   procs = []
@@ -55,7 +55,7 @@ def _start_hosts(workdir, logs):
             f"--config.distributed.process_id={process_id}",
             "--config.distributed.initialization_timeout_seconds=60",
             "--config.distributed.heartbeat_timeout_seconds=20",
-            "--config.distributed.shutdown_timeout_seconds=30"]
+            "--config.distributed.shutdown_timeout_seconds=30", *extra_args]
     procs.append(subprocess.Popen(args, cwd=REPO_ROOT, env=_env(2), stdout=open(log, "w"),
                                   stderr=subprocess.STDOUT))
   return procs
@@ -79,9 +79,9 @@ def _wait(procs, logs, kill_when=None):
   return [p.returncode for p in procs]
 
 
-def _run_hosts(workdir, tmp_path, name, kill_when=None):
+def _run_hosts(workdir, tmp_path, name, kill_when=None, extra_args=()):
   logs = [str(tmp_path / f"{name}_process{i}.log") for i in range(2)]
-  codes = _wait(_start_hosts(workdir, logs), logs, kill_when)
+  codes = _wait(_start_hosts(workdir, logs, extra_args), logs, kill_when)
   return codes, [open(log).read() for log in logs]
 
 
@@ -101,8 +101,13 @@ def one_process_four_devices(tmp_path_factory):
   return _rounds(workdir)
 
 
-def test_two_processes_equal_one_process_with_four_devices(one_process_four_devices, tmp_path):
-  codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "run")
+@pytest.mark.parametrize("shard_pool", [False, True])
+def test_two_processes_equal_one_process_with_four_devices(shard_pool, one_process_four_devices,
+                                                          tmp_path):
+  # shard_pool: each process loads only its half of the pool, which stays split over the
+  # devices; the single process holds all of it on every device.
+  codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "run",
+                              extra_args=[f"--config.data.shard_pool={shard_pool}"])
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
   results, selections = _rounds(tmp_path / "w")
   single, single_selections = one_process_four_devices

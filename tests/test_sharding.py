@@ -37,4 +37,16 @@ def test_data_parallel_training_equals_single_device(four_device_run):
 
 
 def test_four_device_campaign_records_its_devices(four_device_run):
-  assert four_device_run["num_devices"] == 4
+  assert four_device_run["campaigns"]["False"]["num_devices"] == 4
+
+
+def test_rows_gathered_from_a_pool_split_over_devices(four_device_run):
+  gathered, expected = four_device_run["gather"]
+  assert gathered == expected
+
+
+def test_a_pool_split_by_rows_runs_the_same_campaign(four_device_run):
+  # data.shard_pool: each device holds a quarter of the pool; batches and query images
+  # are gathered from the shards, the channel statistics summed over them.
+  replicated, split = (four_device_run["campaigns"][k]["rounds"] for k in ("False", "True"))
+  assert split == replicated
