@@ -267,15 +267,14 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
     check_same_campaign(workdir, previous, config_dict)
   human = config.oracle == "human"
   mesh = sharding.data_mesh()
+  if config.train.batch_size % mesh.size:
+    raise ConfigError(f"train.batch_size={config.train.batch_size} does not split over "
+                      f"{mesh.size} devices: expected a multiple of {mesh.size}")
   dataset = load_dataset(config.data, human_oracle=human,
                          rows=sharding.process_rows(mesh) if config.data.shard_pool else None)
   al = config.al
   final_size = check_budgets(al, dataset.num_train, len(dataset.seed_ids) if human else None)
   os.makedirs(workdir, exist_ok=True)
-
-  if config.train.batch_size % mesh.size:
-    raise ConfigError(f"train.batch_size={config.train.batch_size} does not split over "
-                      f"{mesh.size} devices: expected a multiple of {mesh.size}")
   normalization = _pool_channel_stats(dataset)
   use_aux = strategies.uses_aux(config)
   cfg = train.StepConfig.from_config(config.train, final_size, use_aux, mesh,
