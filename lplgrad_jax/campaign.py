@@ -406,7 +406,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
     say(f"round {position['round'] + 1}: {len(position['pending_ids'])} images to label. "
         f"Write a class name ({', '.join(dataset.class_names)}) or {oracle.SKIP!r} in the "
         f"label column of every row of {csv_path} (thumbnails: "
-        f"{os.path.basename(oracle.contact_sheet_path(workdir, position['round'] + 1))}), "
+        f"{oracle.contact_sheet_path(workdir, position['round'] + 1)}), "
         "then rerun the same command to continue")
     return results
   if stopped:
