@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lplgrad_jax import distributed
@@ -165,6 +167,9 @@ def random_subset(seed: int, round_index: int, unlabeled: np.ndarray, size: int)
 class StopRequest:
   """SIGTERM/SIGINT handler: asks the campaign to checkpoint and exit at the next step boundary.
 
+  With several processes the next epoch boundary instead, decided together
+  (`agreed`): a process that left the step loop alone would wait in the
+  checkpoint's barrier while the others wait in the next step's all-reduce.
   A second SIGINT interrupts at once (the default behaviour).
   """
 
@@ -187,17 +192,34 @@ class StopRequest:
       signal.signal(sig, handler)
 
   def __call__(self) -> bool:
-    return self.signal_name is not None
+    """Checked between steps: this process's request, when it runs alone."""
+    return self.signal_name is not None and jax.process_count() == 1
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop; all processes call it at the same points.
+
+    The answer is the gathered one alone: a signal that lands during the gather
+    counts at the next call, on every process alike.
+    """
+    asked = self.signal_name is not None
+    if jax.process_count() == 1:
+      return asked
+    anyone = bool(multihost_utils.process_allgather(np.array([asked])).any())
+    if anyone and not asked:
+      self.signal_name = "a signal to another process"
+    return anyone
 
 
 class _Logger:
   """TensorBoard scalars (tensorboardX) and the per-epoch summary of training metrics."""
 
+  DIR = "tensorboard"
+
   def __init__(self, workdir: str, enabled: bool, epochs_done: int):
     self.writer = None
     if enabled:
       from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.writer = SummaryWriter(os.path.join(workdir, self.DIR))
     self.epochs_done = epochs_done
 
   def epoch(self, metrics) -> dict:
@@ -261,6 +283,8 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
       for name in (RESULTS_FILE, PLOT_FILE):
         if os.path.exists(os.path.join(workdir, name)):
           os.remove(os.path.join(workdir, name))
+      # queries/ stays: filled-in labels are a person's work (see oracle.filled_ids).
+      shutil.rmtree(os.path.join(workdir, _Logger.DIR), ignore_errors=True)
     distributed.barrier("restart")
   previous = _previous_config(workdir, checkpointer)
   if previous is not None:
@@ -296,6 +320,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
         config.seed, dataset.num_train, al.initial_size))
   position["config"] = config_dict
   if human:  # the person's labels so far, and those of a query just filled in
+    _check_same_photos(position, dataset, config.data.root)
     dataset = _with_human_labels(dataset, position, workdir)
   pool = (sharding.shard_rows((dataset.x_train, dataset.y_train), dataset.num_train, mesh)
           if config.data.shard_pool else
@@ -344,7 +369,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
           state = _train_round(state, graphdef, config, cfg, pool, labeled, position,
                                normalization, logger, stop, save)
           position["train_seconds"] += time.perf_counter() - start
-          if stop():
+          if stop.agreed():
             stopped = True
             save(state)
             break
@@ -366,7 +391,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
               f"train {record['train_seconds']:.1f}s")
         if r >= al.num_rounds - 1:
           break  # the last round trains and is evaluated; it queries only if extended
-        if stop():
+        if stop.agreed():
           stopped = True
           break
         record = position["rounds"][r]
@@ -381,8 +406,13 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
         if selection.scores is not None:
           record["query_scores"] = _score_summary(selection.scores)
         if human:  # the person labels the query; the next run reads their labels
-          results["awaiting_labels"] = oracle.query_csv_path(workdir, r + 1)
-          if main_process:
+          results["awaiting_labels"] = csv_path = oracle.query_csv_path(workdir, r + 1)
+          filled = oracle.filled_ids(csv_path)
+          if filled == set(record["queried_ids"]):
+            say(f"keeping the labels already written in {csv_path}")
+          elif main_process:
+            if filled is not None:  # labels of another query: set aside, never wiped
+              os.replace(csv_path, f"{csv_path}.{int(time.time())}.bak")
             oracle.write_query(
                 workdir, r + 1, selection.ids, [dataset.train_files[i] for i in selection.ids],
                 selected_scores, dataset.x_train[selection.ids], dataset.class_names)
@@ -395,7 +425,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
                             np.concatenate([labeled, selection.ids]))])
         save(state)
         publish()
-        if stop():
+        if stop.agreed():
           stopped = True
           break
   finally:
@@ -407,7 +437,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
         f"Write a class name ({', '.join(dataset.class_names)}) or {oracle.SKIP!r} in the "
         f"label column of every row of {csv_path} (thumbnails: "
         f"{oracle.contact_sheet_path(workdir, position['round'] + 1)}), "
-        "then rerun the same command to continue")
+        "then rerun the same command (without --restart) to continue")
     return results
   if stopped:
     say(f"stopped by {stop.signal_name}: checkpoint saved in {checkpointer.directory} "
@@ -451,6 +481,8 @@ def _train_round(state, graphdef, config, cfg, pool, labeled, position, normaliz
       save(state)
       if config.log.checkpoints:
         say(f"checkpoint saved: round {position['round'] + 1}, epoch {position['epoch']}")
+    if position["epoch"] < tc.epochs and stop.agreed():  # several processes stop here
+      return state
   return state
 
 
@@ -463,6 +495,25 @@ def _pool_channel_stats(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
   mean = distributed.sum_over_processes(pixels.sum(0)) / count
   var = distributed.sum_over_processes(np.square(pixels - mean).sum(0)) / count
   return mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-3).astype(np.float32)
+
+
+def _check_same_photos(position: dict, dataset: Dataset, root: str) -> None:
+  """Refuses a labeling folder whose photos changed since the campaign started.
+
+  Ids are positions in the sorted file list, and the checkpoint keeps ids: one
+  photo added or removed would move every later label to another photo.
+  """
+  root = os.path.abspath(os.path.expanduser(root))
+  files = [os.path.relpath(f, root) for f in dataset.train_files]
+  before = position.setdefault("pool_files", files)
+  if before != files:
+    added, removed = sorted(set(files) - set(before)), sorted(set(before) - set(files))
+    change = (f"{added[0]} was added" if added else f"{removed[0]} was removed" if removed
+              else "the photos were renamed or reordered")
+    raise ConfigError(
+        f"{root} changed since this campaign started ({change}; {len(added)} added, "
+        f"{len(removed)} removed): ids follow the photos' order, so the labels given so far "
+        "would attach to other photos; restore the folder, or start a new --workdir")
 
 
 def _with_human_labels(dataset: Dataset, position: dict, workdir: str) -> Dataset:

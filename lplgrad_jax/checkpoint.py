@@ -65,10 +65,12 @@ class Checkpointer:
         continue
     return None
 
-  def restore(self, target_state):
+  def restore(self, target_state, delete_corrupt: bool = True):
     """(state, campaign) of the newest checkpoint that restores, falling back past corrupt ones.
 
     `target_state` gives the structure, shapes and dtypes (a freshly created TrainState).
+    `delete_corrupt`: the campaign deletes a checkpoint it cannot restore (so that
+    it does not trip over it again); a reader (the predictor) leaves it alone.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     steps = sorted(self.manager.all_steps(), reverse=True)
@@ -80,9 +82,10 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled alike
         reason = " ".join(str(e).split())[:300]
         warnings.warn(f"checkpoint {step} in {self.directory} cannot be restored "
-                      f"({type(e).__name__}: {reason}); deleting it and trying the previous one")
+                      f"({type(e).__name__}: {reason}); trying the previous one")
         print(f"warning: checkpoint {step} is corrupt; falling back to an earlier one", flush=True)
-        self.manager.delete(step)
+        if delete_corrupt:
+          self.manager.delete(step)
     raise ConfigError(f"no checkpoint in {self.directory} can be restored: "
                       "rerun with --restart to start the campaign over")
 

@@ -89,6 +89,34 @@ def write_query(workdir: str, round_number: int, ids, files, scores, images,
   return csv_path, png_path
 
 
+def filled_ids(csv_path: str) -> set[int] | None:
+  """The ids of a query file that already has labels written in, None if it has none.
+
+  A query is written again when a campaign repeats it (after --restart, or a
+  checkpoint lost before the query's was saved): the person's labels must not
+  be wiped by a blank copy.
+  """
+  try:
+    with open(csv_path, encoding="utf-8-sig", newline="") as f:
+      text = f.read()
+  except FileNotFoundError:
+    return None
+  except (OSError, UnicodeDecodeError):
+    return set()  # unreadable: it may hold someone's work, so it is not overwritten
+  first_line = text.splitlines()[0] if text.strip() else ""
+  reader = csv.reader(io.StringIO(text, newline=""), delimiter=max(",;\t", key=first_line.count))
+  header = [cell.strip().lower() for cell in next(reader, [])]
+  if "id" not in header or "label" not in header:
+    return set()
+  ids, filled = set(), False
+  for row in reader:
+    row = row + [""] * (len(header) - len(row))
+    filled |= bool(row[header.index("label")].strip())
+    if row[header.index("id")].strip().isdigit():
+      ids.add(int(row[header.index("id")]))
+  return ids if filled else None
+
+
 def _thumbnail(path: str, image: np.ndarray):
   """A THUMB-sized view of one image, from its original file when that is still readable.
 

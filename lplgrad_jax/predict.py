@@ -81,7 +81,7 @@ def load_model(workdir: str) -> Model:
                                              max_labeled=1, use_aux=use_aux)
   _, state = train.create_train_state(learner, step_config)
   try:
-    state, position = checkpointer.restore(state)
+    state, position = checkpointer.restore(state, delete_corrupt=False)
   finally:
     checkpointer.close()
   nnx.update(learner, state.params, state.batch_stats)

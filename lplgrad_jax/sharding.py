@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from lplgrad_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -68,6 +70,10 @@ def process_rows(mesh: Mesh):
     shape = (_padded_rows(num_rows, mesh),)
     held = [index[0] for index in batch_sharded(mesh).addressable_devices_indices_map(shape).values()]
     start, end = min(s.start for s in held), max(s.stop for s in held)
+    if sum(s.stop - s.start for s in held) != end - start:
+      raise ConfigError("data.shard_pool=True needs each process's devices to hold one block of "
+                        "rows, but the device mesh interleaves processes (e.g. a TPU topology "
+                        "order): expected data.shard_pool=False here")
     return min(start, num_rows), min(end, num_rows)
   return rows
 

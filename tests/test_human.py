@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -131,3 +132,27 @@ def test_without_a_test_folder_rounds_have_no_accuracy(photo_folder, tmp_path):
   results = campaign.run(config, str(tmp_path / "w"))
   assert results["rounds"][0]["test_accuracy"] is None
   assert np.all(np.isfinite(results["data"]["normalization"]["mean"]))
+
+
+
+def test_filled_labels_survive_a_restart_and_a_changed_folder_is_refused(photo_folder, tmp_path):
+  root, digits = photo_folder
+  copy = tmp_path / "photos"
+  shutil.copytree(root, copy)
+  workdir = str(tmp_path / "w")
+  config = _human_config(str(copy), **{"al.num_rounds": 2})
+  campaign.run(config, workdir)
+  csv_path = oracle.query_csv_path(workdir, 1)
+  _fill(csv_path, lambda i: str(digits.y_train[i]))
+  filled = open(csv_path).read()
+  # --restart repeats the same query: the person's labels are kept, not blanked.
+  results = campaign.run(config, workdir, restart=True)
+  assert results["awaiting_labels"] == csv_path and open(csv_path).read() == filled
+  # A photo added to the folder would shift every later id: refused, nothing changed.
+  photo = sorted(os.listdir(copy / "unlabeled"))[0]
+  extra = copy / "unlabeled" / f"{photo[:-4]}b.png"
+  shutil.copy(copy / "unlabeled" / photo, extra)
+  with pytest.raises(ConfigError, match=f"{extra.name} was added; 1 added, 0 removed"):
+    campaign.run(config, workdir)
+  os.remove(extra)
+  assert len(campaign.run(config, workdir)["rounds"]) == 2

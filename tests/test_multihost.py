@@ -56,33 +56,43 @@ def _start_hosts(workdir, logs, extra_args):
             "--config.distributed.initialization_timeout_seconds=60",
             "--config.distributed.heartbeat_timeout_seconds=20",
             "--config.distributed.shutdown_timeout_seconds=30", *extra_args]
-    procs.append(subprocess.Popen(args, cwd=REPO_ROOT, env=_env(2), stdout=open(log, "w"),
-                                  stderr=subprocess.STDOUT))
+    with open(log, "w") as out:
+      procs.append(subprocess.Popen(args, cwd=REPO_ROOT, env=_env(2), stdout=out,
+                                    stderr=subprocess.STDOUT))
   return procs
 
 
-def _wait(procs, logs, kill_when=None):
-  """Waits for all processes; kills all once `kill_when` shows in process 0's output,
-  or once one fails (a survivor would otherwise wait for its peer until a timeout)."""
+def _output(log):
+  with open(log) as f:
+    return f.read()
+
+
+def _wait(procs, logs, when=None, signal_to=(), sig=signal.SIGKILL):
+  """Waits for all processes. Once `when` shows in process 0's output, sends `sig` to
+  the processes `signal_to`; once one fails, kills all (a survivor would otherwise wait
+  for its peer until a timeout); never leaves one running."""
   deadline = time.monotonic() + TIMEOUT_S
-  while any(p.poll() is None for p in procs):
-    failed = any(p.returncode not in (None, 0) for p in procs)
-    triggered = kill_when is not None and kill_when in open(logs[0]).read()
-    if failed or triggered or time.monotonic() > deadline:
-      for p in procs:
-        if p.poll() is None:
-          p.send_signal(signal.SIGKILL)
-      for p in procs:
-        p.wait()
-      return [p.returncode for p in procs]
-    time.sleep(0.2)
+  try:
+    while any(p.poll() is None for p in procs):
+      if when is not None and when in _output(logs[0]):
+        for i in signal_to:
+          procs[i].send_signal(sig)
+        when = None
+      if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+        break
+      time.sleep(0.05)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
   return [p.returncode for p in procs]
 
 
-def _run_hosts(workdir, tmp_path, name, kill_when=None, extra_args=()):
+def _run_hosts(workdir, tmp_path, name, extra_args=(), **signal_args):
   logs = [str(tmp_path / f"{name}_process{i}.log") for i in range(2)]
-  codes = _wait(_start_hosts(workdir, logs, extra_args), logs, kill_when)
-  return codes, [open(log).read() for log in logs]
+  codes = _wait(_start_hosts(workdir, logs, extra_args), logs, **signal_args)
+  return codes, [_output(log) for log in logs]
 
 
 def _rounds(workdir):
@@ -118,13 +128,27 @@ def test_two_processes_equal_one_process_with_four_devices(shard_pool, one_proce
       single["rounds"][0]["test_accuracy"], abs=0.01)
   # Process 0 reports; process 1 prints no progress of its own.
   assert "round 2/2" in outputs[0] and "in 2 processes" in outputs[0]
-  assert "round 1/3" not in outputs[1]
+  assert not [line for line in outputs[1].splitlines() if line.startswith("round")]
 
 
 def test_both_processes_killed_then_rerun_resumes(one_process_four_devices, tmp_path):
-  codes, _ = _run_hosts(tmp_path / "w", tmp_path, "killed",
-                        kill_when="checkpoint saved: round 2, epoch 1")
+  # Killed after the second checkpoint, so the first one is surely committed.
+  codes, _ = _run_hosts(tmp_path / "w", tmp_path, "killed", signal_to=(0, 1),
+                        when="checkpoint saved: round 1, epoch 2")
   assert codes == [-signal.SIGKILL, -signal.SIGKILL]
+  codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "resumed")
+  assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+  assert "resuming from" in outputs[0]
+  assert _rounds(tmp_path / "w")[1] == one_process_four_devices[1]
+
+
+def test_sigterm_to_one_process_stops_both_with_a_checkpoint(one_process_four_devices, tmp_path):
+  # Preemption of one host: the processes agree to stop at the next epoch boundary,
+  # save together and exit 0; rerunning resumes.
+  codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "stopped", signal_to=(0,),
+                              sig=signal.SIGTERM, when="checkpoint saved: round 1, epoch 1")
+  assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+  assert "stopped by SIGTERM" in outputs[0]
   codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "resumed")
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
   assert "resuming from" in outputs[0]
