@@ -91,9 +91,8 @@ def _jax_report(report, n, images, labels, mean, std):
     order = sharding.replicate(np.arange(n, dtype=np.int32), mesh)
 
     def step():
-      holder["state"], metrics = train.train_batch(
-          train_graphdef, cfg, holder["state"], *pool, order, 0, n, jax.random.key(3), 0.1,
-          False, mean, std)
+      holder["state"], metrics = train.batch_step(train_graphdef, cfg)(
+          holder["state"], *pool, order, 0, n, jax.random.key(3), 0.1, False, mean, std)
       return metrics
 
     first, seconds = _time(step, _REPEATS.value, sync)

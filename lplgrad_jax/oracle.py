@@ -89,6 +89,14 @@ def write_query(workdir: str, round_number: int, ids, files, scores, images,
   return csv_path, png_path
 
 
+def _table(text: str):
+  """(lower-cased header cells, csv reader over the rows after it) of a query file's
+  text, in whichever of `,` `;` or tab its header uses (spreadsheet exports vary)."""
+  first_line = text.splitlines()[0] if text.strip() else ""
+  reader = csv.reader(io.StringIO(text, newline=""), delimiter=max(",;\t", key=first_line.count))
+  return [cell.strip().lower() for cell in next(reader, [])], reader
+
+
 def filled_ids(csv_path: str) -> set[int] | None:
   """The ids of a query file that already has labels written in, None if it has none.
 
@@ -103,9 +111,7 @@ def filled_ids(csv_path: str) -> set[int] | None:
     return None
   except (OSError, UnicodeDecodeError):
     return set()  # unreadable: it may hold someone's work, so it is not overwritten
-  first_line = text.splitlines()[0] if text.strip() else ""
-  reader = csv.reader(io.StringIO(text, newline=""), delimiter=max(",;\t", key=first_line.count))
-  header = [cell.strip().lower() for cell in next(reader, [])]
+  header, reader = _table(text)
   if "id" not in header or "label" not in header:
     return set()
   ids, filled = set(), False
@@ -197,10 +203,7 @@ def read_labels(csv_path: str, expected_ids, class_names) -> dict[int, int | Non
                       f"with its label column filled in ({valid})") from None
   except UnicodeDecodeError:
     raise ConfigError(f"{csv_path} is not UTF-8 text: save it as CSV (UTF-8)") from None
-  first_line = text.splitlines()[0] if text.strip() else ""
-  reader = csv.reader(io.StringIO(text, newline=""),
-                      delimiter=max(",;\t", key=first_line.count))
-  header = [cell.strip().lower() for cell in next(reader, [])]
+  header, reader = _table(text)
   absent = [column for column in ("id", "label") if column not in header]
   if absent:
     raise LabelFileError(csv_path, [f"{name} line 1: no {' and no '.join(absent)} column: "

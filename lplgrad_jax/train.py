@@ -205,15 +205,14 @@ def _train_batch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool
                     mask, learning_rate, detach_features)
 
 
-train_batch = jax.jit(_train_batch, static_argnames=("graphdef", "cfg"),
-                      donate_argnames=("state",))
-
-
 @functools.lru_cache(maxsize=16)
-def _compiled_batch_step(graphdef, cfg: StepConfig):
-  """`train_batch` for one model structure, taking arrays alone: a step's dispatch
-  then skips hashing the graphdef (milliseconds for a ResNet)."""
+def batch_step(graphdef, cfg: StepConfig):
+  """The jitted `_train_batch` of one model structure, `state` donated. It takes
+  arrays alone, so a step's dispatch skips hashing the graphdef (milliseconds for a
+  ResNet): `batch_step(graphdef, cfg)(state, pool_images, pool_labels, order, ...)`."""
   return jax.jit(functools.partial(_train_batch, graphdef, cfg), donate_argnums=0)
+
+
 METRICS = ("loss", "main_loss", "aux_loss", "correct", "count")
 
 
@@ -246,8 +245,8 @@ def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_
   the epoch is complete when the index equals `num_steps(...)`, and stops
   early, at a step boundary, once `should_stop()` is true.
   `cfg.epoch_loop` "host": a Python loop of asynchronously dispatched steps,
-  with no host sync inside (XLA:CPU runs convolutions inside loop bodies about
-  14x slower than at top level); "scan": the whole epoch in one call
+  with no host sync inside (XLA:CPU runs a step inside a loop body 40-85x
+  slower than at top level); "scan": the whole epoch in one call
   (`train_steps`), which checks `should_stop` only at the epoch's start.
   `labeled_ids` is padded to `cfg.steps_per_epoch * cfg.batch_size` ids; only
   the first `num_labeled` are real. The batch order depends only on `key`, so
@@ -263,7 +262,7 @@ def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_
                                 mean, std)
     return state, totals, num_steps(cfg, num_labeled)
   totals = None
-  step = _compiled_batch_step(graphdef, cfg)
+  step = batch_step(graphdef, cfg)
   for step_index in range(first_step, num_steps(cfg, num_labeled)):
     if should_stop():
       return state, totals, step_index
