@@ -82,17 +82,18 @@ def _jax_report(report, n, images, labels, mean, std):
       entry[f"seconds_for_{SUBSET}"] = SUBSET / entry["images_per_s"]
 
   mesh = sharding.data_mesh()
-  pool = sharding.replicate((images, labels), mesh)
+  pool = train.Pool(*sharding.replicate((images, labels, mean, std), mesh))
   for dtype in _DTYPES.value:
     config.train.compute_dtype = dtype
     cfg = train.StepConfig.from_config(config.train, n, use_aux=True, mesh=mesh)
     train_graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
     holder = {"state": sharding.replicate(jax.tree.map(jnp.copy, state), mesh)}
     order = sharding.replicate(np.arange(n, dtype=np.int32), mesh)
+    plan = train.EpochPlan(order, n, jax.random.key(3), 0.1, False)  # unshuffled: one batch
 
     def step():
-      holder["state"], metrics = train.batch_step(train_graphdef, cfg)(
-          holder["state"], *pool, order, 0, n, jax.random.key(3), 0.1, False, mean, std)
+      holder["state"], metrics = train.batch_step(train_graphdef, cfg)(holder["state"], pool,
+                                                                      plan, 0)
       return metrics
 
     first, seconds = _time(step, _REPEATS.value, sync)
@@ -101,18 +102,19 @@ def _jax_report(report, n, images, labels, mean, std):
   if _EPOCH_STEPS.value:
     steps = _EPOCH_STEPS.value
     config.train.compute_dtype = _DTYPES.value[0]
-    epoch_pool = sharding.replicate((np.tile(images, (steps, 1, 1, 1)), np.tile(labels, steps)), mesh)
+    epoch_pool = train.Pool(*sharding.replicate(
+        (np.tile(images, (steps, 1, 1, 1)), np.tile(labels, steps), mean, std), mesh))
     ids = sharding.replicate(np.arange(steps * n, dtype=np.int32), mesh)
     for loop in _LOOPS.value:
       config.train.epoch_loop = loop
       cfg = train.StepConfig.from_config(config.train, steps * n, use_aux=True, mesh=mesh)
       train_graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
       holder = {"state": sharding.replicate(jax.tree.map(jnp.copy, state), mesh)}
+      plan = train.plan_epoch(cfg, ids, steps * n, jax.random.key(4), 0.1, False)
 
       def epoch():
-        holder["state"], totals, _ = train.train_epoch(
-            train_graphdef, cfg, holder["state"], *epoch_pool, ids, steps * n,
-            jax.random.key(4), 0.1, False, mean, std)
+        holder["state"], totals, _ = train.train_epoch(train_graphdef, cfg, holder["state"],
+                                                       epoch_pool, plan)
         return totals
 
       first, seconds = _time(epoch, max(1, _REPEATS.value - 1), sync)

@@ -20,7 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from lplgrad_jax.errors import ConfigError
+from lplgrad_jax import distributed
+from lplgrad_jax.errors import ConfigError, check_choice
 from lplgrad_jax.oracle import SKIP
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -53,9 +54,21 @@ class Dataset:
     return len(self.y_train) if self.pool_size is None else self.pool_size
 
   def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of the training pool, in [0, 1] units."""
-    x = self.x_train.reshape(-1, 3).astype(np.float64) / 255.0
-    return x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-3).astype(np.float32)
+    """Per-channel mean and std of the whole training pool, in [0, 1] units, also when
+    each process holds a shard of it (sums over the processes' shards)."""
+    if self.pool_size is None:
+      return _channel_stats(self.x_train, total=lambda v: v)
+    return _channel_stats(self.x_train, total=distributed.sum_over_processes)
+
+
+def _channel_stats(images: np.ndarray, total) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and std per channel of uint8 `images`; `total` adds float64 sums up over the
+  holders of the pool (identity when this process holds all of it)."""
+  pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
+  count = total(np.array([len(pixels)], np.float64))[0]
+  mean = total(pixels.sum(0)) / count
+  var = total(np.square(pixels - mean).sum(0)) / count
+  return mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-3).astype(np.float32)
 
 
 def _to_rgb_uint8(images: np.ndarray, what: str) -> np.ndarray:
@@ -290,8 +303,7 @@ def load_labeling_folder(data_config) -> Dataset:
 def load_tfds(data_config, rows: RowRange | None = None) -> Dataset:
   """A TFDS image-classification data set, read once into memory in file order."""
   name = data_config.name
-  if name not in TFDS_DATASETS:
-    raise ConfigError(f"unknown TFDS data set {name!r}: expected one of {', '.join(TFDS_DATASETS)}")
+  check_choice(name, TFDS_DATASETS, "TFDS data set")
   data_dir = os.path.expanduser(data_config.data_dir) if data_config.data_dir else None
   if data_dir and not os.path.isdir(data_dir) and not data_config.download:
     raise ConfigError(f"data.data_dir={data_config.data_dir!r} does not exist: expected a TFDS data directory holding {name}/ (or set data.download=True)")
@@ -364,8 +376,7 @@ def load_dataset(data_config, *, human_oracle: bool = False,
   pool); image folders and TFDS then read no others, digits and npz read the
   whole file and drop the rest.
   """
-  if data_config.source not in SOURCES:
-    raise ConfigError(f"unknown data source {data_config.source!r}: expected one of {', '.join(SOURCES)}")
+  check_choice(data_config.source, SOURCES, "data source")
   if not isinstance(data_config.image_size, int) or data_config.image_size < 8:
     raise ConfigError(f"data.image_size={data_config.image_size!r}: expected an integer >= 8")
   if human_oracle and data_config.source == "image_folder":

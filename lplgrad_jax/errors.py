@@ -1,7 +1,7 @@
 """The one error type for user mistakes, and how a command line reports them."""
 
 import sys
-from typing import NoReturn
+from typing import Iterable, NoReturn
 
 
 class ConfigError(ValueError):
@@ -11,6 +11,15 @@ class ConfigError(ValueError):
   per problem, each readable alone).
   """
   multi_line = False
+
+
+def check_choice(value, choices: Iterable, what: str):
+  """`value` if it is one of `choices`; else ConfigError "unknown <what> ...: expected one of"."""
+  choices = list(choices)
+  if value not in choices:
+    raise ConfigError(f"unknown {what} {value!r}: expected one of "
+                      f"{', '.join(str(c) for c in choices)}")
+  return value
 
 
 def exit_with(error: Exception) -> NoReturn:

@@ -4,16 +4,14 @@
   python -m lplgrad_jax.main --config=configs/cifar10.py:low --workdir=... --config.seed=1
 """
 
-import logging
 import shlex
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from lplgrad_jax import campaign
+from lplgrad_jax import cli
 from lplgrad_jax import distributed
 from lplgrad_jax import errors
 from lplgrad_jax.errors import ConfigError
@@ -40,19 +38,8 @@ def _fail(error: Exception) -> None:
   errors.exit_with(error)
 
 
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
-    _fail(e)
-
-
 def main(argv):
-  if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log at INFO through absl
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.start(argv)
   try:
     config = _CONFIG.value
     config.to_dict()  # config_flags loads lazily: a broken config file raises here
@@ -68,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, report=_fail, parse_errors=(flags.Error, AttributeError, KeyError, OSError,
+                                            TypeError, ValueError))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.errors import ConfigError, check_choice
 
 # Activations and matmul inputs; parameters and BatchNorm statistics stay float32.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -155,8 +155,7 @@ def with_compute_dtype(module: nnx.Module, dtype: str) -> nnx.Module:
   float32 parameters through the casts. The dtype lives in the graphdef, so
   training and the query may each choose their own.
   """
-  if dtype not in COMPUTE_DTYPES:
-    raise ConfigError(f"unknown compute dtype {dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+  check_choice(dtype, COMPUTE_DTYPES, "compute dtype")
   copy = nnx.merge(*nnx.split(module))
   for _, layer in nnx.iter_modules(copy):
     if isinstance(layer, (nnx.Conv, nnx.Linear, nnx.BatchNorm)):
@@ -167,8 +166,7 @@ def with_compute_dtype(module: nnx.Module, dtype: str) -> nnx.Module:
 def create_learner(model_config, num_classes: int, *, use_aux: bool,
                    key: jax.Array) -> ActiveLearner:
   """Builds the main model (chosen by `model_config.name`) and its loss head."""
-  if model_config.name not in _MODELS:
-    raise ConfigError(f"unknown model {model_config.name!r}: expected one of {sorted(_MODELS)}")
+  check_choice(model_config.name, sorted(_MODELS), "model")
   if model_config.width < 1:
     raise ConfigError(f"model.width={model_config.width} must be a positive integer")
   rngs = nnx.Rngs(params=key)

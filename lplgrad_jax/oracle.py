@@ -1,6 +1,10 @@
-"""The human oracle's files: what a round asks a person to label, and reading their answers back.
+"""The oracle: who labels a round's query. Chosen by `config.oracle`.
 
-With `config.oracle = "human"` a round ends by writing, in WORKDIR/queries/,
+  "simulated"  reveals the data set's own labels at once (reproducing papers)
+  "human"      asks a person: writes the query's files, stops the campaign,
+               and reads the person's labels back when it is rerun
+
+The human oracle's files, in WORKDIR/queries/:
   round_<N>.csv  id,file,score,label: one row per queried image, best score
                  first, the label column blank for the person to fill in
   round_<N>.png  a contact sheet: a thumbnail of each queried image captioned
@@ -13,15 +17,25 @@ used, so a typo costs one rerun and never a half-applied round.
 
 from __future__ import annotations
 
+import abc
 import csv
+import dataclasses
 import io
 import os
 import textwrap
+import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lplgrad_jax import reporting
+from lplgrad_jax.distributed import is_main_process, say
 from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.utils import ceil_div
+
+if TYPE_CHECKING:
+  from lplgrad_jax.campaign_state import CampaignState
+  from lplgrad_jax.data import Dataset
 
 SKIP = "skip"  # the label for an image that is unusable or fits no class
 QUERIES_DIR = "queries"
@@ -75,13 +89,9 @@ def write_query(workdir: str, round_number: int, ids, files, scores, images,
                      f"and {len(images)} images: expected one of each per queried image")
   csv_path = query_csv_path(workdir, round_number)
   png_path = contact_sheet_path(workdir, round_number)
-  os.makedirs(os.path.dirname(csv_path), exist_ok=True)
-  text = io.StringIO()
-  writer = csv.writer(text, lineterminator="\n")
-  writer.writerow(COLUMNS)
-  for i, file, score in zip(ids, files, scores):
-    writer.writerow([int(i), file, "" if score is None else f"{float(score):.6g}", ""])
-  reporting.write_atomic(csv_path, lambda f: f.write(text.getvalue().encode("utf-8")), mode="wb")
+  reporting.write_csv(csv_path, COLUMNS, [
+      [int(i), file, "" if score is None else f"{float(score):.6g}", ""]
+      for i, file, score in zip(ids, files, scores)])
   header = (f"round {round_number}: write a label for each id in the label column of "
             f"{os.path.basename(csv_path)}. Labels: {', '.join([*class_names, SKIP])}")
   sheet = _contact_sheet([int(i) for i in ids], files, images, header)
@@ -144,7 +154,7 @@ def _contact_sheet(ids: list[int], files, images, header: str):
   from PIL import Image, ImageDraw, ImageFont
   font = ImageFont.load_default()
   columns = max(1, min(COLUMNS_PER_ROW, len(ids)))
-  rows = -(-len(ids) // columns)
+  rows = ceil_div(len(ids), columns)
   width = PAD + columns * (THUMB + PAD)
   measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   char_width = measure.textlength("abcdefghijklmnopqrstuvwxyz", font=font) / 26
@@ -249,3 +259,101 @@ def read_labels(csv_path: str, expected_ids, class_names) -> dict[int, int | Non
   if problems:
     raise LabelFileError(csv_path, problems)
   return labels
+
+
+class Oracle(abc.ABC):
+  """Labels each round's query: `label` answers at once (True) or asks to stop and wait."""
+
+  def start(self, state: CampaignState, dataset: Dataset) -> Dataset:
+    """`dataset` with every label the oracle has given so far (at a start or a resume)."""
+    return dataset
+
+  @abc.abstractmethod
+  def label(self, state: CampaignState, ids: np.ndarray, scores: list[float] | None) -> bool:
+    """Labels the queried `ids` (best first). True: `state` moved on to the next round."""
+
+  def awaiting(self, state: CampaignState) -> str | None:
+    """The file holding the query that waits for labels, if any."""
+    return None
+
+
+class SimulatedOracle(Oracle):
+  """Reveals the labels the data set already has."""
+
+  def label(self, state, ids, scores):
+    state.add_labeled(ids)
+    return True
+
+
+@dataclasses.dataclass
+class HumanOracle(Oracle):
+  """Asks a person: writes the query files, then the campaign stops until they are filled in."""
+  workdir: str
+  root: str   # the labeling folder (config.data.root)
+  dataset: Dataset | None = None
+
+  def start(self, state, dataset):
+    self._check_same_photos(state, dataset)
+    if state.phase == "labels":  # a query was filled in: its labels start the next round
+      r = state.round
+      path = query_csv_path(self.workdir, r + 1)
+      answers = read_labels(path, state.pending_ids, dataset.class_names)
+      new, skipped = state.apply_labels(answers)
+      say(f"round {r + 1}: read {len(new)} labels and {len(skipped)} skips from {path}")
+    y_train = dataset.y_train.copy()
+    for i, c in state.human_labels.items():
+      y_train[i] = c
+    self.dataset = dataclasses.replace(dataset, y_train=y_train)
+    return self.dataset
+
+  def label(self, state, ids, scores):
+    path = query_csv_path(self.workdir, state.round + 1)
+    filled = filled_ids(path)
+    if filled == {int(i) for i in ids}:
+      say(f"keeping the labels already written in {path}")
+    elif is_main_process():
+      if filled is not None:  # labels of another query: set aside, never wiped
+        os.replace(path, f"{path}.{int(time.time())}.bak")
+      d = self.dataset
+      write_query(self.workdir, state.round + 1, ids, [d.train_files[i] for i in ids], scores,
+                  d.x_train[ids], d.class_names)
+    state.await_labels(ids)
+    return False
+
+  def awaiting(self, state):
+    return query_csv_path(self.workdir, state.round + 1) if state.phase == "labels" else None
+
+  def instructions(self, state) -> str:
+    n = state.round + 1
+    return (f"round {n}: {len(state.pending_ids)} images to label. Write a class name "
+            f"({', '.join(self.dataset.class_names)}) or {SKIP!r} in the label column of every "
+            f"row of {query_csv_path(self.workdir, n)} (thumbnails: "
+            f"{contact_sheet_path(self.workdir, n)}), then rerun the same command (without "
+            "--restart) to continue")
+
+  def _check_same_photos(self, state, dataset) -> None:
+    """Refuses a labeling folder whose photos changed since the campaign started.
+
+    Ids are positions in the sorted file list, and the checkpoint keeps ids: one
+    photo added or removed would move every later label to another photo.
+    """
+    root = os.path.abspath(os.path.expanduser(self.root))
+    files = [os.path.relpath(f, root) for f in dataset.train_files]
+    if state.pool_files is None:
+      state.pool_files = files
+    before = state.pool_files
+    if before != files:
+      added, removed = sorted(set(files) - set(before)), sorted(set(before) - set(files))
+      change = (f"{added[0]} was added" if added else f"{removed[0]} was removed" if removed
+                else "the photos were renamed or reordered")
+      raise ConfigError(
+          f"{root} changed since this campaign started ({change}; {len(added)} added, "
+          f"{len(removed)} removed): ids follow the photos' order, so the labels given so far "
+          "would attach to other photos; restore the folder, or start a new --workdir")
+
+
+def make_oracle(config, workdir: str) -> Oracle:
+  """The oracle `config.oracle` names (validated by config_checks)."""
+  if config.oracle == "human":
+    return HumanOracle(workdir, config.data.root)
+  return SimulatedOracle()

@@ -11,28 +11,24 @@ which, with the model's configuration, results.json records.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
-import logging
 import os
 import sys
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app
 from absl import flags
-from absl import logging as absl_logging
 from flax import nnx
 
+from lplgrad_jax import cli
 from lplgrad_jax import errors
 from lplgrad_jax import models
 from lplgrad_jax import query
 from lplgrad_jax import reporting
 from lplgrad_jax import train
-from lplgrad_jax.campaign import RESULTS_FILE
+from lplgrad_jax.reporting import RESULTS_FILE
 from lplgrad_jax.checkpoint import Checkpointer
 from lplgrad_jax.data import IMAGE_SUFFIXES, image_files, read_image
 from lplgrad_jax.errors import ConfigError
@@ -139,12 +135,8 @@ def predict(workdir: str, paths: list[str], batch_size: int = 256) -> list[tuple
 
 
 def write_predictions(path: str, rows: list[tuple[str, str, float]]) -> None:
-  text = io.StringIO()
-  writer = csv.writer(text, lineterminator="\n")
-  writer.writerow(("file", "class", "confidence"))
-  writer.writerows((file, name, f"{confidence:.4f}") for file, name, confidence in rows)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  reporting.write_atomic(path, lambda f: f.write(text.getvalue().encode("utf-8")), mode="wb")
+  reporting.write_csv(path, ("file", "class", "confidence"),
+                      [(file, name, f"{confidence:.4f}") for file, name, confidence in rows])
 
 
 def _define_flags() -> None:
@@ -160,19 +152,8 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["workdir", "images"])
 
 
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    errors.exit_with(e)
-
-
 def main(argv):
-  if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log at INFO through absl
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.start(argv)
   workdir = flags.FLAGS.workdir
   out = flags.FLAGS.out or os.path.join(workdir, PREDICTIONS_FILE)
   try:
@@ -188,4 +169,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main)

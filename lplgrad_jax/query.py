@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from lplgrad_jax import models
 from lplgrad_jax import sharding
-from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.errors import check_choice
 from lplgrad_jax.train import normalize
+from lplgrad_jax.utils import ceil_div, round_up
 
 REDUCTIONS = ("layer_sum", "frobenius")
 METHODS = ("fast", "vmap")
@@ -91,6 +92,20 @@ def model_outputs(learner: nnx.Module, images: np.ndarray, normalization,
            + (real,) for chunk, real in _padded_chunks(np.asarray(images), batch_size)]
   names = ("logits", "embedding", "predicted_loss")
   return {name: np.concatenate([p[i][:p[-1]] for p in parts]) for i, name in enumerate(names)}
+
+
+def evaluate(learner: nnx.Module, dataset, normalization, batch_size: int) -> dict:
+  """Test accuracy and per-class accuracy (0 for a class without test images).
+
+  Both are None without a test split (a human-labeled folder without test/).
+  """
+  if not len(dataset.y_test):
+    return {"accuracy": None, "per_class_accuracy": None}
+  logits = model_outputs(learner, dataset.x_test, normalization, batch_size)["logits"]
+  correct = np.argmax(logits, -1) == dataset.y_test
+  per_class = [float(correct[dataset.y_test == c].mean()) if np.any(dataset.y_test == c) else 0.0
+               for c in range(dataset.num_classes)]
+  return {"accuracy": float(correct.mean()), "per_class_accuracy": per_class}
 
 
 def _squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -327,12 +342,10 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
     compute_dtype: "float32", or "bfloat16" for the model's convolutions and
       the per-layer products (float32 sums; see README for its measured error).
   """
-  if reduction not in REDUCTIONS:
-    raise ConfigError(f"unknown gradient-norm reduction {reduction!r}: expected one of {REDUCTIONS}")
-  if method not in METHODS:
-    raise ConfigError(f"unknown gradient-norm method {method!r}: expected one of {METHODS}")
+  check_choice(reduction, REDUCTIONS, "gradient-norm reduction")
+  check_choice(method, METHODS, "gradient-norm method")
   mesh = mesh if mesh is not None else sharding.data_mesh()
-  chunk_size = -(-chunk_size // mesh.size) * mesh.size
+  chunk_size = round_up(chunk_size, mesh.size)
   images = np.asarray(images)
   if images.dtype == np.uint8 and normalization is None:
     raise ValueError("uint8 images need normalization=(mean, std)")
@@ -343,7 +356,7 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
   score = _chunk_scorer(graphdef, reduction, method, mesh)
   pending = []
   for chunk, real in tqdm(_padded_chunks(images, chunk_size), desc="query", unit="chunk",
-                          total=-(-len(images) // chunk_size), disable=not progress,
+                          total=ceil_div(len(images), chunk_size), disable=not progress,
                           leave=False):
     pending.append((score(params, rest, sharding.split_batch(chunk, mesh), mean, std), real))
     if len(pending) > 2:  # two chunks in flight: the device never waits for the host

@@ -1,10 +1,17 @@
-"""What a campaign leaves in its workdir and prints: results.json, the plot, the summary table."""
+"""What a campaign leaves in its workdir and prints: results.json, the plot, TensorBoard
+scalars, the summary table; and the atomic writes every output file goes through."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
+
+RESULTS_FILE = "results.json"
+PLOT_FILE = "accuracy.png"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def write_atomic(path: str, write_fn, mode: str = "w") -> None:
@@ -21,6 +28,16 @@ def write_atomic(path: str, write_fn, mode: str = "w") -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def write_csv(path: str, header, rows) -> None:
+  """Writes a UTF-8 CSV file (header, then rows) atomically, creating its folder."""
+  text = io.StringIO()
+  writer = csv.writer(text, lineterminator="\n")
+  writer.writerow(header)
+  writer.writerows(rows)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  write_atomic(path, lambda f: f.write(text.getvalue().encode("utf-8")), mode="wb")
 
 
 def write_results(path: str, results: dict) -> None:
@@ -53,3 +70,34 @@ def summary_table(rounds: list[dict]) -> str:
     lines.append(f"{r['round'] + 1:>5}  {r['num_labeled']:>8}  {accuracy:>8}"
                  f"  {r['train_seconds']:>8.1f}  {r['query_seconds']:>8.1f}")
   return "\n".join(lines)
+
+
+class MetricsLogger:
+  """TensorBoard scalars (tensorboardX) and the per-epoch summary of training metrics."""
+
+  def __init__(self, workdir: str, enabled: bool, epochs_done: int):
+    self.writer = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+    self.epochs_done = epochs_done
+
+  def epoch(self, metrics: dict) -> dict:
+    """Logs an epoch's summed metrics; returns the progress bar's short form."""
+    count = max(float(metrics["count"]), 1.0)
+    summary = {name: float(metrics[name]) / count for name in ("loss", "main_loss", "aux_loss")}
+    summary["accuracy"] = float(metrics["correct"]) / count
+    if self.writer is not None:
+      for name, value in summary.items():
+        self.writer.add_scalar(f"train/{name}", value, self.epochs_done)
+    self.epochs_done += 1
+    return {"loss": f"{summary['loss']:.3f}", "acc": f"{summary['accuracy']:.3f}"}
+
+  def round(self, record: dict) -> None:
+    if self.writer is not None and record["test_accuracy"] is not None:
+      self.writer.add_scalar("test/accuracy", record["test_accuracy"], record["num_labeled"])
+      self.writer.flush()
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()

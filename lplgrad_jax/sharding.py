@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.utils import round_up
 
 DATA_AXIS = "data"
 
@@ -60,7 +61,7 @@ def split_batch(x, mesh: Mesh):
 
 
 def _padded_rows(num_rows: int, mesh: Mesh) -> int:
-  return -(-num_rows // mesh.size) * mesh.size
+  return round_up(num_rows, mesh.size)
 
 
 def process_rows(mesh: Mesh):

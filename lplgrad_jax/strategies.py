@@ -25,7 +25,7 @@ from flax import nnx
 from lplgrad_jax import query
 from lplgrad_jax import sharding
 from lplgrad_jax.data import Dataset
-from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.errors import ConfigError, check_choice
 
 
 @dataclasses.dataclass
@@ -74,6 +74,9 @@ STRATEGIES: dict[str, Strategy] = {}
 
 
 def register(name: str, *, trains_aux: bool = False, needs_aux: bool = False):
+  if name in STRATEGIES:
+    raise ValueError(f"strategy {name!r} is already registered")
+
   def decorator(fn):
     STRATEGIES[name] = Strategy(fn, trains_aux=trains_aux or needs_aux, needs_aux=needs_aux)
     return fn
@@ -81,9 +84,7 @@ def register(name: str, *, trains_aux: bool = False, needs_aux: bool = False):
 
 
 def get_strategy(name: str) -> Strategy:
-  if name not in STRATEGIES:
-    raise ConfigError(f"unknown strategy {name!r}: expected one of {', '.join(sorted(STRATEGIES))}")
-  return STRATEGIES[name]
+  return STRATEGIES[check_choice(name, sorted(STRATEGIES), "strategy")]
 
 
 def uses_aux(config) -> bool:

@@ -21,13 +21,37 @@ from jax.sharding import Mesh
 
 from lplgrad_jax import models
 from lplgrad_jax import sharding
-from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.errors import check_choice
+from lplgrad_jax.utils import ceil_div
 
 
 class TrainState(NamedTuple):
   params: nnx.State       # nnx.Param leaves of classifier (+ loss_head)
   batch_stats: nnx.State  # nnx.BatchStat leaves (BatchNorm running statistics)
   opt_state: optax.OptState
+
+
+class Pool(NamedTuple):
+  """The training pool on the devices, and how its images are normalised."""
+  images: jax.Array  # (N, H, W, 3) uint8, replicated or split by rows (data.shard_pool)
+  labels: jax.Array  # (N,) int32; -1 where unknown (a human oracle's unlabeled images)
+  mean: jax.Array    # (3,) per-channel mean, [0, 1] units
+  std: jax.Array     # (3,) per-channel std
+
+
+class EpochPlan(NamedTuple):
+  """What one epoch's steps share: the batch order and the epoch's settings."""
+  order: jax.Array         # labeled ids in this epoch's order, padded to a whole number of batches
+  num_labeled: jax.Array   # how many ids of `order` are real
+  key: jax.Array           # the epoch's randomness (augmentation of step i: fold_in(key, i + 1))
+  learning_rate: jax.Array
+  detach_features: jax.Array  # stop the loss head's gradient into the main model
+
+
+class Batch(NamedTuple):
+  images: jax.Array  # normalised float images
+  labels: jax.Array
+  mask: jax.Array    # 1.0 for real examples, 0.0 for padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +77,7 @@ class StepConfig:
     augment = train_config.augment
     return cls(
         batch_size=train_config.batch_size,
-        steps_per_epoch=-(-max_labeled // train_config.batch_size),
+        steps_per_epoch=ceil_div(max_labeled, train_config.batch_size),
         momentum=train_config.momentum, weight_decay=train_config.weight_decay,
         use_aux=use_aux, aux_weight=train_config.aux_weight,
         margin=train_config.margin,
@@ -72,9 +96,7 @@ def resolve_epoch_loop(epoch_loop: str) -> str:
   (experiments/results/bench_cpu.md), while the host loop never waits for the device
   (steps are dispatched asynchronously); "scan" is for accelerators, where whether
   it beats the host loop is for `experiments/bench.py --epoch_steps=...` to show."""
-  if epoch_loop not in EPOCH_LOOPS:
-    raise ConfigError(f"unknown train.epoch_loop {epoch_loop!r}: expected one of {', '.join(EPOCH_LOOPS)}")
-  return epoch_loop
+  return check_choice(epoch_loop, EPOCH_LOOPS, "train.epoch_loop")
 
 
 def make_optimizer(learning_rate, cfg: StepConfig) -> optax.GradientTransformation:
@@ -136,7 +158,8 @@ def margin_ranking_loss(predicted: jax.Array, target: jax.Array, margin: float,
   return jnp.sum(jnp.where(valid, per_pair, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def _loss_fn(params, graphdef, batch_stats, images, labels, mask, detach_features, cfg):
+def _loss_fn(params, graphdef, batch_stats, batch: Batch, detach_features, cfg):
+  images, labels, mask = batch
   # copy=True: BatchNorm updates its statistics inside this grad trace.
   learner = nnx.merge(graphdef, params, batch_stats, copy=True)
   logits, features = learner.classifier(images, mask=mask)
@@ -160,12 +183,11 @@ def _loss_fn(params, graphdef, batch_stats, images, labels, mask, detach_feature
                             "count": num_valid})
 
 
-def train_step(graphdef, cfg: StepConfig, state: TrainState, images, labels, mask,
+def train_step(graphdef, cfg: StepConfig, state: TrainState, batch: Batch,
                learning_rate, detach_features):
   """One SGD step on a (masked) batch of normalised images."""
   grads, (new_stats, metrics) = jax.grad(_loss_fn, has_aux=True)(
-      state.params, graphdef, state.batch_stats, images, labels, mask,
-      detach_features, cfg)
+      state.params, graphdef, state.batch_stats, batch, detach_features, cfg)
   updates, opt_state = make_optimizer(learning_rate, cfg).update(
       grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -180,36 +202,49 @@ def epoch_order(key, labeled_ids, num_labeled, capacity: int):
   return labeled_ids[jnp.argsort(sort_keys)]
 
 
-def _train_batch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_labels,
-                 order, step_index, num_labeled, key, learning_rate, detach_features,
-                 mean, std):
-  """Gathers batch `step_index` of an epoch's `order` from the pool, augments it, steps.
+def plan_epoch(cfg: StepConfig, labeled_ids, num_labeled: int, key, learning_rate,
+               detach_features) -> EpochPlan:
+  """An epoch over the labeled set in the order `key` draws.
+
+  `labeled_ids` is padded to `cfg.steps_per_epoch * cfg.batch_size` ids; only
+  the first `num_labeled` are real. The order depends only on `key`, so an
+  epoch resumed at a later step continues the interrupted one exactly.
+  """
+  order = epoch_order(jax.random.fold_in(key, 0), labeled_ids, num_labeled,
+                      cfg.steps_per_epoch * cfg.batch_size)
+  return EpochPlan(order, num_labeled, key, learning_rate, detach_features)
+
+
+def _train_batch(graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: EpochPlan,
+                 step_index):
+  """Gathers batch `step_index` of the epoch `plan` from the pool, augments it, steps.
 
   Every batch of every round has the same shapes (the last one of an epoch is
   padded and masked), so one compilation serves the whole campaign.
   """
   start = step_index * cfg.batch_size
-  ids = jax.lax.dynamic_slice(order, (start,), (cfg.batch_size,))
-  mask = ((start + jnp.arange(cfg.batch_size)) < num_labeled).astype(jnp.float32)
+  ids = jax.lax.dynamic_slice(plan.order, (start,), (cfg.batch_size,))
+  mask = ((start + jnp.arange(cfg.batch_size)) < plan.num_labeled).astype(jnp.float32)
   if cfg.pool_sharded:
-    images, labels = sharding.gather_rows((pool_images, pool_labels), ids, cfg.mesh)
+    images, labels = sharding.gather_rows((pool.images, pool.labels), ids, cfg.mesh)
   else:
-    images, labels = pool_images[ids], pool_labels[ids]
+    images, labels = pool.images[ids], pool.labels[ids]
   # Padding rows may point at unlabeled images (label -1): give them a valid class.
   labels = jnp.where(mask > 0, labels, 0)
   if cfg.mesh is not None:  # split the batch over devices; parameters stay replicated
     images, labels, mask = (jax.lax.with_sharding_constraint(a, sharding.batch_sharded(cfg.mesh))
                             for a in (images, labels, mask))
-  images = augment(jax.random.fold_in(key, step_index + 1), images, cfg.crop_padding, cfg.flip)
-  return train_step(graphdef, cfg, state, normalize(images, mean, std), labels,
-                    mask, learning_rate, detach_features)
+  images = augment(jax.random.fold_in(plan.key, step_index + 1), images, cfg.crop_padding,
+                   cfg.flip)
+  batch = Batch(normalize(images, pool.mean, pool.std), labels, mask)
+  return train_step(graphdef, cfg, state, batch, plan.learning_rate, plan.detach_features)
 
 
 @functools.lru_cache(maxsize=16)
 def batch_step(graphdef, cfg: StepConfig):
   """The jitted `_train_batch` of one model structure, `state` donated. It takes
   arrays alone, so a step's dispatch skips hashing the graphdef (milliseconds for a
-  ResNet): `batch_step(graphdef, cfg)(state, pool_images, pool_labels, order, ...)`."""
+  ResNet): `batch_step(graphdef, cfg)(state, pool, plan, step_index)`."""
   return jax.jit(functools.partial(_train_batch, graphdef, cfg), donate_argnums=0)
 
 
@@ -217,29 +252,26 @@ METRICS = ("loss", "main_loss", "aux_loss", "correct", "count")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
-def train_steps(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_labels,
-                order, first_step, num_labeled, key, learning_rate, detach_features, mean, std):
+def train_steps(graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: EpochPlan,
+                first_step):
   """Steps `first_step`.. of an epoch in one call: a device-side loop over `_train_batch`.
 
-  The trip count follows `num_labeled` at run time (a while loop), so one
+  The trip count follows `plan.num_labeled` at run time (a while loop), so one
   compilation still serves every round.
   """
   def step(step_index, carry):
     state, totals = carry
-    state, metrics = _train_batch(graphdef, cfg, state, pool_images, pool_labels, order,
-                                  step_index, num_labeled, key, learning_rate,
-                                  detach_features, mean, std)
+    state, metrics = _train_batch(graphdef, cfg, state, pool, plan, step_index)
     return state, {k: totals[k] + metrics[k] for k in METRICS}
 
-  last = (num_labeled + cfg.batch_size - 1) // cfg.batch_size
+  last = (plan.num_labeled + cfg.batch_size - 1) // cfg.batch_size  # traced: no ceil_div
   totals = {k: jnp.zeros((), jnp.float32) for k in METRICS}
   return jax.lax.fori_loop(first_step, last, step, (state, totals))
 
 
-def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_labels,
-                labeled_ids, num_labeled: int, key, learning_rate, detach_features,
-                mean, std, *, first_step: int = 0, should_stop=lambda: False):
-  """Steps `first_step`.. of one epoch over the labeled set.
+def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: EpochPlan, *,
+                first_step: int = 0, should_stop=lambda: False):
+  """Steps `first_step`.. of the epoch `plan` over the labeled set.
 
   Returns (state, metrics summed over the examples seen, next step index);
   the epoch is complete when the index equals `num_steps(...)`, and stops
@@ -248,29 +280,22 @@ def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool_images, pool_
   with no host sync inside (XLA:CPU runs a step inside a loop body 40-85x
   slower than at top level); "scan": the whole epoch in one call
   (`train_steps`), which checks `should_stop` only at the epoch's start.
-  `labeled_ids` is padded to `cfg.steps_per_epoch * cfg.batch_size` ids; only
-  the first `num_labeled` are real. The batch order depends only on `key`, so
-  an epoch resumed at `first_step` continues the interrupted one exactly.
   """
-  order = epoch_order(jax.random.fold_in(key, 0), labeled_ids, num_labeled,
-                      cfg.steps_per_epoch * cfg.batch_size)
+  last = num_steps(cfg, int(plan.num_labeled))
   if cfg.epoch_loop == "scan":  # stop requests wait for the epoch's end
     if should_stop():
       return state, None, first_step
-    state, totals = train_steps(graphdef, cfg, state, pool_images, pool_labels, order,
-                                first_step, num_labeled, key, learning_rate, detach_features,
-                                mean, std)
-    return state, totals, num_steps(cfg, num_labeled)
+    state, totals = train_steps(graphdef, cfg, state, pool, plan, first_step)
+    return state, totals, last
   totals = None
   step = batch_step(graphdef, cfg)
-  for step_index in range(first_step, num_steps(cfg, num_labeled)):
+  for step_index in range(first_step, last):
     if should_stop():
       return state, totals, step_index
-    state, metrics = step(state, pool_images, pool_labels, order, step_index, num_labeled,
-                          key, learning_rate, detach_features, mean, std)
+    state, metrics = step(state, pool, plan, step_index)
     totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-  return state, totals, num_steps(cfg, num_labeled)
+  return state, totals, last
 
 
 def num_steps(cfg: StepConfig, num_labeled: int) -> int:
-  return -(-num_labeled // cfg.batch_size)
+  return ceil_div(num_labeled, cfg.batch_size)

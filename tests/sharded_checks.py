@@ -35,9 +35,10 @@ def train_params():
     graphdef, state = train.create_train_state(learner, cfg)
     state = sharding.replicate(state, mesh)
     ids = sharding.replicate(np.arange(64, dtype=np.int32), mesh)
-    state, _, _ = train.train_epoch(graphdef, cfg, state, *sharding.replicate((pool, labels), mesh),
-                                    ids, 48, jax.random.key(3), 0.1, False,
-                                    np.zeros(3, np.float32), np.ones(3, np.float32))
+    device_pool = train.Pool(*sharding.replicate(
+        (pool, labels, np.zeros(3, np.float32), np.ones(3, np.float32)), mesh))
+    plan = train.plan_epoch(cfg, ids, 48, jax.random.key(3), 0.1, False)
+    state, _, _ = train.train_epoch(graphdef, cfg, state, device_pool, plan)
     out.append([np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state)])
   return out
 

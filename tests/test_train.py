@@ -91,7 +91,8 @@ def test_train_step_lowers_the_loss(compute_dtype, learner_and_batch, fp32_losse
   cfg = train.StepConfig(**{**cfg.__dict__, "compute_dtype": compute_dtype})
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   mask = jnp.ones(16)
-  step = jax.jit(lambda s: train.train_step(graphdef, cfg, s, images, labels, mask, 0.05, False))
+  step = jax.jit(lambda s: train.train_step(graphdef, cfg, s, train.Batch(images, labels, mask),
+                                                      0.05, False))
   losses = []
   for _ in range(15):
     state, metrics = step(state)
@@ -111,9 +112,10 @@ def test_sgd_matches_pytorch_update_rule(learner_and_batch):
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   mask = jnp.ones(16)
   grads, _ = jax.grad(train._loss_fn, has_aux=True)(
-      state.params, graphdef, state.batch_stats, images, labels, mask, False, cfg)
+      state.params, graphdef, state.batch_stats, train.Batch(images, labels, mask), False, cfg)
   lr = 0.1
-  new_state, _ = train.train_step(graphdef, cfg, state, images, labels, mask, lr, False)
+  new_state, _ = train.train_step(graphdef, cfg, state, train.Batch(images, labels, mask), lr,
+                                  False)
   # First step of torch.optim.SGD(momentum=0.9, weight_decay=wd): p - lr * (g + wd * p).
   for p, g, q in zip(jax.tree.leaves(state.params), jax.tree.leaves(grads),
                      jax.tree.leaves(new_state.params)):
@@ -128,7 +130,8 @@ def test_detached_features_stop_aux_gradients_reaching_the_classifier(learner_an
 
   def classifier_grads(detach, step_cfg):
     grads, _ = jax.grad(train._loss_fn, has_aux=True)(
-        state.params, graphdef, state.batch_stats, images, labels, mask, detach, step_cfg)
+        state.params, graphdef, state.batch_stats, train.Batch(images, labels, mask), detach,
+        step_cfg)
     return jax.tree.leaves(grads["classifier"])
 
   without_aux = classifier_grads(False, main_only)
@@ -143,13 +146,13 @@ def test_padded_batch_equals_the_unpadded_one(learner_and_batch):
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   args = (state.params, graphdef, state.batch_stats)
   real = 11
-  full, (stats_full, m_full) = train._loss_fn(*args, images[:real], labels[:real],
-                                              jnp.ones(real), False, cfg)
+  full, (stats_full, m_full) = train._loss_fn(
+      *args, train.Batch(images[:real], labels[:real], jnp.ones(real)), False, cfg)
   padded = jnp.concatenate([images[:real], jnp.zeros((5, 16, 16, 3))])
   padded_labels = jnp.concatenate([labels[:real], jnp.zeros(5, labels.dtype)])
-  part, (stats_part, m_part) = train._loss_fn(*args, padded, padded_labels,
-                                              (jnp.arange(16) < real).astype(jnp.float32),
-                                              False, cfg)
+  part, (stats_part, m_part) = train._loss_fn(
+      *args, train.Batch(padded, padded_labels, (jnp.arange(16) < real).astype(jnp.float32)),
+      False, cfg)
   assert float(part) == pytest.approx(float(full), rel=1e-5)
   for a, b in zip(jax.tree.leaves(stats_full), jax.tree.leaves(stats_part)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -166,19 +169,19 @@ def test_scan_epoch_equals_the_host_loop(learner_and_batch):
   # One device-side loop per epoch (accelerators) and the host loop (CPU) take the same
   # steps on the same batches; a resumed epoch (first_step=2) too.
   learner, cfg, _, _ = learner_and_batch
-  pool = jax.random.randint(jax.random.key(4), (40, 16, 16, 3), 0, 256).astype(jnp.uint8)
-  pool_labels = jax.random.randint(jax.random.key(5), (40,), 0, 10)
+  pool = train.Pool(
+      jax.random.randint(jax.random.key(4), (40, 16, 16, 3), 0, 256).astype(jnp.uint8),
+      jax.random.randint(jax.random.key(5), (40,), 0, 10), jnp.full(3, 0.5), jnp.full(3, 0.25))
   labeled = jnp.zeros(cfg.steps_per_epoch * cfg.batch_size, jnp.int32).at[:37].set(jnp.arange(37))
-  mean, std = jnp.full(3, 0.5), jnp.full(3, 0.25)
+  plan = train.plan_epoch(cfg, labeled, 37, jax.random.key(6), 0.05, False)
   finals = {}
   for loop in ("host", "scan"):
     loop_cfg = train.StepConfig(**{**cfg.__dict__, "epoch_loop": loop})
     for first_step in (0, 2):
       graphdef, state = train.create_train_state(nnx.clone(learner), loop_cfg)
       state = jax.tree.map(jnp.copy, state)  # the epoch donates it; `learner` shares its arrays
-      state, totals, next_step = train.train_epoch(
-          graphdef, loop_cfg, state, pool, pool_labels, labeled, 37, jax.random.key(6), 0.05,
-          False, mean, std, first_step=first_step)
+      state, totals, next_step = train.train_epoch(graphdef, loop_cfg, state, pool, plan,
+                                                   first_step=first_step)
       assert next_step == 3  # ceil(37 / 16)
       finals[loop, first_step] = state, totals
   for first_step, seen in ((0, 37), (2, 5)):

@@ -1,0 +1,31 @@
+"""What the command-line programs (main, predict) share: flag parsing and quiet logging."""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+
+from lplgrad_jax import errors
+
+
+def start(argv) -> None:
+  """A program's first step: refuses stray arguments, quiets Orbax's and JAX's INFO logs."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log at INFO through absl
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
+
+
+def run(main, *, parse_errors=(flags.Error,), report=errors.exit_with) -> None:
+  """`app.run(main)`, a flag that cannot be parsed reported by `report` (no traceback)."""
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except parse_errors as e:
+      report(e)
+
+  app.run(main, flags_parser=parse)
