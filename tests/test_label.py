@@ -13,6 +13,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import chromium
 from conftest import REPO_ROOT
 from label_helpers import (copy_workdir, csv_labels, post_label, request, running, state,
                            stopped_campaign)
@@ -234,3 +235,89 @@ def test_the_continue_command_gives_the_campaigns_configuration(stopped, monkeyp
   saved = json.loads(json.dumps(results["config"]))  # as results.json holds it
   assert json.loads(json.dumps(parsed.value.to_dict())) == saved
   campaign.check_same_campaign(workdir, saved, parsed.value.to_dict())
+
+
+def _browser_or_skip():
+  executable = chromium.find_browser()
+  if executable is None:
+    pytest.skip("no Chromium found (chromium, chromium-browser or google-chrome on PATH): "
+                "`make browser` installs it (apt-get install chromium); the HTTP tests above "
+                "cover every server rule")
+  pytest.importorskip("websocket", reason="websocket-client is not installed: make test "
+                      "installs it (pip install -e '.[test]')")
+  return executable
+
+
+def test_a_whole_round_in_headless_chromium(stopped, workdir, capsys):
+  """Labels with keys and clicks, skips one, undoes, reloads, finishes, then continues."""
+  executable = _browser_or_skip()
+  config, _, _, digits = stopped
+  queried = _queried(stopped)
+  truth = {i: str(digits.y_train[i]) for i in queried}
+  skipped = queried[3]
+  progress = "document.getElementById('progress').textContent"
+  selected = "document.querySelector('.card.selected').dataset.id"
+
+  def labeled(count):
+    return browser.wait_for(f"{progress} === '{count} / {len(queried)} labeled'")
+
+  def give(i, by_click=False):  # the true class of photo i, by its key or its button
+    index = digits.class_names.index(truth[i])
+    assert browser.evaluate(selected) == str(i)
+    if by_click or index >= 9:
+      browser.click(f".buttons button[data-label='{truth[i]}']")
+    else:
+      browser.press(str(index + 1))
+
+  with running(workdir) as server:
+    browser = chromium.Browser(executable)
+    try:
+      browser.open(f"http://127.0.0.1:{server.server_address[1]}/")
+      labeled(0)
+      give(queried[0])
+      labeled(1)
+      give(queried[1], by_click=True)
+      labeled(2)
+      give(queried[2])
+      labeled(3)
+      browser.press("s")  # queried[3] fits no class
+      labeled(4)
+      give(queried[4])
+      labeled(5)
+      browser.press("u")  # undo: queried[4] is unlabeled again, and selected
+      labeled(4)
+      assert browser.evaluate(selected) == str(queried[4])
+      browser.press("ArrowRight")
+      browser.press("ArrowRight")
+      browser.press("ArrowLeft")
+      assert browser.evaluate(selected) == str(queried[5])
+      browser.click(f".card[data-id='{queried[4]}']")
+      give(queried[4])
+      labeled(5)
+      browser.reload()  # the saved answers come back; the first open photo is selected
+      labeled(5)
+      assert browser.wait_for(f"{selected} === '{queried[5]}' && {selected}")
+      badges = browser.evaluate("[...document.querySelectorAll('.card')].map(c => c.dataset.label)")
+      assert badges == [truth[i] if k < 5 and i != skipped else oracle.SKIP if i == skipped else ""
+                        for k, i in enumerate(queried)]
+      for count, i in enumerate(queried[5:], start=6):
+        give(i)
+        labeled(count)
+      browser.press("Backspace")  # undo the last one, then answer it again
+      labeled(len(queried) - 1)
+      give(queried[-1])
+      labeled(len(queried))
+      assert browser.wait_for("document.getElementById('done').classList.contains('complete')")
+      command = browser.evaluate("document.getElementById('command').textContent")
+      assert command == label.continue_command(workdir, json.load(
+          open(os.path.join(workdir, "results.json")))["config"])
+      assert browser.evaluate("document.getElementById('error').hidden")
+    finally:
+      browser.close()
+  expected = {i: oracle.SKIP if i == skipped else truth[i] for i in queried}
+  assert csv_labels(workdir) == expected
+  capsys.readouterr()
+  first, second = campaign.run(config, workdir)["rounds"]
+  assert "read 9 labels and 1 skips" in capsys.readouterr().out
+  assert first["skipped_ids"] == [skipped]
+  assert set(second["labeled_ids"]) == set(first["labeled_ids"]) | (set(queried) - {skipped})
