@@ -128,7 +128,11 @@ class Browser:
                 clickCount=1)
 
   def screenshot(self, path: str) -> None:
-    data = self.send("Page.captureScreenshot", format="png")["data"]
+    """A PNG of the whole page, also what lies below the window."""
+    width, height = self.evaluate("[document.documentElement.scrollWidth, "
+                                  "document.documentElement.scrollHeight]")
+    data = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+                     clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1})["data"]
     with open(path, "wb") as f:
       f.write(base64.b64decode(data))
 

@@ -21,7 +21,27 @@ async function load() {
   render();
 }
 
+// A class named by one digit has that digit as its key (digit classes "0"-"9" would be
+// confusing otherwise); the other classes take the free digits in order, 1 to 9 then 0.
+let keyOf = new Map();
+
+function assignKeys() {
+  keyOf = new Map();
+  state.classes.forEach((name) => {
+    if (/^[0-9]$/.test(name) && ![...keyOf.values()].includes(name)) keyOf.set(name, name);
+  });
+  const free = [..."1234567890"].filter((key) => ![...keyOf.values()].includes(key));
+  state.classes.forEach((name) => {
+    if (!keyOf.has(name) && free.length) keyOf.set(name, free.shift());
+  });
+}
+
+function classKey(name) {
+  return keyOf.get(name) || "";
+}
+
 function buildButtons() {
+  assignKeys();
   const box = $("buttons");
   box.replaceChildren();
   const add = (key, text, action, name) => {
@@ -29,6 +49,7 @@ function buildButtons() {
     button.type = "button";
     if (name) button.dataset.label = name;
     if (key) {
+      button.dataset.key = key;
       const kbd = document.createElement("kbd");
       kbd.textContent = key;
       button.append(kbd);
@@ -37,8 +58,7 @@ function buildButtons() {
     button.addEventListener("click", action);
     box.append(button);
   };
-  state.classes.forEach((name, k) =>
-    add(k < 9 ? String(k + 1) : "", name, () => answer(name), name));
+  state.classes.forEach((name) => add(classKey(name), name, () => answer(name), name));
   add("s", state.skip, () => answer(state.skip), state.skip);
   add("u", "undo", undo);
 }
@@ -68,14 +88,17 @@ function buildGrid() {
     }
     const caption = document.createElement("figcaption");
     caption.className = "caption";
-    const name = document.createElement("span");
-    name.className = "file";
-    name.textContent = `#${item.id} \u00b7 ${item.file}`;
-    name.title = item.file;
+    const id = document.createElement("span");
+    id.className = "id";
+    id.textContent = `id ${item.id}`;
     const badge = document.createElement("span");
     badge.className = "badge";
-    caption.append(name, badge);
-    card.append(frame, caption);
+    caption.append(id, badge);
+    const file = document.createElement("div");
+    file.className = "file";
+    file.textContent = item.file.split(/[\\/]/).pop();  // the file name; its path on hover
+    file.title = item.file;
+    card.append(frame, caption, file);
     card.addEventListener("click", () => select(k));
     grid.append(card);
   });
@@ -156,9 +179,9 @@ async function undo() {
 document.addEventListener("keydown", (event) => {
   if (!state || event.ctrlKey || event.metaKey || event.altKey) return;
   const key = event.key;
-  const number = Number.parseInt(key, 10);
-  if (number >= 1 && number <= Math.min(9, state.classes.length)) {
-    answer(state.classes[number - 1]);
+  const named = state.classes.find((name) => keyOf.get(name) === key);
+  if (named !== undefined) {
+    answer(named);
   } else if (key === "s" || key === "S") {
     answer(state.skip);
   } else if (key === "u" || key === "U" || key === "Backspace") {
