@@ -42,7 +42,7 @@ PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "label_page"
 ASSETS = {"/": ("index.html", "text/html; charset=utf-8"),
           "/label.js": ("label.js", "text/javascript; charset=utf-8"),
           "/label.css": ("label.css", "text/css; charset=utf-8")}
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")  # as urlsplit gives a Host header's name
 MAX_BODY = 1 << 16
 # The page runs only its own script and shows only its own images.
 SECURITY_HEADERS = {
@@ -136,14 +136,13 @@ def _flag_value(value) -> str:
   return str(value)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  flat = {}
+def _leaves(tree: dict, prefix: str = ""):
+  """(dotted key, value) of each leaf of a nested dict, as the --config.<key> flags name them."""
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{key}."))
+      yield from _leaves(value, f"{prefix}{key}.")
     else:
-      flat[prefix + key] = list(value) if isinstance(value, tuple) else value
-  return flat
+      yield prefix + key, value
 
 
 def continue_command(workdir: str, config: dict) -> str:
@@ -158,15 +157,15 @@ def continue_command(workdir: str, config: dict) -> str:
   repo = os.path.dirname(configs_dir)
   if repo not in sys.path:  # configs/*.py import `configs.default`
     sys.path.append(repo)
-  wanted = _flat(json.loads(json.dumps(config)))
+  wanted = dict(_leaves(json.loads(json.dumps(config))))  # tuples as JSON lists, as saved
   best = None
   names = sorted(os.listdir(configs_dir)) if os.path.isdir(configs_dir) else []
   for name in names:
     if not name.endswith(".py") or name.startswith("_"):
       continue
     try:
-      base = _flat(json.loads(json.dumps(
-          importlib.import_module(f"configs.{name[:-3]}").get_config().to_dict())))
+      base = dict(_leaves(json.loads(json.dumps(
+          importlib.import_module(f"configs.{name[:-3]}").get_config().to_dict()))))
     except Exception:  # pylint: disable=broad-except; a config that cannot load is no candidate
       continue
     differing = [k for k in wanted if k in base and base[k] != wanted[k]]
@@ -248,11 +247,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self._json(status, {"error": message})
 
   def _host_allowed(self) -> bool:
-    """Refuses other host names on a loopback server: a web page cannot reach it by DNS rebinding."""
+    """Whether the Host header names this machine, on a loopback server: a page of another
+    site that reaches it by DNS rebinding names its own host."""
     if self.server.server_address[0] not in ("127.0.0.1", "::1"):
       return True
     host = urllib.parse.urlsplit("//" + self.headers.get("Host", "")).hostname or ""
-    return host in LOOPBACK_NAMES or f"[{host}]" in LOOPBACK_NAMES
+    return host in LOOPBACK_NAMES
 
   def do_GET(self):  # pylint: disable=invalid-name
     path = urllib.parse.urlsplit(self.path).path
@@ -287,7 +287,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # A JSON body cannot be sent across sites without a CORS preflight, which is never granted.
     if self.headers.get_content_type() != "application/json":
       return self._error(415, "expected a JSON body (Content-Type: application/json)")
-    length = int(self.headers.get("Content-Length") or 0)
+    length = self.headers.get("Content-Length", "")
+    length = int(length) if length.isdigit() else 0
     if not 0 < length <= MAX_BODY:
       return self._error(413 if length else 400, "expected a JSON body of at most 64 KiB")
     try:
@@ -315,7 +316,8 @@ def answer_problem(query: Query, image_id, label) -> str | None:
   if isinstance(image_id, bool) or not isinstance(image_id, int):
     return f"id {image_id!r} is not an integer: expected an id of this query"
   if not isinstance(label, str):
-    return f"label {label!r} is not text: expected one of {', '.join([*query.class_names, oracle.SKIP])}"
+    return (f"label {label!r} is not text: expected one of "
+            f"{', '.join([*query.class_names, oracle.SKIP])}")
   problem = oracle.foreign_id_problem(image_id, query.ids)
   if problem is None and label.strip():
     problem = oracle.unknown_label_problem(image_id, label.strip(), query.class_names)

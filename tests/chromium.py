@@ -91,7 +91,8 @@ class Browser:
     may still be loading)."""
     deadline = time.monotonic() + timeout
     while True:
-      value = self.evaluate(f"(() => {{ try {{ return {expression}; }} catch (e) {{ return null; }} }})()")
+      value = self.evaluate(
+          f"(() => {{ try {{ return {expression}; }} catch (e) {{ return null; }} }})()")
       if value:
         return value
       if time.monotonic() > deadline:

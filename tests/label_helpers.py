@@ -3,7 +3,6 @@
 import contextlib
 import http.client
 import json
-import os
 import shutil
 import threading
 
@@ -12,7 +11,7 @@ from lplgrad_jax import campaign, label, oracle
 
 
 def stopped_campaign(photo_root: str, workdir: str):
-  """(config, results) of a 2-round human campaign that ran until it stopped for round 1's labels."""
+  """(config, results) of a 2-round human campaign, run until it stops for round 1's labels."""
   config = tiny_config(**{"oracle": "human", "data.source": "image_folder",
                           "data.root": photo_root, "al.num_rounds": 2})
   return config, campaign.run(config, workdir)
@@ -41,7 +40,9 @@ def request(server, method: str, path: str, body=None, headers=None):
   """(status, headers, body bytes) of one request sent as written (no path normalizing)."""
   connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
   try:
-    payload = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
+    payload = body
+    if body is not None and not isinstance(body, bytes):
+      payload = json.dumps(body).encode()
     all_headers = {"Content-Type": "application/json"} if payload is not None else {}
     all_headers.update(headers or {})
     connection.request(method, path, body=payload, headers=all_headers)

@@ -1,4 +1,5 @@
-"""The labeling page's server over plain HTTP: the API, the CSV it writes, validation and security."""
+"""The labeling page: its server over plain HTTP (the API, the CSV it writes, validation,
+security), then a whole round in headless Chromium."""
 
 import csv
 import io
@@ -122,7 +123,7 @@ def test_bad_answers_are_refused_with_the_csv_routes_messages(stopped, workdir):
 
 
 def test_only_the_queried_photos_are_served(stopped, workdir, tmp_path):
-  config, _, results, _ = stopped
+  config = stopped[0]
   queried = _queried(stopped)
   secret = tmp_path / "secret.png"
   secret.write_bytes(b"\x89PNG secret")
@@ -154,7 +155,6 @@ def test_only_the_queried_photos_are_served(stopped, workdir, tmp_path):
       assert post_label(server, queried[2], "1")[0] == 200
   finally:
     os.remove(link)
-  del results
 
 
 def test_concurrent_answers_are_all_kept(stopped, workdir):
@@ -220,6 +220,7 @@ def test_cli_refuses_a_folder_without_a_campaign(tmp_path):
                            "lplgrad_jax.main)\n")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # config_flags loads with load_module
 def test_the_continue_command_gives_the_campaigns_configuration(stopped, monkeypatch):
   config, workdir, results, _ = stopped
   command = label.continue_command(workdir, results["config"])
