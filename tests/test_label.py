@@ -193,9 +193,10 @@ def test_labels_from_the_page_continue_the_campaign(stopped, workdir, capsys):
     for i in queried:
       post_label(server, i, oracle.SKIP if i == skipped else str(digits.y_train[i]))
     assert state(server)["answered"] == len(queried)
-  capsys.readouterr()
-  continued = campaign.run(config, workdir)
-  assert "read 9 labels and 1 skips" in capsys.readouterr().out
+    capsys.readouterr()
+    continued = campaign.run(config, workdir)  # while the page is still open
+    assert "read 9 labels and 1 skips" in capsys.readouterr().out
+    assert not state(server)["pending"]  # the page says its answers are no longer read
   first, second = continued["rounds"]
   assert first["skipped_ids"] == [skipped]
   assert set(second["labeled_ids"]) == set(first["labeled_ids"]) | (set(queried) - {skipped})
