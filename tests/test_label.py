@@ -6,9 +6,11 @@ import io
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pytest
 from absl import flags
@@ -211,6 +213,25 @@ def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   return subprocess.run([sys.executable, "-m", "lplgrad_jax.label", *args], cwd=REPO_ROOT,
                         env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_serves_until_ctrl_c_then_prints_the_command(stopped, workdir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  process = subprocess.Popen([sys.executable, "-m", "lplgrad_jax.label", f"--workdir={workdir}",
+                              "--port=0"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    first = process.stdout.readline()
+    assert first == (f"round 1: 10 photos to label in {oracle.query_csv_path(workdir, 1)}\n")
+    url = process.stdout.readline().split()[1]
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/")
+    with urllib.request.urlopen(url + "api/state", timeout=10) as response:
+      assert json.load(response)["total"] == 10
+  finally:
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+  assert process.returncode == 0 and err == ""
+  assert out.endswith(f"Continue with:\n  {label.continue_command(workdir, stopped[2]['config'])}\n")
 
 
 def test_cli_refuses_a_folder_without_a_campaign(tmp_path):
