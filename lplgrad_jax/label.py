@@ -50,11 +50,6 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store"}
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a campaign that stopped for "
-                               "labels (config.oracle='human').")
-_PORT = flags.DEFINE_integer("port", 8765, "Port to listen on (0: any free port).")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on. The default lets only "
-                            "this machine in; reach it from elsewhere through an SSH port forward.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,14 +329,30 @@ def serve(workdir: str, host: str = "127.0.0.1", port: int = 8765) -> LabelServe
                       "--port or --host") from None
 
 
+def _define_flags() -> None:
+  """Defined only when run as a program, as in predict.py: lplgrad_jax.main defines --workdir
+  too, and importing this module (tests, other tools) must not clash with it."""
+  flags.DEFINE_string("workdir", None, "The --workdir of a campaign that stopped for labels "
+                      "(config.oracle='human').")
+  flags.DEFINE_integer("port", 8765, "Port to listen on (0: any free port).", lower_bound=0,
+                       upper_bound=65535)
+  flags.DEFINE_string("host", "127.0.0.1", "Address to listen on. The default lets only this "
+                      "machine in; reach it from elsewhere through an SSH port forward.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    errors.exit_with(e)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
-    errors.exit_with(ConfigError("--workdir is required: expected the --workdir of a campaign "
-                                 "that stopped for labels"))
   try:
-    server = serve(_WORKDIR.value, _HOST.value, _PORT.value)
+    server = serve(flags.FLAGS.workdir, flags.FLAGS.host, flags.FLAGS.port)
   except ConfigError as e:
     errors.exit_with(e)
   query = server.query
@@ -360,4 +371,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _define_flags()
+  app.run(main, flags_parser=_parse_flags)
