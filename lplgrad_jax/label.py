@@ -1,6 +1,7 @@
 """Labels the pending query of a human-oracle campaign in the browser.
 
   python -m lplgrad_jax.label --workdir=runs/mine [--port=8765] [--host=127.0.0.1]
+  python -m lplgrad_jax.label --predictions=runs/mine/predictions.csv --images=new_photos/
 
 Serves one page on http://127.0.0.1:8765/: the queried photos, best first,
 with class buttons and keys (1-9 a class, s skip, arrows move, u or Backspace
@@ -10,13 +11,18 @@ routes mix, and a restarted server shows what was saved. The page ends with
 the command that continues the campaign. On a remote machine, forward the
 port: `ssh -L 8765:127.0.0.1:8765 host`, then open http://127.0.0.1:8765/.
 
-Only the page's own assets and the queried photos (files inside the
-campaign's data.root) are served; a photo is asked for by its id, never by a
-path.
+The second form shows a predictor's output (lplgrad_jax.predict) the same
+way, read-only: each photo with its predicted class and confidence, least
+confident first.
+
+Only the page's own assets and the listed photos (files inside the
+campaign's data.root, or inside --images) are served; a photo is asked for by
+its number on the page, never by a path.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import fcntl
 import http.server
@@ -124,6 +130,42 @@ def load_query(workdir: str) -> Query:
                photos, names, continue_command(workdir, results["config"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+  """A predictor's output file, shown read-only, least confident first."""
+  csv_path: str
+  root: str                    # the --images folder (real path)
+  rows: tuple                  # (file as shown, class, confidence), least confident first
+  photos: dict                 # row number -> real path of a servable photo, or None
+
+
+def load_predictions(csv_path: str, images: str) -> Predictions:
+  """The rows of `csv_path` (file,class,confidence as lplgrad_jax.predict writes them)."""
+  root = os.path.realpath(os.path.expanduser(images))
+  if not os.path.isdir(root):
+    raise ConfigError(f"--images={images} is not a directory: expected the folder the "
+                      "predictions were made for")
+  try:
+    with open(csv_path, encoding="utf-8-sig", newline="") as f:
+      rows = [(r["file"], r["class"], float(r["confidence"])) for r in csv.DictReader(f)]
+  except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"--predictions={csv_path} is not a predictions file ({type(e).__name__}: "
+                      f"{e}): expected file,class,confidence as lplgrad_jax.predict writes "
+                      "them") from None
+  rows.sort(key=lambda row: row[2])
+  photos = {k: _servable(file, root) for k, (file, _, _) in enumerate(rows)}
+  shown = tuple((os.path.relpath(photos[k], root) if photos[k] else file, name, confidence)
+                for k, (file, name, confidence) in enumerate(rows))
+  return Predictions(csv_path, root, shown, photos)
+
+
+def predictions_state(view: Predictions) -> dict:
+  items = [{"id": k, "file": file, "label": name, "confidence": confidence, "valid": True,
+            "image": view.photos[k] is not None}
+           for k, (file, name, confidence) in enumerate(view.rows)]
+  return {"mode": "predictions", "csv": view.csv_path, "items": items, "total": len(items)}
+
+
 def _flag_value(value) -> str:
   if isinstance(value, (list, tuple)):
     inner = ", ".join(repr(v) for v in value)
@@ -194,20 +236,29 @@ def page_state(query: Query) -> dict:
         query.round_number)
   except ConfigError:
     still_pending = False
-  return {"round": query.round_number, "csv": query.csv_path, "classes": list(query.class_names),
-          "skip": oracle.SKIP, "items": items, "answered": answered, "total": len(items),
-          "command": query.command, "pending": still_pending}
+  return {"mode": "label", "round": query.round_number, "csv": query.csv_path,
+          "classes": list(query.class_names), "skip": oracle.SKIP, "items": items,
+          "answered": answered, "total": len(items), "command": query.command,
+          "pending": still_pending}
 
 
 class LabelServer(http.server.ThreadingHTTPServer):
-  """Serves the page of one query; answers are written one at a time."""
+  """Serves the page of one query (answers are written one at a time), or of predictions."""
 
   daemon_threads = True
 
-  def __init__(self, address, query: Query):
-    self.query = query
+  def __init__(self, address, view: Query | Predictions):
+    self.view = view
     self.write_lock = threading.Lock()
     super().__init__(address, _Handler)
+
+  @property
+  def query(self) -> Query | None:
+    """The query answers go to; None for predictions, which take none."""
+    return self.view if isinstance(self.view, Query) else None
+
+  def state(self) -> dict:
+    return page_state(self.view) if self.query else predictions_state(self.view)
 
   def save_answer(self, image_id: int, label: str) -> None:
     """Writes one answer; the lock file also serializes servers started twice on one workdir."""
@@ -258,7 +309,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       with open(os.path.join(PAGE_DIR, name), "rb") as f:
         return self._send(200, f.read(), content_type)
     if path == "/api/state":
-      return self._json(200, page_state(self.server.query))
+      return self._json(200, self.server.state())
     if path.startswith("/photo/") and path[len("/photo/"):].isdigit():
       return self._photo(int(path[len("/photo/"):]))
     return self._error(404, "not found")
@@ -266,10 +317,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   do_HEAD = do_GET
 
   def _photo(self, image_id: int) -> None:
-    real = self.server.query.photos.get(image_id)
+    real = self.server.view.photos.get(image_id)
     # Checked again: the folder may have changed since the server started.
-    if real is None or _servable(real, self.server.query.root) != real:
-      return self._error(404, f"no photo for id {image_id} in this query")
+    if real is None or _servable(real, self.server.view.root) != real:
+      return self._error(404, f"no photo numbered {image_id} on this page")
     with open(real, "rb") as f:
       body = f.read()
     self._send(200, body, mimetypes.guess_type(real)[0] or "application/octet-stream")
@@ -277,7 +328,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   def do_POST(self):  # pylint: disable=invalid-name
     if not self._host_allowed():
       return self._error(403, "unknown Host header: open the page as http://127.0.0.1:PORT/")
-    if urllib.parse.urlsplit(self.path).path != "/api/label":
+    if urllib.parse.urlsplit(self.path).path != "/api/label" or self.server.query is None:
       return self._error(404, "not found")
     # A JSON body cannot be sent across sites without a CORS preflight, which is never granted.
     if self.headers.get_content_type() != "application/json":
@@ -300,7 +351,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.server.save_answer(image_id, label.strip())
     except (OSError, ConfigError) as e:
       return self._error(409, f"cannot write {self.server.query.csv_path}: {e}")
-    self._json(200, page_state(self.server.query))
+    self._json(200, self.server.state())
 
 
 def answer_problem(query: Query, image_id, label) -> str | None:
@@ -319,11 +370,10 @@ def answer_problem(query: Query, image_id, label) -> str | None:
   return problem
 
 
-def serve(workdir: str, host: str = "127.0.0.1", port: int = 8765) -> LabelServer:
-  """A server for the pending query of `workdir`, bound and ready (`serve_forever` runs it)."""
-  query = load_query(workdir)
+def serve(view: Query | Predictions, host: str = "127.0.0.1", port: int = 8765) -> LabelServer:
+  """A server for `view` (load_query, load_predictions), bound and ready (`serve_forever`)."""
   try:
-    return LabelServer((host, port), query)
+    return LabelServer((host, port), view)
   except OSError as e:
     raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another "
                       "--port or --host") from None
@@ -338,7 +388,10 @@ def _define_flags() -> None:
                        upper_bound=65535)
   flags.DEFINE_string("host", "127.0.0.1", "Address to listen on. The default lets only this "
                       "machine in; reach it from elsewhere through an SSH port forward.")
-  flags.mark_flags_as_required(["workdir"])
+  flags.DEFINE_string("predictions", None, "Instead of --workdir: a predictions file of "
+                      "lplgrad_jax.predict to look through (read-only).")
+  flags.DEFINE_string("images", None, "With --predictions: the folder it classified; only "
+                      "photos inside it are shown.")
 
 
 def _parse_flags(argv):
@@ -351,15 +404,23 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  options = flags.FLAGS
   try:
-    server = serve(flags.FLAGS.workdir, flags.FLAGS.host, flags.FLAGS.port)
+    if bool(options.workdir) == bool(options.predictions) or (
+        options.predictions and not options.images):
+      raise ConfigError("expected --workdir=<a campaign stopped for labels>, or "
+                        "--predictions=<file> with --images=<the folder it classified>")
+    view = (load_query(options.workdir) if options.workdir else
+            load_predictions(options.predictions, options.images))
+    server = serve(view, options.host, options.port)
   except ConfigError as e:
     errors.exit_with(e)
   query = server.query
   host, port = server.server_address[:2]
   shown = f"[{host}]" if ":" in host else host
-  print(f"round {query.round_number}: {len(query.ids)} photos to label in {query.csv_path}\n"
-        f"open http://{shown}:{port}/ (from another machine: ssh -L {port}:127.0.0.1:{port} "
+  print(f"round {query.round_number}: {len(query.ids)} photos to label in {query.csv_path}"
+        if query else f"{len(view.rows)} predictions of {view.csv_path}", flush=True)
+  print(f"open http://{shown}:{port}/ (from another machine: ssh -L {port}:127.0.0.1:{port} "
         f"this-host, then open http://127.0.0.1:{port}/); Ctrl-C stops", flush=True)
   try:
     server.serve_forever()
@@ -367,7 +428,8 @@ def main(argv):
     pass
   finally:
     server.server_close()
-  print(f"stopped; the answers are in {query.csv_path}. Continue with:\n  {query.command}")
+  if query:
+    print(f"stopped; the answers are in {query.csv_path}. Continue with:\n  {query.command}")
 
 
 if __name__ == "__main__":

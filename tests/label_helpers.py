@@ -23,9 +23,9 @@ def copy_workdir(source: str, target: str) -> str:
 
 
 @contextlib.contextmanager
-def running(workdir: str):
-  """A label server for `workdir` on a free port, in a thread; yields it."""
-  server = label.serve(workdir, "127.0.0.1", 0)
+def running(view):
+  """A label server on a free port, in a thread, for a workdir's query or `view`; yields it."""
+  server = label.serve(label.load_query(view) if isinstance(view, str) else view, "127.0.0.1", 0)
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
   try:

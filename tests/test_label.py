@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import chromium
 from conftest import REPO_ROOT
 from label_helpers import (copy_workdir, csv_labels, post_label, request, running, state,
                            stopped_campaign)
-from lplgrad_jax import campaign, label, oracle
+from lplgrad_jax import campaign, label, oracle, predict
 from lplgrad_jax.errors import ConfigError
 from test_human import photo_folder  # noqa: F401  (a fixture)
 
@@ -231,7 +232,8 @@ def test_cli_serves_until_ctrl_c_then_prints_the_command(stopped, workdir):
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=30)
   assert process.returncode == 0 and err == ""
-  assert out.endswith(f"Continue with:\n  {label.continue_command(workdir, stopped[2]['config'])}\n")
+  command = label.continue_command(workdir, stopped[2]["config"])
+  assert out.endswith(f"Continue with:\n  {command}\n")
 
 
 def test_cli_refuses_a_folder_without_a_campaign(tmp_path):
@@ -346,3 +348,52 @@ def test_a_whole_round_in_headless_chromium(stopped, workdir, capsys):
   assert "read 9 labels and 1 skips" in capsys.readouterr().out
   assert first["skipped_ids"] == [skipped]
   assert set(second["labeled_ids"]) == set(first["labeled_ids"]) | (set(queried) - {skipped})
+
+
+def _predictions(stopped, tmp_path):
+  """A predictions file (as lplgrad_jax.predict writes it) of three photos of the folder's
+  unlabeled/ and one outside it; (view, folder's files)."""
+  folder = os.path.join(stopped[0].data.root, "unlabeled")
+  files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))[:3]]
+  outside = tmp_path / "outside.png"
+  shutil.copy(files[0], outside)
+  path = str(tmp_path / "predictions.csv")
+  predict.write_predictions(path, [(files[0], "3", 0.9), (files[1], "7", 0.25),
+                                   (str(outside), "1", 0.5), (files[2], "0", 0.625)])
+  return label.load_predictions(path, folder), files
+
+
+def test_predictions_are_shown_read_only_least_confident_first(stopped, tmp_path):
+  view, files = _predictions(stopped, tmp_path)
+  with running(view) as server:
+    shown = state(server)
+    assert shown["mode"] == "predictions"
+    rows = [(it["file"], it["label"], it["confidence"], it["image"]) for it in shown["items"]]
+    assert rows == [(os.path.basename(files[1]), "7", 0.25, True),
+                    (str(tmp_path / "outside.png"), "1", 0.5, False),
+                    (os.path.basename(files[2]), "0", 0.625, True),
+                    (os.path.basename(files[0]), "3", 0.9, True)]
+    status, _, body = request(server, "GET", "/photo/0")
+    with open(files[1], "rb") as f:
+      assert status == 200 and body == f.read()
+    assert request(server, "GET", "/photo/1")[0] == 404  # outside --images
+    assert post_label(server, 0, "3")[0] == 404  # nothing to answer
+
+
+def test_predictions_page_in_headless_chromium(stopped, tmp_path):
+  executable = _browser_or_skip()
+  view, _ = _predictions(stopped, tmp_path)
+  with running(view) as server:
+    browser = chromium.Browser(executable)
+    try:
+      browser.open(f"http://127.0.0.1:{server.server_address[1]}/")
+      browser.wait_for("document.getElementById('title').textContent === "
+                       "'4 predictions, least confident first'")
+      badges = browser.evaluate("[...document.querySelectorAll('.badge')].map(b => b.textContent)")
+      assert badges == ["7 25%", "1 50%", "0 63%", "3 90%"]
+      assert browser.evaluate("document.getElementById('buttons').offsetHeight") == 0
+      browser.press("ArrowRight")
+      browser.press("3")  # no answers here: a class key does nothing
+      assert browser.evaluate("document.querySelector('.card.selected').dataset.label") == "1"
+    finally:
+      browser.close()

@@ -14,6 +14,9 @@ function showError(message) {
 async function load() {
   const response = await fetch("/api/state", {cache: "no-store"});
   state = await response.json();
+  if (state.mode === "predictions") {  // read-only: no classes to give, nothing to continue
+    for (const id of ["buttons", "done", "help"]) $(id).hidden = true;
+  }
   buildButtons();
   buildGrid();
   const firstOpen = state.items.findIndex((item) => !item.valid);
@@ -41,9 +44,10 @@ function classKey(name) {
 }
 
 function buildButtons() {
-  assignKeys();
   const box = $("buttons");
   box.replaceChildren();
+  if (state.mode === "predictions") return;
+  assignKeys();
   const add = (key, text, action, name) => {
     const button = document.createElement("button");
     button.type = "button";
@@ -104,7 +108,24 @@ function buildGrid() {
   });
 }
 
+function renderPredictions() {
+  $("title").textContent = `${state.total} predictions, least confident first`;
+  $("csv").textContent = state.csv;
+  document.querySelectorAll(".card").forEach((card, k) => {
+    const item = state.items[k];
+    const badge = card.querySelector(".badge");
+    badge.textContent = `${item.label} ${(100 * item.confidence).toFixed(0)}%`;
+    badge.className = "badge answered";
+    card.dataset.label = item.label;
+    card.classList.toggle("selected", k === current);
+  });
+}
+
 function render() {
+  if (state.mode === "predictions") {
+    renderPredictions();
+    return;
+  }
   $("title").textContent = `Round ${state.round}: label ${state.total} photos`;
   $("progress").textContent = `${state.answered} / ${state.total} labeled`;
   $("bar").max = state.total;
@@ -179,8 +200,11 @@ async function undo() {
 document.addEventListener("keydown", (event) => {
   if (!state || event.ctrlKey || event.metaKey || event.altKey) return;
   const key = event.key;
-  const named = state.classes.find((name) => keyOf.get(name) === key);
-  if (named !== undefined) {
+  const labeling = state.mode === "label";
+  const named = labeling ? state.classes.find((name) => keyOf.get(name) === key) : undefined;
+  if (!labeling && !key.startsWith("Arrow")) {
+    return;
+  } else if (named !== undefined) {
     answer(named);
   } else if (key === "s" || key === "S") {
     answer(state.skip);
