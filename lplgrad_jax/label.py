@@ -57,7 +57,6 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store"}
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Query:
   """The pending query of a campaign: what the page shows and which answers it accepts."""
@@ -262,7 +261,8 @@ class LabelServer(http.server.ThreadingHTTPServer):
 
   def save_answer(self, image_id: int, label: str) -> None:
     """Writes one answer; the lock file also serializes servers started twice on one workdir."""
-    with self.write_lock, open(f"{self.query.csv_path}.lock", "w") as lock:
+    directory, name = os.path.split(self.query.csv_path)
+    with self.write_lock, open(os.path.join(directory, f".{name}.lock"), "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
       oracle.set_label(self.query.csv_path, image_id, label,
                        file=self.query.photos.get(image_id) or "")
