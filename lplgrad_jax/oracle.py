@@ -18,6 +18,7 @@ used, so a typo costs one rerun and never a half-applied round.
 from __future__ import annotations
 
 import abc
+import codecs
 import csv
 import dataclasses
 import io
@@ -99,12 +100,88 @@ def write_query(workdir: str, round_number: int, ids, files, scores, images,
   return csv_path, png_path
 
 
-def _table(text: str):
-  """(lower-cased header cells, csv reader over the rows after it) of a query file's
-  text, in whichever of `,` `;` or tab its header uses (spreadsheet exports vary)."""
+def _delimiter(text: str) -> str:
+  """Whichever of `,` `;` or tab a query file's header uses (spreadsheet exports vary)."""
   first_line = text.splitlines()[0] if text.strip() else ""
-  reader = csv.reader(io.StringIO(text, newline=""), delimiter=max(",;\t", key=first_line.count))
+  return max(",;\t", key=first_line.count)
+
+
+def _table(text: str):
+  """(lower-cased header cells, csv reader over the rows after it) of a query file's text."""
+  reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
   return [cell.strip().lower() for cell in next(reader, [])], reader
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryRow:
+  id: int
+  file: str
+  label: str  # as written, stripped; "" while unanswered
+
+
+def _read_text(csv_path: str) -> str:
+  try:
+    with open(csv_path, encoding="utf-8-sig", newline="") as f:
+      return f.read()
+  except FileNotFoundError:
+    raise ConfigError(f"query file {csv_path} is missing: expected the file the campaign "
+                      "wrote when it stopped for labels") from None
+  except UnicodeDecodeError:
+    raise ConfigError(f"{csv_path} is not UTF-8 text: save it as CSV (UTF-8)") from None
+
+
+def _columns(csv_path: str, header: list[str]) -> tuple[int, int]:
+  absent = [column for column in ("id", "label") if column not in header]
+  if absent:
+    raise ConfigError(f"{os.path.basename(csv_path)} line 1: no {' and no '.join(absent)} "
+                      f"column: expected the header {','.join(COLUMNS)}")
+  return header.index("id"), header.index("label")
+
+
+def query_rows(csv_path: str) -> list[QueryRow]:
+  """The rows of a query file with an integer id, in file order, labels as written so far."""
+  header, reader = _table(_read_text(csv_path))
+  id_column, label_column = _columns(csv_path, header)
+  file_column = header.index("file") if "file" in header else None
+  rows = []
+  for row in reader:
+    row = row + [""] * (len(header) - len(row))
+    if row[id_column].strip().isdigit():
+      file = row[file_column].strip() if file_column is not None else ""
+      rows.append(QueryRow(int(row[id_column]), file, row[label_column].strip()))
+  return rows
+
+
+def set_label(csv_path: str, image_id: int, label: str, file: str = "") -> None:
+  """Writes `label` ("" clears it) into the row of `image_id`, keeping everything else.
+
+  The file is re-read first, so answers written meanwhile (another tab, a
+  spreadsheet) stay; its separator, line ends, byte-order mark and columns are
+  kept. A row the person deleted is appended again (with `file`). The caller
+  serializes concurrent calls and validates `label`.
+  """
+  with open(csv_path, "rb") as f:
+    raw = f.read()
+  bom = raw.startswith(codecs.BOM_UTF8)
+  text = _read_text(csv_path)
+  delimiter = _delimiter(text)
+  rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+  header = [cell.strip().lower() for cell in rows[0]]
+  id_column, label_column = _columns(csv_path, header)
+  found = False
+  for k, row in enumerate(rows[1:], start=1):
+    if len(row) > id_column and row[id_column].strip() == str(image_id):
+      rows[k] = row + [""] * (len(header) - len(row))
+      rows[k][label_column] = label
+      found = True
+  if not found:
+    values = {"id": str(image_id), "file": file, "label": label}
+    rows.append([values.get(column, "") for column in header])
+  out = io.StringIO()
+  csv.writer(out, delimiter=delimiter,
+             lineterminator="\r\n" if "\r\n" in text else "\n").writerows(rows)
+  data = (codecs.BOM_UTF8 if bom else b"") + out.getvalue().encode("utf-8")
+  reporting.write_atomic(csv_path, lambda f: f.write(data), mode="wb")
 
 
 def filled_ids(csv_path: str) -> set[int] | None:
@@ -193,6 +270,29 @@ def _class_index(label: str, class_names) -> int | None:
   raise KeyError(label)
 
 
+def foreign_id_problem(image_id: int, expected_ids) -> str | None:
+  """Why `image_id` cannot be answered in this query, None if it can (both label routes)."""
+  if image_id not in expected_ids:
+    return f"id {image_id} is not one of this query's images"
+  return None
+
+
+def unknown_label_problem(image_id: int, label: str, class_names) -> str | None:
+  """Why `label` is no answer for `image_id`, None if it is one (both label routes)."""
+  try:
+    _class_index(label, list(class_names))
+  except KeyError:
+    return (f"unknown label {label!r} for id {image_id}: expected one of "
+            f"{', '.join([*class_names, SKIP])}")
+  return None
+
+
+def canonical_label(label: str, class_names) -> str:
+  """The class name (or SKIP) a valid filled-in label stands for; KeyError if it names none."""
+  index = _class_index(label, list(class_names))
+  return SKIP if index is None else class_names[index]
+
+
 def read_labels(csv_path: str, expected_ids, class_names) -> dict[int, int | None]:
   """The labels of a filled-in query file: {id: class index, or None for skip}.
 
@@ -233,8 +333,8 @@ def read_labels(csv_path: str, expected_ids, class_names) -> dict[int, int | Non
       problems.append(f"{name} line {line}: id {raw_id!r} is not an integer: expected an id "
                       "of this query")
       continue
-    if image_id not in expected:
-      problems.append(f"{name} line {line}: id {image_id} is not one of this query's images")
+    if (problem := foreign_id_problem(image_id, expected)) is not None:
+      problems.append(f"{name} line {line}: {problem}")
       continue
     if image_id in seen_on:
       problems.append(f"{name} line {line}: id {image_id} is listed again (first on line "
@@ -248,8 +348,7 @@ def read_labels(csv_path: str, expected_ids, class_names) -> dict[int, int | Non
     try:
       labels[image_id] = _class_index(label, class_names)
     except KeyError:
-      problems.append(f"{name} line {line}: unknown label {label!r} for id {image_id}: "
-                      f"expected one of {valid}")
+      problems.append(f"{name} line {line}: {unknown_label_problem(image_id, label, class_names)}")
   missing = [int(i) for i in expected_ids if int(i) not in seen_on]
   if missing:
     listed = ", ".join(str(i) for i in missing[:_MAX_LISTED])

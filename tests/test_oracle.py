@@ -124,6 +124,25 @@ def test_read_labels_file_problems(tmp_path):
     oracle.read_labels(path, [1], CLASSES)
 
 
+def test_set_label_changes_one_row_and_keeps_the_format(tmp_path):
+  # Reordered columns, an extra one, ";" and a blank line, as a spreadsheet may leave them.
+  path = _write(tmp_path / "round_1.csv",
+                "label;id;note;file\n;17;blurry;/p/17.png\n\ndog;3;;/p/3.png\n")
+  oracle.set_label(path, 17, "cat")
+  oracle.set_label(path, 3, "")  # cleared
+  oracle.set_label(path, 40, "skip", file="/p/40.png")  # its row was deleted: appended
+  with open(path, encoding="utf-8") as f:
+    assert f.read() == ("label;id;note;file\ncat;17;blurry;/p/17.png\n\n;3;;/p/3.png\n"
+                        "skip;40;;/p/40.png\n")
+  assert oracle.query_rows(path) == [oracle.QueryRow(17, "/p/17.png", "cat"),
+                                     oracle.QueryRow(3, "/p/3.png", ""),
+                                     oracle.QueryRow(40, "/p/40.png", "skip")]
+  oracle.set_label(path, 3, "Dog")
+  assert oracle.read_labels(path, [17, 3, 40], CLASSES) == {17: 0, 3: 1, 40: None}
+  with pytest.raises(ConfigError, match="no id column"):
+    oracle.set_label(_write(tmp_path / "bad.csv", "file,label\nx,\n"), 1, "cat")
+
+
 def _labeling_folder(root, test=False):
   """Pool files whose names are their expected ids; pixel value 20 * id marks each image."""
   files = {"labeled/dog/00001.png": 1, "labeled/cat/00003.png": 3, "labeled/cat/x/00005.jpg": 5,
