@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import io
 import os
+import shlex
 import textwrap
 import time
 from typing import TYPE_CHECKING
@@ -427,8 +428,9 @@ class HumanOracle(Oracle):
     return (f"round {n}: {len(state.pending_ids)} images to label. Write a class name "
             f"({', '.join(self.dataset.class_names)}) or {SKIP!r} in the label column of every "
             f"row of {query_csv_path(self.workdir, n)} (thumbnails: "
-            f"{contact_sheet_path(self.workdir, n)}), then rerun the same command (without "
-            "--restart) to continue")
+            f"{contact_sheet_path(self.workdir, n)}), or label them in the browser with "
+            f"python -m lplgrad_jax.label --workdir={shlex.quote(self.workdir)}; then rerun "
+            "the same command (without --restart) to continue")
 
   def _check_same_photos(self, state, dataset) -> None:
     """Refuses a labeling folder whose photos changed since the campaign started.
