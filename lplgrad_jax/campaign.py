@@ -31,7 +31,7 @@ from lplgrad_jax import sharding
 from lplgrad_jax import strategies
 from lplgrad_jax import train
 from lplgrad_jax.checkpoint import Checkpointer
-from lplgrad_jax.data import Dataset, load_dataset
+from lplgrad_jax.data import Dataset, input_normalization, load_dataset
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.distributed import say
 from lplgrad_jax.models import COMPUTE_DTYPES, create_learner
@@ -299,7 +299,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
   al = config.al
   final_size = check_budgets(al, dataset.num_train, len(dataset.seed_ids) if human else None)
   os.makedirs(workdir, exist_ok=True)
-  normalization = _pool_channel_stats(dataset)
+  normalization = input_normalization(config.data, dataset)
   use_aux = strategies.uses_aux(config)
   cfg = train.StepConfig.from_config(config.train, final_size, use_aux, mesh,
                                      pool_sharded=config.data.shard_pool)
@@ -340,6 +340,7 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
       f"{final_size - (al.num_rounds - 1) * al.query_size} -> {final_size} labeled; "
       f"{jax.device_count()} device(s) ({jax.devices()[0].platform})"
       + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""))
+  say(train.recipe_summary(config))
 
   def save(state):
     position["epochs_logged"] = logger.epochs_done
@@ -468,7 +469,7 @@ def _train_round(state, graphdef, config, cfg, pool, labeled, position, normaliz
     state, metrics, next_step = train.train_epoch(
         graphdef, cfg, state, pool[0], pool[1], padded_ids, len(labeled),
         derive_key(config.seed, _TRAIN, position["round"], epoch),
-        train.learning_rate_at(tc, epoch), epoch >= tc.detach_features_epoch,
+        train.learning_rate_at(tc, epoch), train.detach_features_at(tc, epoch),
         *normalization, first_step=position["step"], should_stop=stop)
     if next_step < train.num_steps(cfg, len(labeled)):  # stopped inside the epoch
       position.update(epoch=epoch, step=next_step)

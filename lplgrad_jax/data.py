@@ -20,9 +20,13 @@ from typing import Callable
 
 import numpy as np
 
+from lplgrad_jax import distributed
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.oracle import SKIP
 
+# data.normalization: "fixed" (data.mean / data.std, in [0, 1] units: the authors' code
+# normalises CIFAR-10 with constants) or "pool" (per-channel statistics of the training pool).
+NORMALIZATIONS = ("fixed", "pool")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped", "caltech101")
 
@@ -345,6 +349,29 @@ def load_tfds(data_config, rows: RowRange | None = None) -> Dataset:
   class_names = tuple(builder.info.features[label].names)
   return Dataset(name, x_train, y_train, x_test, y_test, class_names,
                  first_row=first_row or 0, pool_size=pool_size)
+
+
+def input_normalization(data_config, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+  """The per-channel (mean, std) that images are normalised with, as `data.normalization` says.
+
+  "pool": statistics of the whole pool, also when each process holds a shard of it.
+  """
+  if data_config.normalization not in NORMALIZATIONS:
+    raise ConfigError(f"unknown data.normalization {data_config.normalization!r}: expected "
+                      f"one of {', '.join(NORMALIZATIONS)}")
+  if data_config.normalization == "fixed":
+    mean, std = (np.asarray(data_config[k], np.float32) for k in ("mean", "std"))
+    if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0):
+      raise ConfigError(f"data.mean={tuple(data_config.mean)} data.std={tuple(data_config.std)}: "
+                        "expected 3 values each, std > 0")
+    return mean, std
+  if dataset.pool_size is None:
+    return dataset.channel_stats()
+  pixels = dataset.x_train.reshape(-1, 3).astype(np.float64) / 255.0
+  count = distributed.sum_over_processes(np.array([len(pixels)]))[0]
+  mean = distributed.sum_over_processes(pixels.sum(0)) / count
+  var = distributed.sum_over_processes(np.square(pixels - mean).sum(0)) / count
+  return mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-3).astype(np.float32)
 
 
 SOURCES: dict[str, Callable[..., Dataset]] = {
