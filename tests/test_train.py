@@ -231,3 +231,12 @@ def test_scan_epoch_equals_the_host_loop(learner_and_batch):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   with pytest.raises(ConfigError, match="unknown train.epoch_loop 'gpu'"):
     train.resolve_epoch_loop("gpu")
+
+
+def test_recipe_summary_names_the_choices():
+  from configs import cifar10
+  line = train.recipe_summary(cifar10.get_config())
+  assert line == ("recipe: init pytorch, BatchNorm running variance unbiased, normalisation "
+                  "fixed mean (0.4914, 0.4822, 0.4465) std (0.2023, 0.1994, 0.201); lr 0.1 x0.1 "
+                  "at epochs (160,), loss-head lr constant, features detached after epoch 120")
+  assert "normalisation pool statistics" in train.recipe_summary(tiny_config())
