@@ -12,6 +12,7 @@ def get_config(budget: str = "high"):
   config.data.source = "image_folder"
   config.data.name = "cdd"
   config.data.root = ""
+  config.data.normalization = "pool"
   config.data.image_size = 32
   config.train.epochs = 50
   config.train.learning_rate = 0.01

@@ -33,12 +33,23 @@ def get_config() -> ml_collections.ConfigDict:
   # Multi-host: each process loads only its devices' rows of the pool, which stays split
   # by rows over the devices (batches are gathered with one all-reduce of their rows).
   config.data.shard_pool = False
+  # fixed: data.mean / data.std, the CIFAR-10 constants of the authors' code | pool: the
+  # pool's per-channel statistics (image folders, digits, data sets without such constants).
+  config.data.normalization = "fixed"
+  config.data.mean = (0.4914, 0.4822, 0.4465)
+  config.data.std = (0.2023, 0.1994, 0.2010)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet18"
   config.model.width = 64
   config.model.stem = "cifar"          # cifar (3x3, no pool) | imagenet (7x7/2 + pool)
   config.model.loss_head_width = 128
+  # pytorch: PyTorch's default init of every conv and linear layer (the authors' code) |
+  # he: He-normal fan_out convolutions, lecun_normal / zero-bias dense layers.
+  config.model.init = "pytorch"
+  # unbiased: running variance updated with n/(n-1) times the batch variance (PyTorch) |
+  # biased: with the batch variance itself (Flax).
+  config.model.bn_running_var = "unbiased"
 
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 200
@@ -47,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.learning_rate = 0.1
   config.train.lr_milestones = (160,)
   config.train.lr_decay = 0.1
+  # constant: the loss-prediction module keeps learning_rate (the authors' code never steps
+  # its scheduler) | decay: it follows the main model's step decay.
+  config.train.aux_lr_schedule = "constant"
   config.train.momentum = 0.9
   config.train.weight_decay = 5e-4
   # Train the loss-prediction module jointly: None = the strategy's default
@@ -55,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.aux_weight = 1.0
   config.train.margin = 1.0
   config.train.detach_features_epoch = 120
+  # after: the ranking loss stops reaching the main model when epoch > detach_features_epoch
+  # (0-based, the authors' `epoch > epoch_loss`) | from: when epoch >= detach_features_epoch.
+  config.train.detach_rule = "after"
   config.train.augment = "crop_flip"   # crop_flip | crop | flip | none
   config.train.crop_padding = 4
   config.train.reinit_each_round = False  # False: warm start, as the authors' code

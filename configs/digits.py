@@ -11,6 +11,7 @@ def get_config():
   config.data.source = "digits"
   config.data.name = "digits"
   config.data.image_size = 16
+  config.data.normalization = "pool"
   config.model.width = 16
   config.train.epochs = 30
   config.train.batch_size = 64

@@ -32,7 +32,7 @@ from lplgrad_jax import strategies
 from lplgrad_jax import train
 from lplgrad_jax.campaign_state import CampaignState, RoundRecord
 from lplgrad_jax.checkpoint import Checkpointer
-from lplgrad_jax.data import Dataset, load_dataset
+from lplgrad_jax.data import Dataset, input_normalization, load_dataset
 from lplgrad_jax.distributed import say
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.models import create_learner
@@ -134,13 +134,14 @@ class Campaign:
     state.config = config.to_dict()
     oracle = make_oracle(config, workdir)
     dataset = oracle.start(state, dataset)  # the labels given so far
-    normalization = dataset.channel_stats()
+    normalization = input_normalization(config.data, dataset)
     pool = _pool_on_devices(dataset, normalization, config.data.shard_pool, mesh)
     logger = reporting.MetricsLogger(
         workdir, config.log.tensorboard and distributed.is_main_process(), state.epochs_logged)
     campaign = cls(config, workdir, dataset, oracle, checkpointer, mesh, step_config, pool,
                    normalization, learner, graphdef, train_state, state, logger)
     say(campaign.describe(final_size))
+    say(train.recipe_summary(config))
     return campaign
 
   def run_rounds(self, stop: StopRequest) -> Outcome:
@@ -205,7 +206,7 @@ class Campaign:
       plan = train.plan_epoch(cfg, padded_ids, len(labeled),
                               derive_key(self.config.seed, _TRAIN, s.round, epoch),
                               train.learning_rate_at(tc, epoch),
-                              epoch >= tc.detach_features_epoch)
+                              train.detach_features_at(tc, epoch))
       self.train_state, metrics, next_step = train.train_epoch(
           self.graphdef, cfg, self.train_state, self.pool, plan, first_step=s.step,
           should_stop=stop)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+from lplgrad_jax import data
+from lplgrad_jax import models
 from lplgrad_jax import query
 from lplgrad_jax import strategies
 from lplgrad_jax import train
@@ -62,6 +64,12 @@ def validate_config(config) -> None:
                       f"{config.data.source!r}: set data.source='image_folder' and data.root "
                       "to a folder with labeled/<class>/ and unlabeled/")
   check_choice(config.train.augment, AUGMENTATIONS, "train.augment")
+  # The recipe's choices (README: Fidelity to the authors' code).
+  check_choice(config.model.init, models.INITS, "model.init")
+  check_choice(config.model.bn_running_var, models.BN_RUNNING_VARS, "model.bn_running_var")
+  check_choice(config.train.aux_lr_schedule, train.AUX_LR_SCHEDULES, "train.aux_lr_schedule")
+  check_choice(config.train.detach_rule, train.DETACH_RULES, "train.detach_rule")
+  check_choice(config.data.normalization, data.NORMALIZATIONS, "data.normalization")
 
 
 def check_batch_split(batch_size: int, num_devices: int) -> None:

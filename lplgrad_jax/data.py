@@ -24,6 +24,9 @@ from lplgrad_jax import distributed
 from lplgrad_jax.errors import ConfigError, check_choice
 from lplgrad_jax.oracle import SKIP
 
+# data.normalization: "fixed" (data.mean / data.std, in [0, 1] units: the authors' code
+# normalises CIFAR-10 with constants) or "pool" (per-channel statistics of the training pool).
+NORMALIZATIONS = ("fixed", "pool")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped", "caltech101")
 
@@ -357,6 +360,20 @@ def load_tfds(data_config, rows: RowRange | None = None) -> Dataset:
   class_names = tuple(builder.info.features[label].names)
   return Dataset(name, x_train, y_train, x_test, y_test, class_names,
                  first_row=first_row or 0, pool_size=pool_size)
+
+
+def input_normalization(data_config, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+  """The per-channel (mean, std) that images are normalised with, as `data.normalization` says.
+
+  "pool": statistics of the whole pool, also when each process holds a shard of it.
+  """
+  if check_choice(data_config.normalization, NORMALIZATIONS, "data.normalization") == "fixed":
+    mean, std = (np.asarray(data_config[k], np.float32) for k in ("mean", "std"))
+    if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0):
+      raise ConfigError(f"data.mean={tuple(data_config.mean)} data.std={tuple(data_config.std)}: "
+                        "expected 3 values each, std > 0")
+    return mean, std
+  return dataset.channel_stats()
 
 
 SOURCES: dict[str, Callable[..., Dataset]] = {

@@ -170,3 +170,29 @@ def test_tfds_missing_data_dir(tmp_path):
   with pytest.raises(ConfigError, match="does not exist"):
     data.load_dataset(_data_config(source="tfds", name="cifar10",
                                    data_dir=str(tmp_path / "absent"), download=False))
+
+
+def test_input_normalization_fixed_or_pool():
+  from configs import cifar10, cifar100, svhn
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (5, 4, 4, 3), np.uint8)
+  dataset = data.Dataset("t", x, np.zeros(5, np.int32), x, np.zeros(5, np.int32), ("a",))
+  mean, std = data.input_normalization(cifar10.get_config().data, dataset)
+  # The constants of the authors' (and Learning Loss's) code.
+  np.testing.assert_array_equal(mean, np.float32([0.4914, 0.4822, 0.4465]))
+  np.testing.assert_array_equal(std, np.float32([0.2023, 0.1994, 0.2010]))
+  mean, _ = data.input_normalization(cifar100.get_config().data, dataset)
+  np.testing.assert_array_equal(mean, np.float32([0.5071, 0.4867, 0.4408]))
+  for config in (svhn.get_config(), tiny_config()):  # no constants in the code: the pool's
+    mean, std = data.input_normalization(config.data, dataset)
+    pixels = x.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std, pixels.std(0), rtol=1e-6)
+  config = cifar10.get_config()
+  config.data.normalization = "imagenet"
+  with pytest.raises(ConfigError, match="unknown data.normalization 'imagenet'"):
+    data.input_normalization(config.data, dataset)
+  config.data.normalization = "fixed"
+  config.data.std = (0.2, 0.0, 0.2)
+  with pytest.raises(ConfigError, match=r"data.std=\(0.2, 0.0, 0.2\)"):
+    data.input_normalization(config.data, dataset)

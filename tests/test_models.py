@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from lplgrad_jax.errors import ConfigError
-from lplgrad_jax.models import LossPredictionModule, ResNet18
+from lplgrad_jax.models import Layers, LossPredictionModule, ResNet18
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,41 @@ def test_loss_head_outputs_one_scalar_per_example(model):
 def test_unknown_stem_is_a_config_error():
   with pytest.raises(ConfigError, match="stem"):
     ResNet18(3, width=4, stem="vit", rngs=nnx.Rngs(0))
+
+
+def test_pytorch_and_he_initialisation():
+  # PyTorch's default (the authors' code): kaiming_uniform(a=sqrt(5)) weights and uniform
+  # biases, both within +-1/sqrt(fan_in); BatchNorm scale 1, bias 0.
+  def weights(init):
+    model = ResNet18(10, width=16, layers=Layers(init), rngs=nnx.Rngs(0))
+    return model, np.asarray(model.stages[2][0].conv1.kernel[...]), model.head
+  model, kernel, head = weights("pytorch")
+  bound = 1 / np.sqrt(3 * 3 * 32)  # fan_in of a 3x3 conv from 32 channels
+  assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.95 * bound
+  assert np.std(kernel) == pytest.approx(bound / np.sqrt(3), rel=0.05)  # uniform's std
+  for leaf in (head.kernel[...], head.bias[...]):
+    assert np.abs(leaf).max() <= 1 / np.sqrt(128) and np.std(leaf) > 0.5 / np.sqrt(3 * 128)
+  np.testing.assert_array_equal(model.stem_bn.scale[...], 1.0)
+  _, kernel, head = weights("he")  # He-normal fan_out: std sqrt(2 / (9 * 64))
+  assert np.std(kernel) == pytest.approx(np.sqrt(2 / (9 * 64)), rel=0.05)
+  np.testing.assert_array_equal(head.bias[...], 0.0)
+  with pytest.raises(ConfigError, match="unknown model.init 'xavier'"):
+    Layers("xavier")
+  with pytest.raises(ConfigError, match="unknown model.bn_running_var 'none'"):
+    Layers(bn_running_var="none")
+
+
+@pytest.mark.parametrize("rule", ["unbiased", "biased"])
+def test_batchnorm_running_variance(rule):
+  # PyTorch updates the running variance with the unbiased batch variance (n/(n-1), n the
+  # unmasked values per channel); the batch itself is normalised with the biased one.
+  bn = Layers(bn_running_var=rule).batch_norm(3, nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(3), (6, 2, 2, 3)) * jnp.array([1.0, 2.0, 0.5]) + 1.0
+  padded = jnp.concatenate([x, 50.0 * jnp.ones((2, 2, 2, 3))])
+  y = bn(padded, mask=jnp.array([1] * 6 + [0] * 2).reshape(-1, 1, 1, 1).astype(bool))
+  values = np.asarray(x, np.float64).reshape(-1, 3)
+  var = values.var(0, ddof=1 if rule == "unbiased" else 0)
+  np.testing.assert_allclose(bn.var[...], 0.9 * 1.0 + 0.1 * var, rtol=1e-5)
+  np.testing.assert_allclose(bn.mean[...], 0.1 * values.mean(0), rtol=1e-5, atol=1e-7)
+  normalised = (values - values.mean(0)) / np.sqrt(values.var(0) + 1e-5)
+  np.testing.assert_allclose(np.asarray(y[:6]).reshape(-1, 3), normalised, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -47,7 +48,30 @@ def test_learning_rate_step_decay():
   config.train.learning_rate = 0.1
   config.train.lr_milestones = (3, 5)
   rates = [train.learning_rate_at(config.train, e) for e in range(7)]
-  np.testing.assert_allclose(rates, [0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+  np.testing.assert_allclose([r.main for r in rates], [0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+  # The authors never step the loss-prediction module's scheduler.
+  assert config.train.aux_lr_schedule == "constant"
+  np.testing.assert_allclose([r.aux for r in rates], [0.1] * 7)
+  config.train.aux_lr_schedule = "decay"
+  assert [train.learning_rate_at(config.train, e) for e in range(7)] == [
+      (r.main, r.main) for r in rates]
+  config.train.aux_lr_schedule = "never"
+  with pytest.raises(ConfigError, match="unknown train.aux_lr_schedule 'never'"):
+    train.learning_rate_at(config.train, 0)
+
+
+def test_detach_rule():
+  config = tiny_config()
+  config.train.detach_features_epoch = 120
+  assert config.train.detach_rule == "after"  # the authors' `epoch > epoch_loss`
+  assert [train.detach_features_at(config.train, e) for e in (119, 120, 121)] == [
+      False, False, True]
+  config.train.detach_rule = "from"
+  assert [train.detach_features_at(config.train, e) for e in (119, 120, 121)] == [
+      False, True, True]
+  config.train.detach_rule = "later"
+  with pytest.raises(ConfigError, match="unknown train.detach_rule 'later'"):
+    train.detach_features_at(config.train, 0)
 
 
 def test_augment_crop_and_flip():
@@ -122,6 +146,24 @@ def test_sgd_matches_pytorch_update_rule(learner_and_batch):
     np.testing.assert_allclose(q, p - lr * (g + cfg.weight_decay * p), rtol=1e-5, atol=1e-7)
 
 
+def test_loss_head_steps_with_its_own_learning_rate(learner_and_batch):
+  # Two rates, as the authors' two optimizers: the loss head's update is its own rate times
+  # the same (decayed, momentum) direction; the optimizer state keeps its old structure.
+  learner, cfg, images, labels = learner_and_batch
+  graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
+  assert jax.tree.structure(state.opt_state) == jax.tree.structure(
+      optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                  optax.sgd(0.1, momentum=cfg.momentum)).init(state.params))
+  grads, _ = jax.grad(train._loss_fn, has_aux=True)(
+      state.params, graphdef, state.batch_stats, images, labels, jnp.ones(16), False, cfg)
+  one, _ = train.make_optimizer(0.1, cfg).update(grads, state.opt_state, state.params)
+  two, _ = train.make_optimizer(train.LearningRates(0.1, 0.025), cfg).update(
+      grads, state.opt_state, state.params)
+  for part, ratio in (("classifier", 1.0), ("loss_head", 0.25)):
+    for a, b in zip(jax.tree.leaves(one[part]), jax.tree.leaves(two[part])):
+      np.testing.assert_allclose(b, ratio * a, rtol=1e-6)
+
+
 def test_detached_features_stop_aux_gradients_reaching_the_classifier(learner_and_batch):
   learner, cfg, images, labels = learner_and_batch
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
@@ -192,3 +234,12 @@ def test_scan_epoch_equals_the_host_loop(learner_and_batch):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   with pytest.raises(ConfigError, match="unknown train.epoch_loop 'gpu'"):
     train.resolve_epoch_loop("gpu")
+
+
+def test_recipe_summary_names_the_choices():
+  from configs import cifar10
+  line = train.recipe_summary(cifar10.get_config())
+  assert line == ("recipe: init pytorch, BatchNorm running variance unbiased, normalisation "
+                  "fixed mean (0.4914, 0.4822, 0.4465) std (0.2023, 0.1994, 0.201); lr 0.1 x0.1 "
+                  "at epochs (160,), loss-head lr constant, features detached after epoch 120")
+  assert "normalisation pool statistics" in train.recipe_summary(tiny_config())
