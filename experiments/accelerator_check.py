@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import platform
 import shutil
@@ -55,7 +56,9 @@ class Sizes:
   dtypes: tuple = ("float32", "bfloat16")
   loops: tuple = ("host", "scan")
   subset: int = SUBSET
-  epoch_images: int = 5000     # the labeled set of the timed epochs
+  # The labeled set of the timed epochs: the campaign's last (rounds x query), so that the
+  # train step, the host epoch and the campaign share one compilation (same buffer sizes).
+  epoch_images: int = 3000
   torch_images: int = 128      # the PyTorch query's batch
   repeats: int = 3
   campaign_rounds: int = 3
@@ -84,6 +87,8 @@ def parse_args(argv):
   parser.add_argument("--budget_s", type=float, default=None,
                       help="seconds from start after which optional parts are skipped "
                            "(default 420; --smoke 600)")
+  parser.add_argument("--grace_s", type=float, default=45.0,
+                      help="after budget_s + grace_s a watchdog writes the report and exits 3")
   parser.add_argument("--data", default=None, help="the CIFAR-10 subset .npz (real mode)")
   parser.add_argument("--width", type=int, default=None, help="ResNet-18 width (default 64)")
   parser.add_argument("--chunks", default=None, help="query chunk sizes, e.g. 256,1024,4096")
@@ -91,6 +96,9 @@ def parse_args(argv):
   parser.add_argument("--subset", type=int, default=None, help="R, the images a query scores")
   parser.add_argument("--epoch_images", type=int, default=None, help="labeled set of an epoch")
   parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
+  parser.add_argument("--campaign_epochs", type=int, default=None, help="epochs per round")
+  parser.add_argument("--campaign_query", type=int, default=None,
+                      help="the campaign's initial and per-round labeled images")
   parser.add_argument("--no_torch_compile", action="store_true", help="skip torch.compile")
   return parser.parse_args(argv)
 
@@ -116,9 +124,12 @@ def _int_list(text, name):
 def resolve_sizes(args) -> Sizes:
   """The mode's sizes with the command line's overrides (ConfigError on bad values)."""
   sizes = dataclasses.replace(SMOKE if args.smoke else Sizes())
-  for name in ("width", "subset", "epoch_images", "repeats"):
+  for name in ("width", "subset", "epoch_images", "repeats", "campaign_epochs",
+               "campaign_query"):
     if getattr(args, name) is not None:
       setattr(sizes, name, int(_positive(getattr(args, name), name)))
+  if args.epoch_images is None and args.campaign_query is not None:
+    sizes.epoch_images = sizes.campaign_query * sizes.campaign_rounds  # keep the shared compile
   if args.chunks is not None:
     sizes.chunks = _int_list(args.chunks, "chunks")
     sizes.vmap_chunks = tuple(c for c in sizes.vmap_chunks if c in sizes.chunks) or sizes.chunks[:1]
@@ -128,6 +139,7 @@ def resolve_sizes(args) -> Sizes:
   if args.no_torch_compile:
     sizes.torch_compile = False
   _positive(args.budget_s, "budget_s")
+  _positive(args.grace_s, "grace_s")
   return sizes
 
 
@@ -339,9 +351,10 @@ def train_section(clock, sizes, learner, train_config, pool, mean, std, mesh, pr
       if (batch == sizes.batches[0]) != (priority == 0):
         continue
       config = _train_config(train_config, batch, dtype, "host")
+      labeled = sizes.epoch_images if batch == sizes.batches[0] else batch
       entry = measure(clock, f"train step {dtype} batch {batch}",
-                      lambda: bench.make_train_step(learner, config, pool, mean, std, mesh),
-                      batch, sizes.repeats, sync)
+                      lambda: bench.make_train_step(learner, config, pool, mean, std, mesh,
+                                                    labeled), batch, sizes.repeats, sync)
       if entry is not None:
         steps.append({"dtype": dtype, "batch": batch, **entry})
   loop_dtypes = _dtypes(sizes)[::-1]  # bf16 first: the candidate accelerator default
@@ -512,7 +525,7 @@ def campaign_section(clock, sizes, config, dataset, startup_s):
   config.train.batch_size = sizes.batches[0]
   config.train.detach_features_epoch = sizes.campaign_epochs
   config.al.initial_size = config.al.query_size = sizes.campaign_query
-  config.al.subset_size = sizes.campaign_subset
+  config.al.subset_size = max(sizes.campaign_subset, sizes.campaign_query)
   config.al.num_rounds = sizes.campaign_rounds
   config.query.chunk_size = sizes.main_chunk
   config.log.progress = False
@@ -574,12 +587,12 @@ def _importable(name: str) -> bool:
     return False
 
 
-def run_check(args, sizes: Sizes, mode: str, budget_s: float, startup_s: float) -> dict:
+def run_check(args, sizes: Sizes, report: dict, clock: Clock) -> dict:
+  """Fills `report` section by section, in priority order (a watchdog may write it early)."""
   import jax
   import numpy as np
   from lplgrad_jax import models, sharding
-  clock = Clock(budget_s)
-  report = {"schema": 1, "header": header(mode, sizes, budget_s, startup_s)}
+  startup_s = report["header"]["startup_s"]
   config, dataset, campaign_ok = load_pool(args, args.smoke, clock)
   config.model.width = sizes.width
   mean, std = dataset.channel_stats()
@@ -592,31 +605,64 @@ def run_check(args, sizes: Sizes, mode: str, budget_s: float, startup_s: float) 
                                   key=jax.random.key(0))
   mesh = sharding.data_mesh()
   pool = sharding.replicate((images, labels), mesh)
-  query_rows, steps, epochs = [], [], []
-  torch_report = {"available": None, "rows": []}
+  train_report, torch_report = report["train"], report["torch"]
   for priority in (0, 1):
-    query_rows += query_section(clock, sizes, learner.classifier, images, mean, std, mesh,
-                                priority)
-    new_steps, new_epochs = train_section(clock, sizes, learner, config.train, pool, mean, std,
-                                          mesh, priority)
-    steps, epochs = steps + new_steps, epochs + new_epochs
+    report["query"]["rows"] += query_section(clock, sizes, learner.classifier, images, mean,
+                                             std, mesh, priority)
+    steps, epochs = train_section(clock, sizes, learner, config.train, pool, mean, std, mesh,
+                                  priority)
+    train_report["steps"] += steps
+    train_report["epochs"] += epochs
     if priority == 0 or torch_report["available"]:
       part = _guarded(clock, "torch", lambda: torch_section(clock, sizes, images, labels, mean,
                                                             std, priority))
       if part is not None:
-        rows = torch_report["rows"] + part.pop("rows", [])
-        torch_report.update(part, rows=rows)
-    if priority == 0 and campaign_ok and clock.allow("campaign", need_s=4 * clock.slowest_first):
+        torch_report.update(part, rows=torch_report["rows"] + part.pop("rows", []))
+    if priority == 0 and campaign_ok and clock.allow("campaign", need_s=3 * clock.slowest_first):
       report["campaign"] = _guarded(clock, "campaign", lambda: campaign_section(
           clock, sizes, config, dataset, startup_s))
   if jax.device_count() > 1:
-    report["single_device"] = _single_device(clock, sizes, learner, config, images, mean, std)
-  report.update(query={"rows": query_rows}, train={"steps": steps, "epochs": epochs},
-                torch=torch_report, skipped=clock.skipped, failed=clock.failed)
-  report["tensorflow_modules_loaded"] = sorted(
-      n for n, m in sys.modules.items()
-      if m is not None and n.split(".")[0] in ("tensorflow", "tensorflow_datasets"))
+    report["single_device"] = _single_device(clock, sizes, learner, config, images, labels,
+                                             mean, std)
   return report
+
+
+def empty_report(head: dict, clock: Clock) -> dict:
+  return {"schema": 1, "header": head, "query": {"rows": []},
+          "train": {"steps": [], "epochs": []}, "torch": {"available": None, "rows": []},
+          "campaign": None, "skipped": clock.skipped, "failed": clock.failed}
+
+
+def finish(report: dict, out: str) -> list[str]:
+  import accelerator_report
+  report["tensorflow_modules_loaded"] = sorted(
+      n for n, m in list(sys.modules.items())
+      if m is not None and n.split(".")[0] in ("tensorflow", "tensorflow_datasets"))
+  report["wall_s"] = time.perf_counter() - _START
+  paths = accelerator_report.write(report, out, slug(report["header"]))
+  print(accelerator_report.summary(report), flush=True)
+  print("wrote " + " and ".join(paths), flush=True)
+  return paths
+
+
+def start_watchdog(report: dict, out: str, hard_s: float):
+  """At `hard_s` from the start, writes what has been measured and ends the process (exit
+  3): a compile that runs long must not cost the whole lease's results."""
+  import threading
+
+  def expire():
+    report["failed"].append({"name": "hard time limit",
+                             "error": f"still running at {hard_s:.0f} s: the report holds what "
+                                      "was measured by then"})
+    try:
+      finish(json.loads(json.dumps(report, default=str)), out)
+    finally:
+      os._exit(3)
+
+  timer = threading.Timer(max(hard_s - (time.perf_counter() - _START), 0.0), expire)
+  timer.daemon = True
+  timer.start()
+  return timer
 
 
 def _guarded(clock, name, fn):
@@ -627,7 +673,7 @@ def _guarded(clock, name, fn):
     return None
 
 
-def _single_device(clock, sizes, learner, config, images, mean, std):
+def _single_device(clock, sizes, learner, config, images, labels, mean, std):
   """With several devices: the core query and step on one of them (the scaling's base)."""
   import bench
   import jax
@@ -639,7 +685,7 @@ def _single_device(clock, sizes, learner, config, images, mean, std):
                   lambda: bench.make_query(learner.classifier, subset, mean, std, method="fast",
                                            chunk_size=chunk, dtype=dtype, mesh=mesh),
                   len(subset), sizes.repeats, jax.block_until_ready)
-  pool = sharding.replicate((images, images[:, 0, 0, 0].astype("int32") % 10), mesh)
+  pool = sharding.replicate((images, labels), mesh)
   step = measure(clock, f"one device: train step {dtype} batch {batch}",
                  lambda: bench.make_train_step(learner, _train_config(config.train, batch, dtype,
                                                                       "host"),
@@ -658,7 +704,6 @@ def main(argv=None) -> int:
     if args.smoke:
       os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
-    import accelerator_report
     backend = jax.default_backend()
     startup_s = time.perf_counter() - _START
     if not args.smoke and backend == "cpu" and not args.force:
@@ -669,13 +714,14 @@ def main(argv=None) -> int:
     out = args.out or (tempfile.mkdtemp(prefix="accelerator_smoke_") if args.smoke
                        else os.path.join(REPO_ROOT, "experiments", "results"))
     os.makedirs(out, exist_ok=True)
-    report = run_check(args, sizes, mode, budget_s, startup_s)
+    clock = Clock(budget_s)
+    report = empty_report(header(mode, sizes, budget_s, startup_s), clock)
+    watchdog = start_watchdog(report, out, budget_s + args.grace_s)
+    run_check(args, sizes, report, clock)
   except ConfigError as e:
     errors.exit_with(e)
-  report["wall_s"] = time.perf_counter() - _START
-  paths = accelerator_report.write(report, out, slug(report["header"]))
-  print(accelerator_report.summary(report))
-  print("wrote " + " and ".join(paths))
+  watchdog.cancel()
+  finish(report, out)
   return 0
 
 

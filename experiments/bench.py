@@ -94,16 +94,20 @@ def _state_holder(learner, train_config, max_labeled, mesh):
   return cfg, graphdef, {"state": sharding.replicate(jax.tree.map(jnp.copy, state), mesh)}
 
 
-def make_train_step(learner, train_config, pool, mean, std, mesh=None):
+def make_train_step(learner, train_config, pool, mean, std, mesh=None, max_labeled=None):
   """A thunk: one jitted training step (main model + loss head, augmentation) on the
-  first `train_config.batch_size` images of `pool` (device arrays), state carried over."""
+  first `train_config.batch_size` images of `pool` (device arrays), state carried over.
+  `max_labeled` (default: one batch) sizes the epoch's id buffer as `make_epoch`'s does:
+  with the same value the host epoch loop reuses this step's compilation."""
   import jax
   import numpy as np
   from lplgrad_jax import sharding, train
   mesh = mesh if mesh is not None else sharding.data_mesh()
   n = train_config.batch_size
-  cfg, graphdef, holder = _state_holder(learner, train_config, n, mesh)
-  order = sharding.replicate(np.arange(n, dtype=np.int32), mesh)
+  cfg, graphdef, holder = _state_holder(learner, train_config, max_labeled or n, mesh)
+  order = np.zeros(cfg.steps_per_epoch * n, np.int32)
+  order[:n] = np.arange(n)
+  order = sharding.replicate(order, mesh)
   step = train.batch_step(graphdef, cfg)
 
   def run():
