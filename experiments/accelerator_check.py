@@ -162,11 +162,14 @@ class Clock:
       return True
     self.skipped.append({"name": name, "reason": f"time budget: {max(self.left(), 0):.0f} s "
                                                  f"left, about {need:.0f} s needed"})
+    print(f"[{time.perf_counter() - _START:6.1f} s] {name} skipped: {self.skipped[-1]['reason']}",
+          flush=True)
     return False
 
   def fail(self, name: str, error: BaseException) -> None:
     text = " ".join(f"{type(error).__name__}: {error}".split())
     self.failed.append({"name": name, "error": text[:400]})
+    print(f"[{time.perf_counter() - _START:6.1f} s] {name} FAILED: {text[:200]}", flush=True)
 
 
 def device_peak_bytes():
@@ -204,6 +207,8 @@ def measure(clock: Clock, name: str, build, images: int, repeats: int, sync, mem
   after = memory()
   if after is not None:
     entry.update(peak_bytes=after, peak_raised=before is None or after > before)
+  print(f"[{time.perf_counter() - _START:6.1f} s] {name}: {entry['images_per_s']:,.0f} img/s, "
+        f"first call {first:.1f} s", flush=True)
   return entry
 
 
@@ -234,7 +239,13 @@ def header(mode: str, sizes: Sizes, budget_s: float, startup_s: float) -> dict:
       versions[name] = __import__(name, fromlist=["_"]).__version__
     except Exception:  # noqa: BLE001 - absent or broken: reported as absent
       versions[name] = None
+  from configs import default
+  defaults = default.get_config()
   return {"mode": mode, "platform": devices[0].platform, "device_kind": devices[0].device_kind,
+          "defaults": {"query.chunk_size": defaults.query.chunk_size,
+                       "train.epoch_loop": defaults.train.epoch_loop,
+                       "train.compute_dtype": defaults.train.compute_dtype,
+                       "query.compute_dtype": defaults.query.compute_dtype},
           "device_count": len(devices), "process_count": jax.process_count(),
           "driver": driver, "nvidia_smi_gpus": gpus, "versions": versions,
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -291,9 +302,11 @@ def query_section(clock, sizes, model, images, mean, std, mesh, priority):
     for chunk in sizes.chunks:
       if (chunk == sizes.main_chunk) != (priority == 0):
         continue
-      floor = None if not (sizes.full_dtypes or dtype == sizes.dtypes[0]) else measure(clock, f"query floor {dtype} chunk {chunk}",
-                      lambda: bench.make_floor(model, np.resize(images, (chunk,) + images.shape[1:]),
-                                               mean, std, dtype, mesh), chunk, sizes.repeats, sync)
+      batch = np.resize(images, (chunk,) + images.shape[1:])
+      floor = None if dtype not in _dtypes(sizes) else measure(
+          clock, f"query floor {dtype} chunk {chunk}",
+          lambda: bench.make_floor(model, batch, mean, std, dtype, mesh), chunk, sizes.repeats,
+          sync)
       fast = measure(clock, f"query fast {dtype} chunk {chunk}",
                      lambda: bench.make_query(model, subset, mean, std, method="fast",
                                               chunk_size=chunk, dtype=dtype, mesh=mesh),
@@ -545,7 +558,12 @@ def campaign_section(clock, sizes, config, dataset, startup_s):
                          "batch": config.train.batch_size, "epoch_loop": config.train.epoch_loop,
                          "compute_dtype": config.train.compute_dtype,
                          "tensorboard": config.log.tensorboard},
-              "num_test": len(dataset.y_test), "wall_s": wall, "phases_s": phases, "phase_calls": probes.calls,
+              "num_test": len(dataset.y_test), "wall_s": wall, "phases_s": phases,
+              "phase_calls": {"data load": probes.calls.get("data"),
+                              "data placement": probes.calls.get("placement"),
+                              "eval": probes.calls.get("eval"),
+                              "checkpoint": probes.calls.get("checkpoint"),
+                              "results.json and plot": probes.calls.get("results")},
               "probes_missing": probes.missing,
               "rounds": [{k: r[k] for k in ("round", "num_labeled", "test_accuracy",
                                             "train_seconds", "query_seconds")}

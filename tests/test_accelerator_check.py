@@ -82,9 +82,12 @@ def test_smoke_campaign_phases_and_targets(smoke):
   assert sum(v for k, v in phases.items() if not k.startswith("process")) == pytest.approx(
       campaign["wall_s"])
   assert campaign["probes_missing"] == []
+  assert set(campaign["phase_calls"]) <= set(phases)
+  assert campaign["phase_calls"]["data load"] == 1 and campaign["phase_calls"]["eval"] == 2
   error = campaign["bf16_error"]
   assert -1 <= error["spearman"] <= 1 and 0 <= error["top_k_overlap"] <= 1
-  assert error["relative_error_median"] <= error["relative_error_p99"] <= error["relative_error_max"]
+  assert (error["relative_error_median"] <= error["relative_error_p99"]
+          <= error["relative_error_max"])
   targets = {t["name"]: t for t in report["targets"]}
   assert set(targets) == TARGETS
   for name in ("query_R25k", "fast_vs_vmap", "campaign_cifar10_high"):
@@ -111,6 +114,15 @@ def test_refuses_a_cpu_without_force_and_bad_values(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
+def test_watchdog_writes_what_was_measured_and_exits_3(tmp_path):
+  result = _run("--smoke", "--budget_s=0.5", "--grace_s=0.5", f"--out={tmp_path}", timeout=300)
+  assert result.returncode == 3, result.stderr[-2000:]
+  report = json.loads((tmp_path / "accelerator_cpu.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+  assert [f["name"] for f in report["failed"]][-1] == "hard time limit"
+  assert "hard time limit" in (tmp_path / "accelerator_cpu.md").read_text()
+
+
 def _hand_made_report():
   query = [{"kind": "fast", "dtype": "float32", "chunk": 1024, "images_per_s": 100_000.0,
             "seconds_for_R": 0.25, "R": 25_000, "R_measured": True, "compile_s": 3.0},
@@ -126,7 +138,8 @@ def _hand_made_report():
              "images_per_s": 2560.0, "compile_s": 6.0}]
   torch = {"available": True, "rows": [
       {"name": "train_eager", "dtype": "bfloat16", "images_per_s": 32_000.0}]}
-  return {"header": {"platform": "gpu", "startup_s": 5.0, "sizes": {"batches": [128]}},
+  return {"header": {"platform": "gpu", "startup_s": 5.0, "sizes": {"batches": [128]},
+                     "defaults": {"query.chunk_size": 64, "train.epoch_loop": "host"}},
           "query": {"rows": query}, "train": {"steps": steps, "epochs": epochs},
           "torch": torch}
 
@@ -147,6 +160,6 @@ def test_targets_and_extrapolation_are_exact_on_a_hand_made_report():
   once = extrapolation["parts_s"]["once: start-up, data, placement, compiles"]
   assert once == pytest.approx(5.0 + 6.0 + 3.0)  # start-up, scan and fast compiles
   assert targets["campaign_cifar10_high"]["met"] is False
-  assert any("'scan'" in r and "2.00x" in r for r in report["recommendations"])
+  assert any("'scan' (now 'host')" in r and "2.00x" in r for r in report["recommendations"])
   assert any("query.chunk_size=1024" in r and "0.50x the fwd+bwd floor" in r
              for r in report["recommendations"])
