@@ -251,7 +251,8 @@ def header(mode: str, sizes: Sizes, budget_s: float, startup_s: float) -> dict:
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "env": {k: v for k, v in sorted(os.environ.items())
                   if k.startswith(("XLA_PYTHON_CLIENT", "JAX_", "TF_GPU", "CUDA_VISIBLE"))},
-          "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+          "jax_default_matmul_precision": str(getattr(jax.config,
+                                                      "jax_default_matmul_precision", None)),
           "budget_s": budget_s, "startup_s": startup_s, "sizes": dataclasses.asdict(sizes)}
 
 
@@ -719,8 +720,11 @@ def main(argv=None) -> int:
   from lplgrad_jax.errors import ConfigError
   try:
     sizes = resolve_sizes(args)
-    if args.smoke:
+    if args.smoke:  # code paths, not speed: XLA:CPU's optimisations off halve its compiles
       os.environ.setdefault("JAX_PLATFORMS", "cpu")
+      os.environ["XLA_FLAGS"] = " ".join(filter(None, (
+          os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0",
+          "--xla_llvm_disable_expensive_passes=true")))
     import jax
     backend = jax.default_backend()
     startup_s = time.perf_counter() - _START
