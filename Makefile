@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test browser clean
+.PHONY: demo test browser clean wheels accelerator-check
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,24 @@ test: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# A bare GPU machine without network (jax, flax, optax, orbax, torch... but no ml_collections,
+# tensorboardX, TensorFlow): `make wheels` here puts the pure-Python wheels it lacks and the
+# CIFAR-10 subset into .wheels/ (ignored); carry .wheels/ there and run `make accelerator-check`.
+GPU_WHEELS ?= ml_collections==1.1.0 tensorboardX==2.6.5
+SHARED_DATA ?= ../shared/data/cifar10_subset.npz
+
+wheels: $(STAMP)
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d .wheels $(GPU_WHEELS)
+	@mkdir -p .wheels/data
+	@if test -f $(SHARED_DATA); then cp $(SHARED_DATA) .wheels/data/; \
+	else echo "note: $(SHARED_DATA) is missing: pass ARGS=--data=PATH on the GPU machine"; fi
+
+accelerator-check:
+	@if ls .wheels/*.whl >/dev/null 2>&1; then $(PYTHON) -m pip install --quiet --no-index \
+	  --no-deps --no-compile --upgrade --target .wheels/site .wheels/*.whl; fi
+	PYTHONPATH=$(CURDIR)/.wheels/site$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 \
+	  $(PYTHON) experiments/accelerator_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) workdirs

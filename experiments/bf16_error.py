@@ -23,10 +23,23 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Its co
 _IMAGES = flags.DEFINE_integer("images", 2000, "Pool images to score.")
 
 
-def main(_):
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs its restores at INFO
+def compare_scores(fp32, bf16, k: int) -> dict:
+  """How far bf16 scores are from fp32 ones: relative errors, Spearman, top-k agreement."""
   import numpy as np
   from scipy import stats
+  fp32, bf16 = np.asarray(fp32, np.float64), np.asarray(bf16, np.float64)
+  relative = np.abs(bf16 - fp32) / np.maximum(np.abs(fp32), np.finfo(np.float32).tiny)
+  k = min(k, len(fp32))
+  top = lambda s: set(np.argsort(-s, kind="stable")[:k].tolist())
+  return {"relative_error_median": float(np.median(relative)),
+          "relative_error_p99": float(np.quantile(relative, 0.99)),
+          "relative_error_max": float(relative.max()),
+          "spearman": float(stats.spearmanr(fp32, bf16).statistic),
+          "top_k": k, "top_k_overlap": len(top(fp32) & top(bf16)) / k}
+
+
+def main(_):
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs its restores at INFO
   from lplgrad_jax import data, predict, query
 
   model = predict.load_model(_WORKDIR.value)
@@ -36,16 +49,8 @@ def main(_):
       model.learner.classifier, pool, reduction=config.query.reduction,
       chunk_size=config.query.chunk_size, normalization=model.normalization,
       compute_dtype=dtype) for dtype in ("float32", "bfloat16")}
-  fp32, bf16 = scores["float32"], scores["bfloat16"]
-  relative = np.abs(bf16 - fp32) / fp32
-  k = config.al.query_size
-  top = lambda s: set(np.argsort(-s, kind="stable")[:k].tolist())
-  report = {"images": len(pool), "width": config.model.width, "rounds_trained": model.rounds_trained,
-            "relative_error_median": float(np.median(relative)),
-            "relative_error_p99": float(np.quantile(relative, 0.99)),
-            "relative_error_max": float(relative.max()),
-            "spearman": float(stats.spearmanr(fp32, bf16).statistic),
-            f"top_{k}_overlap": len(top(fp32) & top(bf16)) / k}
+  report = {"images": len(pool), "width": config.model.width, "rounds_trained": model.rounds_trained}
+  report.update(compare_scores(scores["float32"], scores["bfloat16"], config.al.query_size))
   print(json.dumps(report, indent=1))
 
 
