@@ -1,13 +1,18 @@
-"""Runs an LPLgrad active-learning campaign.
+"""Runs an LPLgrad active-learning campaign (installed as the `lplgrad-jax` command).
 
-  python -m lplgrad_jax.main --config=configs/cifar10.py --workdir=/tmp/cifar10
-  python -m lplgrad_jax.main --config=configs/cifar10.py:low --workdir=... --config.seed=1
+  python -m lplgrad_jax.main --config=configs/cifar100.py
+  lplgrad-jax --config=cifar10:low --config.seed=1           # a shipped config, by name
+  python -m lplgrad_jax.main --config=my_config.py --workdir=/tmp/mine
+
+Without --workdir a run goes to runs/<config name>[_<budget>]/<strategy>/seed<seed> under the
+current directory (see launch.default_workdir): the same command resumes the same campaign.
 """
 
 import logging
 import shlex
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
@@ -16,22 +21,26 @@ from ml_collections import config_flags
 from lplgrad_jax import campaign
 from lplgrad_jax import distributed
 from lplgrad_jax import errors
+from lplgrad_jax import launch
 from lplgrad_jax.errors import ConfigError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, plots, logs and "
-                                "checkpoints. Rerunning a command resumes its campaign.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for results, plots, logs and checkpoints (default: "
+    "runs/<config name>[_<budget>]/<strategy>/seed<seed>). Rerunning a command resumes it.")
 _RESTART = flags.DEFINE_bool("restart", False, "Discard the campaign already in --workdir "
                              "(checkpoints and results) and start over.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Campaign configuration file.",
-                                          lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Campaign configuration: a file (configs/cifar100.py) or the name of a shipped "
+    "one (cifar100), optionally with :<budget> (cifar10:low).", lock_config=True)
+flags.mark_flags_as_required(["config"])
+_config_name = None  # of --config, set by _parse_flags: it names the default workdir
 
 
 def _fail(error: Exception) -> None:
   """Reports a user mistake as `error:` line(s) on stderr and exits with status 2."""
   if isinstance(error, (AttributeError, KeyError)):  # --config.<key> the config lacks
     key = str(error).strip("\"'")
-    message = f"unknown configuration key {key!r}: see configs/default.py for the keys"
+    message = f"unknown configuration key {key!r}: see lplgrad_jax/configs/default.py for the keys"
     errors.exit_with(ConfigError(message))
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if len(lines) > 1 and ("Traceback" in lines[1] or "Attempted" in lines[1]):
@@ -41,10 +50,22 @@ def _fail(error: Exception) -> None:
 
 
 def _parse_flags(argv):
+  global _config_name
   try:
+    argv, _config_name = launch.rewrite_config_argv(argv)
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
     _fail(e)
+
+
+def _start(config, workdir: str) -> None:
+  """Starts the devices and prints the run's first line (and a CPU-only warning, if due)."""
+  distributed.initialize(config.distributed)  # before anything touches a device
+  distributed.say(launch.first_line(config, workdir, distributed.device_summary()))
+  # On stdout beside the first line: stderr stays for errors (an offline run prints one alone).
+  warning = launch.accelerator_warning(config, jax.default_backend())
+  if warning:
+    distributed.say(warning)
 
 
 def main(argv):
@@ -58,8 +79,10 @@ def main(argv):
     config.to_dict()  # config_flags loads lazily: a broken config file raises here
   except OSError as e:
     _fail(e)
+  workdir = _WORKDIR.value or launch.default_workdir(_config_name, config)
   try:
-    results = campaign.run(config, _WORKDIR.value, restart=_RESTART.value)
+    _start(config, workdir)
+    results = campaign.run(config, workdir, restart=_RESTART.value)
   except ConfigError as e:
     _fail(e)
   if "awaiting_labels" in results:
@@ -67,5 +90,10 @@ def main(argv):
     distributed.say(f"continue with: python -m lplgrad_jax.main {shlex.join(again)}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The `lplgrad-jax` console script: the same as `python -m lplgrad_jax.main`."""
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()
