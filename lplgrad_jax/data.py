@@ -313,8 +313,8 @@ def _import_tensorflow():
 
 
 def _offline_routes(name: str, archives: list[str]) -> str:
-  return (f"without network, pass data.data_dir=<a tensorflow_datasets folder holding a "
-          f"prepared {name}/> or data.manual_dir=<a folder holding {', '.join(archives)}>")
+  return (f"pass data.data_dir=<a tensorflow_datasets folder holding a prepared {name}/> or "
+          f"data.manual_dir=<a folder holding {', '.join(archives)}>")
 
 
 def _unreachable(urls: list[str], timeout: float) -> str | None:
@@ -345,14 +345,14 @@ def _download_and_prepare(builder, data_config, tfds) -> None:
   manual_dir = os.path.expanduser(data_config.manual_dir) if data_config.manual_dir else None
   archives = sorted(info.filename or os.path.basename(url) for url, info in url_infos.items())
   routes = _offline_routes(name, archives)
-  if not data_config.download:
-    raise ConfigError(f"TFDS data set {name!r} is not prepared in {builder.data_dir!r} and "
-                      f"data.download=False: {routes}")
   to_fetch = [url for url, info in url_infos.items() if not (
       manual_dir and info.filename and os.path.isfile(os.path.join(manual_dir, info.filename)))]
+  if to_fetch and not data_config.download:
+    raise ConfigError(f"TFDS data set {name!r} is not prepared in {builder.data_dir!r} and "
+                      f"data.download=False: {routes}")
   if to_fetch and (reason := _unreachable(to_fetch, PROBE_TIMEOUT)):
     raise ConfigError(f"download of TFDS data set {name!r} failed (cannot reach {reason}): "
-                      f"{routes}")
+                      f"to run offline, {routes}")
   _import_tensorflow()  # before TFDS does, to hide the GPU from it
   config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
   previous_timeout = socket.getdefaulttimeout()
@@ -362,7 +362,8 @@ def _download_and_prepare(builder, data_config, tfds) -> None:
   except (OSError, tfds.download.DownloadError,
           tfds.download.download_manager.NonMatchingChecksumError) as e:
     reason = " ".join(str(e).split("\n")[0].split())[:300]
-    raise ConfigError(f"download of TFDS data set {name!r} failed ({reason}): {routes}") from None
+    raise ConfigError(f"cannot download and prepare TFDS data set {name!r} ({reason}): "
+                      f"to run offline, {routes}") from None
   finally:
     socket.setdefaulttimeout(previous_timeout)
 
@@ -370,14 +371,16 @@ def _download_and_prepare(builder, data_config, tfds) -> None:
 def load_tfds(data_config, rows: RowRange | None = None) -> Dataset:
   """A TFDS image-classification data set, read once into memory in file order.
 
-  Not yet prepared: downloaded and prepared by TFDS (data.download, the
-  default), or built from the archives in data.manual_dir.
+  Not yet prepared: built by TFDS from the archives in data.manual_dir, or
+  downloaded and prepared (data.download, the default; a download that
+  cannot start fails within PROBE_TIMEOUT seconds).
   """
   name = data_config.name
   if name not in TFDS_DATASETS:
     raise ConfigError(f"unknown TFDS data set {name!r}: expected one of {', '.join(TFDS_DATASETS)}")
   data_dir = os.path.expanduser(data_config.data_dir) if data_config.data_dir else None
-  if data_dir and not os.path.isdir(data_dir) and not data_config.download:
+  if data_dir and not os.path.isdir(data_dir) and not (data_config.download
+                                                        or data_config.manual_dir):
     raise ConfigError(f"data.data_dir={data_config.data_dir!r} does not exist: expected a TFDS data directory holding {name}/ (or set data.download=True)")
   tfds = _import_tfds()
   verbosity = absl_logging.get_verbosity()

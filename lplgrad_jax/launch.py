@@ -125,7 +125,8 @@ def accelerator_warning(config, platform: str, environ=os.environ) -> str | None
   fix = (f"this machine has {extra[1]}: install JAX for it with pip install -e '.[{extra[0]}]'"
          if extra else "on a GPU/TPU machine install JAX for it with pip install -e '.[cuda12]' "
          "('.[cuda13]' for NVIDIA driver >= 580, '.[tpu]' on a TPU VM)")
-  return f"warning: JAX sees only the CPU, but {why}: {fix}; see README, Install on a GPU or TPU machine"
+  return (f"warning: JAX sees only the CPU, but {why}: {fix}; "
+          "see README, Install on a GPU or TPU machine")
 
 
 def detect_accelerator_extra() -> tuple[str, str] | None:

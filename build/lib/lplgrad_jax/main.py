@@ -1,0 +1,99 @@
+"""Runs an LPLgrad active-learning campaign (installed as the `lplgrad-jax` command).
+
+  python -m lplgrad_jax.main --config=configs/cifar100.py
+  lplgrad-jax --config=cifar10:low --config.seed=1           # a shipped config, by name
+  python -m lplgrad_jax.main --config=my_config.py --workdir=/tmp/mine
+
+Without --workdir a run goes to runs/<config name>[_<budget>]/<strategy>/seed<seed> under the
+current directory (see launch.default_workdir): the same command resumes the same campaign.
+"""
+
+import logging
+import shlex
+import sys
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from lplgrad_jax import campaign
+from lplgrad_jax import distributed
+from lplgrad_jax import errors
+from lplgrad_jax import launch
+from lplgrad_jax.errors import ConfigError
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for results, plots, logs and checkpoints (default: "
+    "runs/<config name>[_<budget>]/<strategy>/seed<seed>). Rerunning a command resumes it.")
+_RESTART = flags.DEFINE_bool("restart", False, "Discard the campaign already in --workdir "
+                             "(checkpoints and results) and start over.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Campaign configuration: a file (configs/cifar100.py) or the name of a shipped "
+    "one (cifar100), optionally with :<budget> (cifar10:low).", lock_config=True)
+flags.mark_flags_as_required(["config"])
+_config_name = None  # of --config, set by _parse_flags: it names the default workdir
+
+
+def _fail(error: Exception) -> None:
+  """Reports a user mistake as `error:` line(s) on stderr and exits with status 2."""
+  if isinstance(error, (AttributeError, KeyError)):  # --config.<key> the config lacks
+    key = str(error).strip("\"'")
+    message = f"unknown configuration key {key!r}: see lplgrad_jax/configs/default.py for the keys"
+    errors.exit_with(ConfigError(message))
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if len(lines) > 1 and ("Traceback" in lines[1] or "Attempted" in lines[1]):
+    # A config file that failed to load: keep the flag and the final cause.
+    errors.exit_with(ConfigError(f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}"))
+  errors.exit_with(error)
+
+
+def _parse_flags(argv):
+  global _config_name
+  try:
+    argv, _config_name = launch.rewrite_config_argv(argv)
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    _fail(e)
+
+
+def _start(config, workdir: str) -> None:
+  """Starts the devices and prints the run's first line (and a CPU-only warning, if due)."""
+  distributed.initialize(config.distributed)  # before anything touches a device
+  distributed.say(launch.first_line(config, workdir, distributed.device_summary()))
+  # On stdout beside the first line: stderr stays for errors (an offline run prints one alone).
+  warning = launch.accelerator_warning(config, jax.default_backend())
+  if warning:
+    distributed.say(warning)
+
+
+def main(argv):
+  if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log at INFO through absl
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # config_flags loads lazily: a broken config file raises here
+  except OSError as e:
+    _fail(e)
+  workdir = _WORKDIR.value or launch.default_workdir(_config_name, config)
+  try:
+    _start(config, workdir)
+    results = campaign.run(config, workdir, restart=_RESTART.value)
+  except ConfigError as e:
+    _fail(e)
+  if "awaiting_labels" in results:
+    again = [a for a in sys.argv[1:] if not a.startswith(("--restart", "-restart"))]
+    distributed.say(f"continue with: python -m lplgrad_jax.main {shlex.join(again)}")
+
+
+def run() -> None:
+  """The `lplgrad-jax` console script: the same as `python -m lplgrad_jax.main`."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

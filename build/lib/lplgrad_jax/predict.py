@@ -1,0 +1,191 @@
+"""Classifies new images with the newest model of a campaign.
+
+  python -m lplgrad_jax.predict --workdir=runs/mine --images=new_photos/ [--out=preds.csv]
+
+Writes `file,class,confidence` (confidence: the softmax probability of the
+predicted class) for every readable image; unreadable files are reported and
+passed over. Images are prepared as the campaign prepared its pool (RGB,
+resized to its image size, normalized with its channel statistics), all of
+which, with the model's configuration, results.json records.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+from flax import nnx
+
+from lplgrad_jax import errors
+from lplgrad_jax import models
+from lplgrad_jax import query
+from lplgrad_jax import reporting
+from lplgrad_jax import train
+from lplgrad_jax.campaign import RESULTS_FILE
+from lplgrad_jax.checkpoint import Checkpointer
+from lplgrad_jax.data import IMAGE_SUFFIXES, image_files, read_image
+from lplgrad_jax.errors import ConfigError
+
+PREDICTIONS_FILE = "predictions.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  learner: models.ActiveLearner
+  class_names: tuple[str, ...]
+  image_size: int
+  normalization: tuple[np.ndarray, np.ndarray]  # per-channel mean and std, [0, 1] units
+  rounds_trained: int  # rounds finished before the checkpoint (later training may be partial)
+
+
+def load_model(workdir: str) -> Model:
+  """The learner of the newest checkpoint in `workdir`, and how to feed it images."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path} is missing: expected the --workdir of a campaign "
+                      "(python -m lplgrad_jax.main)")
+  try:
+    with open(path) as f:
+      results = json.load(f)
+    config, data = results["config"], results["data"]
+    class_names = tuple(data["class_names"])
+    image_size = int(data["image_size"])
+    normalization = tuple(np.asarray(data["normalization"][k], np.float32)
+                          for k in ("mean", "std"))
+    use_aux = bool(results["use_aux"])
+    keep = config["checkpoint"]["keep"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{path} is not a results file this predictor can use "
+                      f"({type(e).__name__}: {e}): expected one written by lplgrad_jax.main "
+                      "of this version (resuming the campaign rewrites it)") from None
+  checkpointer = Checkpointer(workdir, keep=keep)
+  if not checkpointer.exists():
+    raise ConfigError(f"{checkpointer.directory} holds no checkpoint: expected the workdir of "
+                      "a campaign that has trained at least one round")
+  # The restore target: same structure as the saved state. max_labeled only
+  # sizes training buffers, which prediction has none of.
+  learner = models.create_learner(ml_collections.ConfigDict(config["model"]), len(class_names),
+                                  use_aux=use_aux, key=jax.random.key(0))
+  step_config = train.StepConfig.from_config(ml_collections.ConfigDict(config["train"]),
+                                             max_labeled=1, use_aux=use_aux)
+  _, state = train.create_train_state(learner, step_config)
+  try:
+    state, position = checkpointer.restore(state, delete_corrupt=False)
+  finally:
+    checkpointer.close()
+  nnx.update(learner, state.params, state.batch_stats)
+  return Model(learner, class_names, image_size, normalization, len(position["rounds"]))
+
+
+def image_paths(path: str) -> list[str]:
+  """`path` itself if it is a file (whatever its suffix: the user named it), else the
+  images under the folder, recursively, sorted."""
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise ConfigError(f"--images={path} does not exist: expected an image file or a folder "
+                      "of images")
+  paths = [os.path.join(path, f) for f in image_files(path)]
+  if not paths:
+    raise ConfigError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+  return paths
+
+
+def classify(model: Model, paths: list[str], batch_size: int) -> list[tuple[str, str, float]]:
+  """(file, class name, confidence) per readable image of `paths`, in order.
+
+  An unreadable file gets a warning on stderr and no row, so that one bad
+  file does not cost the predictions of a whole folder; ConfigError if no file
+  is readable. Files are read `batch_size` at a time, so memory does not grow
+  with the folder.
+  """
+  batch_size = max(1, min(batch_size, len(paths)))  # one compiled shape, no needless padding
+  rows = []
+  for start in range(0, len(paths), batch_size):
+    files, images = [], []
+    for path in paths[start:start + batch_size]:
+      try:
+        images.append(read_image(path, model.image_size))
+        files.append(path)
+      except ConfigError as e:
+        print(f"warning: {e}; skipped", file=sys.stderr, flush=True)
+    if not images:
+      continue
+    logits = query.model_outputs(model.learner, np.stack(images), model.normalization,
+                                 batch_size)["logits"]
+    probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
+    for file, p in zip(files, probabilities):
+      k = int(np.argmax(p))
+      rows.append((file, model.class_names[k], float(p[k])))
+  if not rows:
+    raise ConfigError(f"none of the {len(paths)} files is an image that can be read")
+  return rows
+
+
+def predict(workdir: str, paths: list[str], batch_size: int = 256) -> list[tuple[str, str, float]]:
+  """(file, class name, confidence) of each readable image of `paths` by `workdir`'s newest model."""
+  return classify(load_model(workdir), paths, batch_size)
+
+
+def write_predictions(path: str, rows: list[tuple[str, str, float]]) -> None:
+  text = io.StringIO()
+  writer = csv.writer(text, lineterminator="\n")
+  writer.writerow(("file", "class", "confidence"))
+  writer.writerows((file, name, f"{confidence:.4f}") for file, name, confidence in rows)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  reporting.write_atomic(path, lambda f: f.write(text.getvalue().encode("utf-8")), mode="wb")
+
+
+def _define_flags() -> None:
+  """Defined only when run as a program: `lplgrad_jax.main` defines --workdir as well, and
+  importing this module for `predict()` must not clash with it."""
+  flags.DEFINE_string("workdir", None, "Workdir of a campaign (holds results.json and "
+                      "checkpoints/); its newest checkpoint is used.")
+  flags.DEFINE_string("images", None, "An image file, or a folder searched recursively for "
+                      f"images ({', '.join(IMAGE_SUFFIXES)}).")
+  flags.DEFINE_string("out", None, f"CSV to write (default: WORKDIR/{PREDICTIONS_FILE}).")
+  flags.DEFINE_integer("batch_size", 256, "Images read and classified at a time.",
+                       lower_bound=1)
+  flags.mark_flags_as_required(["workdir", "images"])
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    errors.exit_with(e)
+
+
+def main(argv):
+  if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log at INFO through absl
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  workdir = flags.FLAGS.workdir
+  out = flags.FLAGS.out or os.path.join(workdir, PREDICTIONS_FILE)
+  try:
+    paths = image_paths(flags.FLAGS.images)
+    model = load_model(workdir)
+    rows = classify(model, paths, flags.FLAGS.batch_size)
+    write_predictions(out, rows)
+  except ConfigError as e:
+    errors.exit_with(e)
+  print(f"{len(rows)} of {len(paths)} files classified by the model after "
+        f"{model.rounds_trained} trained round(s): {out}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main, flags_parser=_parse_flags)
