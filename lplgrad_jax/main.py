@@ -40,7 +40,7 @@ def _fail(error: Exception) -> None:
   """Reports a user mistake as `error:` line(s) on stderr and exits with status 2."""
   if isinstance(error, (AttributeError, KeyError)):  # --config.<key> the config lacks
     key = str(error).strip("\"'")
-    message = f"unknown configuration key {key!r}: see lplgrad_jax/configs/default.py for the keys"
+    message = f"unknown configuration key {key!r}: see configs/default.py for the keys"
     errors.exit_with(ConfigError(message))
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if len(lines) > 1 and ("Traceback" in lines[1] or "Attempted" in lines[1]):

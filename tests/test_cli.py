@@ -59,19 +59,29 @@ TINY_DIGITS = ["--config.model.width=4", "--config.model.loss_head_width=8",
                "--config.train.lr_milestones=(1,)", "--config.train.detach_features_epoch=1",
                "--config.al.initial_size=20", "--config.al.query_size=10",
                "--config.al.subset_size=40", "--config.al.num_rounds=3",
-               "--config.query.chunk_size=20", "--config.log.progress=False",
-               "--config.log.tensorboard=False"]
+               "--config.query.chunk_size=20", "--config.log.progress=False"]
 
 
-def _run_elsewhere(cwd, *args, timeout=600):
-  """The CLI started from `cwd` (not the repository), as after `pip install`."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+def _run_elsewhere(cwd, *args, timeout=600, without_tensorflow=False):
+  """The CLI started from `cwd` (not the repository), as after `pip install`.
+
+  `without_tensorflow`: as if TensorFlow and TFDS were not installed (their
+  imports fail), which sources other than TFDS must not notice.
+  """
+  path = [REPO_ROOT]
+  if without_tensorflow:
+    path.insert(0, os.path.join(cwd, "no_tensorflow"))
+    for package in ("tensorflow", "tensorflow_datasets"):
+      os.makedirs(os.path.join(path[0], package))
+      with open(os.path.join(path[0], package, "__init__.py"), "w") as f:
+        f.write(f"raise ImportError('{package} is not installed (test)')\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
   return subprocess.run([sys.executable, "-m", "lplgrad_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
 def test_default_workdir_from_any_directory_and_rerun_finishes_at_once(tmp_path):
-  proc = _run_elsewhere(tmp_path, "--config=digits", *TINY_DIGITS)
+  proc = _run_elsewhere(tmp_path, "--config=digits", *TINY_DIGITS, without_tensorflow=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stderr == ""  # no TensorFlow / absl / XLA start-up noise
   first = proc.stdout.splitlines()[0]

@@ -17,7 +17,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, local_proxy
 from test_data import _data_config, _write_cifar10_binaries
 from lplgrad_jax import data
 from lplgrad_jax.errors import ConfigError
@@ -46,19 +46,6 @@ def _registered(archive_path):
     yield
 
 
-def _closed_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _use_proxy(monkeypatch, port: int):
-  for var in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
-    monkeypatch.delenv(var, raising=False)
-  for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-    monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
-
-
 def _assert_cifar_matches(ds, written):
   assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_test.shape == (4, 32, 32, 3)
   labels, images = written["test_batch.bin"]
@@ -76,18 +63,19 @@ def _host_unreachable(host: str) -> bool:
 
 
 @pytest.mark.parametrize("route", ["no network", "dead proxy"])
-def test_offline_main_command_fails_fast_with_one_error_line(route, tmp_path):
+def test_offline_main_command_fails_fast_with_one_error_line(route, tmp_path, monkeypatch):
   """The card's command, no flag, offline: exit 2, one error line naming the offline routes."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
   for var in ("no_proxy", "NO_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-    env.pop(var, None)
-  if route == "dead proxy":
-    env["https_proxy"] = f"http://127.0.0.1:{_closed_port()}"
-  elif not _host_unreachable("www.cs.toronto.edu"):
-    pytest.skip("this machine reaches the CIFAR host")
-  proc = subprocess.run([sys.executable, "-m", "lplgrad_jax.main",
-                         "--config=configs/cifar100.py"], cwd=REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
+    monkeypatch.delenv(var, raising=False)
+  with contextlib.ExitStack() as stack:
+    if route == "dead proxy":
+      stack.enter_context(local_proxy(monkeypatch, reachable=False))
+    elif not _host_unreachable("www.cs.toronto.edu"):
+      pytest.skip("this machine reaches the CIFAR host")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    proc = subprocess.run([sys.executable, "-m", "lplgrad_jax.main",
+                           "--config=configs/cifar100.py"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.splitlines()
   assert len(lines) == 1, proc.stderr  # nothing but the error: no TF, absl or retry lines
@@ -108,13 +96,14 @@ def test_download_off_names_the_offline_routes(tmp_path):
 
 def test_manual_dir_archives_prepare_without_network(archive, tmp_path, monkeypatch):
   path, written = archive
-  _use_proxy(monkeypatch, _closed_port())  # any attempt to reach a host would fail
+  monkeypatch.setattr(data, "_unreachable", None)  # never probed: nothing to fetch
   # data.download=False: archives in manual_dir need no download.
   config = _data_config(source="tfds", name="cifar10", data_dir=str(tmp_path / "tfds"),
                         manual_dir=str(path.parent), download=False, image_size=32)
   # The real registry refuses the fake archive: one error line, not a traceback.
-  with pytest.raises(ConfigError, match=r"cannot download and prepare TFDS data set 'cifar10' "
-                                        r"\(Artifact .*cifar-10-binary.tar.gz.* has wrong checksum"):
+  with pytest.raises(ConfigError, match=r"cannot download and prepare TFDS data set "
+                                        r"'cifar10' \(Artifact .*cifar-10-binary.tar.gz.* "
+                                        r"has wrong checksum"):
     data.load_dataset(config)
   with _registered(path):
     ds = data.load_dataset(config)
@@ -127,10 +116,7 @@ def test_download_prepares_through_tfds_download_manager(archive, tmp_path, monk
   """The online route: TFDS downloads (its HTTP transfer faked), checks, extracts, prepares."""
   from tensorflow_datasets.core.download import downloader
   path, written = archive
-  with socket.socket() as proxy:  # a reachable "proxy": the host probe passes
-    proxy.bind(("127.0.0.1", 0))
-    proxy.listen()
-    _use_proxy(monkeypatch, proxy.getsockname()[1])
+  with local_proxy(monkeypatch, reachable=True):  # the data host probe passes
     fetched = []
 
     def transfer(self, url, destination_path, verify=True):
