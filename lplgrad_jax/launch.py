@@ -38,11 +38,14 @@ def resolve_config(value: str) -> tuple[str, str]:
   path, sep, argument = value.partition(":")
   stem = os.path.splitext(os.path.basename(path))[0]
   name = f"{stem}_{argument}" if argument else stem
-  if os.path.exists(path) or os.sep in path or path.endswith(".py"):
-    return value, name  # a path: config_flags reports a missing or broken file
+  expected = f"expected a config file or one of {', '.join(shipped_configs())}"
+  if os.path.isfile(path):
+    return value, name  # config_flags reports a broken file
+  if os.sep in path or "/" in path or path.endswith(".py"):
+    raise ConfigError(f"--config={value}: no such file {path!r}: {expected}")
   if path not in shipped_configs():
-    raise ConfigError(f"--config={value}: {path!r} is neither a config file nor a shipped config: "
-                      f"expected a path or one of {', '.join(shipped_configs())}")
+    raise ConfigError(f"--config={value}: {path!r} is neither a config file nor a shipped "
+                      f"config: {expected}")
   return os.path.join(CONFIGS_DIR, f"{path}.py") + sep + argument, name
 
 

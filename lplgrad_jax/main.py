@@ -52,9 +52,17 @@ def _fail(error: Exception) -> None:
 def _parse_flags(argv):
   global _config_name
   try:
-    argv, _config_name = launch.rewrite_config_argv(argv)
-    return flags.FLAGS(argv)
+    resolved, _config_name = launch.rewrite_config_argv(argv)
+  except ConfigError as e:
+    _fail(e)
+  try:
+    return flags.FLAGS(resolved)
   except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    if not isinstance(e, (AttributeError, KeyError)):
+      for typed, used in zip(argv, resolved):  # name the config as the user did
+        if typed != used:
+          e = ConfigError(str(e).replace(used.partition("=")[2] or used,
+                                         typed.partition("=")[2] or typed))
     _fail(e)
 
 

@@ -42,6 +42,7 @@ def test_cli_campaign_on_digits_learns(tmp_path):
     (["--config=configs/cifar10.py", "--config.data.data_dir=/nonexistent/tfds",
       "--config.data.download=False"], "does not exist"),
     (["--config=configs/cifar10.py:medium"], "unknown budget 'medium'"),
+    (["--config=cifar10:medium"], "--config=cifar10:medium: ValueError: unknown budget 'medium'"),
     (["--config=configs/digits.py", "--config.nonsense=1"], "unknown configuration key 'nonsense'"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
@@ -108,11 +109,16 @@ def test_config_names_resolve_to_shipped_files(tmp_path):
   path, name = launch.resolve_config("cifar10:low")
   assert name == "cifar10_low" and path.endswith(os.path.join("configs", "cifar10.py") + ":low")
   assert os.path.samefile(path[:-4], os.path.join(REPO_ROOT, "configs", "cifar10.py"))
-  assert launch.resolve_config("configs/cifar100.py") == ("configs/cifar100.py", "cifar100")
-  assert launch.resolve_config("/x/my_setup.py:3") == ("/x/my_setup.py:3", "my_setup_3")
+  mine = tmp_path / "my_setup.py"
+  mine.write_text("")
+  assert launch.resolve_config(f"{mine}:3") == (f"{mine}:3", "my_setup_3")
   with pytest.raises(ConfigError, match=r"'cifar1000' is neither a config file nor a shipped "
-                                        r"config: expected a path or one of caltech101, cdd"):
+                                        r"config: expected a config file or one of caltech101, "
+                                        r"cdd, cifar10, cifar100, cifar10_subset, digits, svhn"):
     launch.resolve_config("cifar1000")
+  with pytest.raises(ConfigError, match=r"--config=configs/nope.py: no such file "
+                                        r"'configs/nope.py': expected a config file or one of"):
+    launch.resolve_config("configs/nope.py")
   argv, name = launch.rewrite_config_argv(["prog", "--config", "svhn:low", "--config.seed=1"])
   assert argv[1:] == ["--config", launch.resolve_config("svhn:low")[0], "--config.seed=1"]
   assert name == "svhn_low"
