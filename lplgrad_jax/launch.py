@@ -83,7 +83,8 @@ def first_line(config, workdir: str, devices: str) -> str:
     final = al.initial_size + (al.num_rounds - 1) * al.query_size
     budget = (f"{al.initial_size} -> {final} labeled in {al.num_rounds} rounds "
               f"(+{al.query_size} a round)")
-  return (f"{name} ({data.source}), strategy {config.strategy}, {budget}; {devices}; "
+  source = "" if name == data.source else f" ({data.source})"
+  return (f"{name}{source}, strategy {config.strategy}, {budget}; {devices}; "
           f"workdir {workdir} ({_workdir_state(workdir)})")
 
 

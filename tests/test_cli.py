@@ -86,8 +86,8 @@ def test_default_workdir_from_any_directory_and_rerun_finishes_at_once(tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stderr == ""  # no TensorFlow / absl / XLA start-up noise
   first = proc.stdout.splitlines()[0]
-  assert first == ("digits (digits), strategy lplgrad, 20 -> 40 labeled in 3 rounds (+10 a "
-                   "round); 1 x cpu; workdir runs/digits/lplgrad/seed0 (new)")
+  assert first == ("digits, strategy lplgrad, 20 -> 40 labeled in 3 rounds (+10 a round); "
+                   "1 x cpu; workdir runs/digits/lplgrad/seed0 (new)")
   results_file = tmp_path / "runs" / "digits" / "lplgrad" / "seed0" / "results.json"
   results = json.loads(results_file.read_text())
   assert [r["num_labeled"] for r in results["rounds"]] == [20, 30, 40]
@@ -148,3 +148,21 @@ def test_accelerator_warning():
   assert launch.accelerator_warning(demo, "cpu", environ={}) is None
   demo.distributed.initialize = True
   assert "config.distributed.initialize is set" in launch.accelerator_warning(demo, "cpu", {})
+
+
+def test_first_line_says_how_far_the_workdir_got(tmp_path):
+  import jax
+  from lplgrad_jax import distributed, launch
+  from lplgrad_jax.configs import cifar10
+  config = cifar10.get_config("low")
+  assert distributed.device_summary() == f"{jax.device_count()} x cpu"
+  line = launch.first_line(config, str(tmp_path), "8 x NVIDIA H100 80GB HBM3 (gpu)")
+  assert line == (f"cifar10 (tfds), strategy lplgrad, 500 -> 5000 labeled in 10 rounds (+500 a "
+                  f"round); 8 x NVIDIA H100 80GB HBM3 (gpu); workdir {tmp_path} (new)")
+  results = {"config": config.to_dict(), "rounds": [{"round": 0}, {"round": 1}]}
+  (tmp_path / "results.json").write_text(json.dumps(results))
+  assert launch.first_line(config, str(tmp_path), "").endswith("(resuming after 2 of 10 rounds)")
+  results["rounds"] *= 5
+  (tmp_path / "results.json").write_text(json.dumps(results))
+  assert launch.first_line(config, str(tmp_path), "").endswith(
+      "(complete: 10 of 10 rounds done, nothing to train)")
