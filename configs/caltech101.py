@@ -5,7 +5,7 @@ the pool is train + the first half of TFDS's test split and evaluation uses
 the second half. Images are resized to 224x224 for the ImageNet stem.
 """
 
-from configs import default
+from lplgrad_jax.configs import default
 
 
 def get_config(budget: str = "high"):

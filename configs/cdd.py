@@ -4,7 +4,7 @@
 train/<class>/* and test/<class>/*:  --config.data.root=/path/to/cdd
 """
 
-from configs import default
+from lplgrad_jax.configs import default
 
 
 def get_config(budget: str = "high"):

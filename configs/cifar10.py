@@ -1,6 +1,6 @@
 """CIFAR-10 (TFDS): B=1000 R=25000 A=10000; low budget 500/5000/5000. 200 epochs, lr 0.1, decay at 160."""
 
-from configs import default
+from lplgrad_jax.configs import default
 
 
 def get_config(budget: str = "high"):

@@ -1,6 +1,6 @@
 """CIFAR-100 (TFDS): B=2500 R=25000 A=20000; low budget 1000/15000/8000. Same schedule as CIFAR-10."""
 
-from configs import default
+from lplgrad_jax.configs import default
 
 
 def get_config(budget: str = "high"):

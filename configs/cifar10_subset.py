@@ -6,9 +6,9 @@ Point data.root elsewhere if the file is not at ../shared/data/ beside the repo.
 
 import os
 
-from configs import default
+from lplgrad_jax.configs import default
 
-_SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+_SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "..",
                        "shared", "data", "cifar10_subset.npz")
 
 

@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.root = ""                # image folder / .npz path
   config.data.data_dir = ""            # TFDS data_dir ("" = TFDS default)
   config.data.manual_dir = ""          # TFDS manual_dir for pre-downloaded archives
-  config.data.download = False         # let TFDS download and prepare
+  config.data.download = True          # TFDS fetches a missing data set (False: air-gapped)
   config.data.train_split = "train"
   config.data.test_split = "test"
   config.data.image_size = 32

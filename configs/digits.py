@@ -3,7 +3,7 @@
 Runs a whole LPLgrad campaign in a few minutes on a 2-core CPU (`make demo`).
 """
 
-from configs import default
+from lplgrad_jax.configs import default
 
 
 def get_config():

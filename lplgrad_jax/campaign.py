@@ -140,7 +140,7 @@ class Campaign:
         workdir, config.log.tensorboard and distributed.is_main_process(), state.epochs_logged)
     campaign = cls(config, workdir, dataset, oracle, checkpointer, mesh, step_config, pool,
                    normalization, learner, graphdef, train_state, state, logger)
-    say(campaign.describe(final_size))
+    say(campaign.describe())
     say(train.recipe_summary(config))
     return campaign
 
@@ -309,13 +309,11 @@ class Campaign:
       say(f"results: {os.path.join(self.workdir, RESULTS_FILE)}")
     return self.results()
 
-  def describe(self, final_size: int) -> str:
-    d, al = self.dataset, self.config.al
-    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+  def describe(self) -> str:
+    """The data as loaded (the run's first line, `launch.first_line`, gave the rest)."""
+    d = self.dataset
     return (f"{d.name}: {d.num_train} training / {len(d.y_test)} test images, "
-            f"{d.num_classes} classes; strategy {self.config.strategy}, {al.num_rounds} rounds, "
-            f"{final_size - (al.num_rounds - 1) * al.query_size} -> {final_size} labeled; "
-            f"{jax.device_count()} device(s) ({jax.devices()[0].platform}){processes}")
+            f"{d.num_classes} classes")
 
   @property
   def _progress(self) -> bool:

@@ -16,6 +16,8 @@ The workdir must be one directory every host sees (a shared file system).
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -51,6 +53,19 @@ def initialize(dist_config) -> None:
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def device_summary() -> str:
+  """The devices a campaign runs on, e.g. `8 x NVIDIA H100 80GB HBM3 (gpu)`, `1 x cpu`.
+
+  Touches the devices: call after `initialize`.
+  """
+  devices = jax.devices()
+  kinds = collections.Counter(d.device_kind for d in devices)
+  platform = devices[0].platform
+  text = ", ".join(f"{n} x {kind}" + ("" if kind.lower() == platform else f" ({platform})")
+                   for kind, n in kinds.items())
+  return text + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
 
 
 def say(*args, **kwargs) -> None:

@@ -1,12 +1,18 @@
-"""Runs an LPLgrad active-learning campaign.
+"""Runs an LPLgrad active-learning campaign (installed as the `lplgrad-jax` command).
 
-  python -m lplgrad_jax.main --config=configs/cifar10.py --workdir=/tmp/cifar10
-  python -m lplgrad_jax.main --config=configs/cifar10.py:low --workdir=... --config.seed=1
+  python -m lplgrad_jax.main --config=configs/cifar100.py
+  lplgrad-jax --config=cifar10:low --config.seed=1           # a shipped config, by name
+  python -m lplgrad_jax.main --config=my_config.py --workdir=/tmp/mine
+
+Without --workdir a run goes to runs/<config name>[_<budget>]/<strategy>/seed<seed> under the
+current directory (see launch.default_workdir): the same command resumes the same campaign.
 """
 
 import shlex
 import sys
 
+import jax
+from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -14,15 +20,19 @@ from lplgrad_jax import campaign
 from lplgrad_jax import cli
 from lplgrad_jax import distributed
 from lplgrad_jax import errors
+from lplgrad_jax import launch
 from lplgrad_jax.errors import ConfigError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, plots, logs and "
-                                "checkpoints. Rerunning a command resumes its campaign.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for results, plots, logs and checkpoints (default: "
+    "runs/<config name>[_<budget>]/<strategy>/seed<seed>). Rerunning a command resumes it.")
 _RESTART = flags.DEFINE_bool("restart", False, "Discard the campaign already in --workdir "
                              "(checkpoints and results) and start over.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Campaign configuration file.",
-                                          lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Campaign configuration: a file (configs/cifar100.py) or the name of a shipped "
+    "one (cifar100), optionally with :<budget> (cifar10:low).", lock_config=True)
+flags.mark_flags_as_required(["config"])
+_config_name = None  # of --config, set by _parse_flags: it names the default workdir
 
 
 def _fail(error: Exception) -> None:
@@ -38,6 +48,33 @@ def _fail(error: Exception) -> None:
   errors.exit_with(error)
 
 
+def _parse_flags(argv):
+  global _config_name
+  try:
+    resolved, _config_name = launch.rewrite_config_argv(argv)
+  except ConfigError as e:
+    _fail(e)
+  try:
+    return flags.FLAGS(resolved)
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    if not isinstance(e, (AttributeError, KeyError)):
+      for typed, used in zip(argv, resolved):  # name the config as the user did
+        if typed != used:
+          e = ConfigError(str(e).replace(used.partition("=")[2] or used,
+                                         typed.partition("=")[2] or typed))
+    _fail(e)
+
+
+def _start(config, workdir: str) -> None:
+  """Starts the devices and prints the run's first line (and a CPU-only warning, if due)."""
+  distributed.initialize(config.distributed)  # before anything touches a device
+  distributed.say(launch.first_line(config, workdir, distributed.device_summary()))
+  # On stdout beside the first line: stderr stays for errors (an offline run prints one alone).
+  warning = launch.accelerator_warning(config, jax.default_backend())
+  if warning:
+    distributed.say(warning)
+
+
 def main(argv):
   cli.start(argv)
   try:
@@ -45,8 +82,10 @@ def main(argv):
     config.to_dict()  # config_flags loads lazily: a broken config file raises here
   except OSError as e:
     _fail(e)
+  workdir = _WORKDIR.value or launch.default_workdir(_config_name, config)
   try:
-    results = campaign.run(config, _WORKDIR.value, restart=_RESTART.value)
+    _start(config, workdir)
+    results = campaign.run(config, workdir, restart=_RESTART.value)
   except ConfigError as e:
     _fail(e)
   if "awaiting_labels" in results:
@@ -54,6 +93,10 @@ def main(argv):
     distributed.say(f"continue with: python -m lplgrad_jax.main {shlex.join(again)}")
 
 
+def run() -> None:
+  """The `lplgrad-jax` console script: the same as `python -m lplgrad_jax.main`."""
+  app.run(main, flags_parser=_parse_flags)
+
+
 if __name__ == "__main__":
-  cli.run(main, report=_fail, parse_errors=(flags.Error, AttributeError, KeyError, OSError,
-                                            TypeError, ValueError))
+  run()

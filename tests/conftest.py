@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny digits configuration and one campaign run shared by many tests."""
 
+import contextlib
 import os
+import socket
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -47,3 +49,21 @@ def tiny_campaign(tmp_path_factory):
   config = tiny_config()
   workdir = str(tmp_path_factory.mktemp("campaign"))
   return config, workdir, campaign.run(config, workdir)
+
+
+@contextlib.contextmanager
+def local_proxy(monkeypatch, reachable: bool):
+  """Routes HTTP(S) through a proxy on localhost: a listening socket (a data host probe
+  succeeds) or a closed port (every connection is refused), so no test reaches the network."""
+  with socket.socket() as proxy:
+    proxy.bind(("127.0.0.1", 0))
+    port = proxy.getsockname()[1]
+    if reachable:
+      proxy.listen()
+    else:
+      proxy.close()
+    for var in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+      monkeypatch.delenv(var, raising=False)
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+      monkeypatch.setenv(var, f"http://127.0.0.1:{port}")
+    yield port

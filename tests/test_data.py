@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED_CIFAR, tiny_config
+from conftest import SHARED_CIFAR, local_proxy, tiny_config
 from lplgrad_jax import data
 from lplgrad_jax.errors import ConfigError
 
@@ -134,7 +134,7 @@ def _write_cifar10_binaries(root, per_file=6):
   return written
 
 
-def test_tfds_builds_locally_then_reads_offline(tmp_path):
+def test_tfds_builds_locally_then_reads_offline(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds
   raw = tmp_path / "raw"
   written = _write_cifar10_binaries(raw)
@@ -145,8 +145,8 @@ def test_tfds_builds_locally_then_reads_offline(tmp_path):
   with pytest.raises(ConfigError, match="is not prepared"):
     data.load_dataset(config)
   # Prepare with TFDS's own cifar10 builder, its download served from local files.
-  with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
-                         return_value=str(raw)):
+  with local_proxy(monkeypatch, reachable=True), mock.patch.object(
+      tfds.download.DownloadManager, "download_and_extract", return_value=str(raw)):
     config.download = True
     data.load_dataset(config)
   config.download = False  # the offline path: a prepared data_dir
