@@ -125,7 +125,9 @@ class Campaign:
       train_state, saved = checkpointer.restore(train_state)
       state = CampaignState.from_json(saved, checkpointer.directory)
       nnx.update(learner, train_state.params, train_state.batch_stats)
-      say(f"resuming from {checkpointer.directory}: {state.where()}")
+      complete = state.phase == "query" and state.round >= config.al.num_rounds - 1
+      say(f"the campaign in {workdir} is complete ({len(state.rounds)} rounds): nothing to "
+          "train" if complete else f"resuming from {checkpointer.directory}: {state.where()}")
     elif previous is not None:
       raise ConfigError(f"workdir {workdir} holds results but no checkpoint to resume from: "
                         "choose another --workdir, or pass --restart to discard them")

@@ -106,7 +106,7 @@ def test_rerunning_a_finished_campaign_changes_nothing(tiny_campaign, tmp_path, 
   workdir, results = _copy_campaign(tiny_campaign, tmp_path)
   again = campaign.run(tiny_config(), workdir)
   assert again["rounds"] == results["rounds"]
-  assert "resuming from" in capsys.readouterr().out
+  assert "is complete (3 rounds): nothing to train" in capsys.readouterr().out
 
 
 def _latest_step_dir(workdir):
