@@ -4,7 +4,9 @@
 residual stages, which the loss-prediction module reads. Layout follows the
 PyTorch models used by the LPLgrad and Learning Loss authors (kuangliu's
 CIFAR ResNet): convolutions without bias, explicit symmetric padding, BatchNorm
-with PyTorch's momentum (0.1 <-> Flax 0.9) and epsilon.
+with PyTorch's momentum (0.1 <-> Flax 0.9) and epsilon, and by default PyTorch's
+initialisation and running-variance update (`Layers`; README: Fidelity to the
+authors' code).
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ INITS = ("pytorch", "he")
 # model.bn_running_var: "unbiased" (PyTorch: the running variance is updated with the batch
 # variance times n/(n-1)); "biased" (Flax: the batch variance as normalised with).
 BN_RUNNING_VARS = ("unbiased", "biased")
+# bound sqrt(3 * scale / fan_in) = 1/sqrt(fan_in): PyTorch's kaiming_uniform(a=sqrt(5)).
 _PYTORCH_KERNEL_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# He initialisation (fan_out) as in torchvision's ResNets.
+_HE_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def _pytorch_bias_init(fan_in: int):
@@ -66,10 +71,6 @@ class Layers:
                      unbiased_running_var=self.bn_running_var == "unbiased", rngs=rngs)
 
 
-# He initialisation (fan_out) as in torchvision's ResNets.
-_HE_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
 class BatchNorm(nnx.BatchNorm):
   """Flax's BatchNorm whose running variance may follow PyTorch's unbiased update.
 
@@ -92,7 +93,7 @@ class BatchNorm(nnx.BatchNorm):
       x = x.astype(jnp.float32)
       axes = tuple(range(x.ndim - 1))
       where = None if mask is None else jnp.broadcast_to(mask, x.shape)
-      # Flax's own (fast) batch variance, which XLA computes once for both uses.
+      # The batch variance as Flax's BatchNorm computes it (E[x^2] - E[x]^2).
       mean = jnp.mean(x, axes, where=where)
       var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axes, where=where) - jnp.square(mean))
       n = (x[..., 0].size if mask is None

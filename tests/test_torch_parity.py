@@ -50,15 +50,22 @@ def test_fixture_crosses_the_detach_epoch_and_the_milestone(parity):
 def test_forward_and_joint_loss_match_pytorch(parity):
   fixture, config, _, graphdef, params, stats, (mean, std) = parity
   cfg = train.StepConfig.from_config(config.train, torch_parity.BATCH, use_aux=True)
-  images = train.normalize(jnp.asarray(fixture["images"][0]), mean, std)
-  learner = nnx.merge(graphdef, params, stats, copy=True)  # training mode, as PyTorch's
-  logits, features = learner.classifier(images)
+
+  @jax.jit
+  def forward(params, stats, images, labels):
+    learner = nnx.merge(graphdef, params, stats, copy=True)  # training mode, as PyTorch's
+    logits, features = learner.classifier(images)
+    loss, (_, metrics) = train._loss_fn(params, graphdef, stats, images, labels, jnp.ones(8),
+                                        False, cfg)
+    return logits, features, learner.loss_head(features), loss, metrics
+
+  logits, features, predicted, loss, metrics = forward(
+      params, stats, train.normalize(jnp.asarray(fixture["images"][0]), mean, std),
+      jnp.asarray(fixture["labels"][0]))
   assert _relative_error(logits, fixture["forward/logits"]) < 1e-5
   for i, f in enumerate(features):
     assert _relative_error(f, fixture[f"forward/features/{i}"]) < 1e-5
-  assert _relative_error(learner.loss_head(features), fixture["forward/predicted"]) < 1e-5
-  loss, (_, metrics) = train._loss_fn(params, graphdef, stats, images,
-                                      jnp.asarray(fixture["labels"][0]), jnp.ones(8), False, cfg)
+  assert _relative_error(predicted, fixture["forward/predicted"]) < 1e-5
   for name in ("main_loss", "aux_loss"):
     assert float(metrics[name]) / 8 == pytest.approx(float(fixture[f"forward/{name}"]), rel=1e-6)
   assert float(loss) == pytest.approx(float(fixture["forward/joint_loss"]), rel=1e-6)
