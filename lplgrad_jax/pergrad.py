@@ -328,6 +328,19 @@ def _conv_rule(module, x, g):
   return out
 
 
+def _batch_norm_rule(module, x, g):
+  """Inference BatchNorm: scale sum_t g_t x_hat_t, bias sum_t g_t."""
+  x, g = x.astype(jnp.float32), g.astype(jnp.float32)
+  reduce_axes = tuple(range(x.ndim - 1))
+  out = {}
+  if module.scale is not None:
+    x_hat = (x - module.mean[...]) * jax.lax.rsqrt(module.var[...] + module.epsilon)
+    out["scale"] = jnp.sum(g * x_hat, axis=reduce_axes)
+  if module.bias is not None:
+    out["bias"] = jnp.sum(g, axis=reduce_axes)
+  return out
+
+
 def _plain_args(args, kwargs) -> bool:
   return len(args) == 1 and all(v is None for v in kwargs.values())
 
@@ -347,6 +360,9 @@ def _closed_form(module, base, args, kwargs, g):
       and module.conv_general_dilated is jax.lax.conv_general_dilated
       and all(d == 1 for d in np.atleast_1d(module.input_dilation or 1))):
     return _conv_rule(module, x, g)
+  if (base is nnx.BatchNorm and module.use_running_average and module.axis in (-1, x.ndim - 1)
+      and module.axis_name is None):
+    return _batch_norm_rule(module, x, g)
   if base is nnx.Embed and module.num_embeddings > 1:
     return {"embedding": _Lookup(x.reshape(-1), g.reshape(-1, g.shape[-1]),
                                  module.embedding.shape)}
@@ -418,23 +434,68 @@ def squared_norms(graphdef, params, rest, inputs, loss_fn: Callable) -> jax.Arra
   apply = _example_loss(loss_fn)
   plan = make_plan(graphdef, params, rest, inputs[0], apply)
   report(plan)
-  leftover_paths = {path for path, _ in plan.leftovers}
   model = nnx.merge(graphdef, params, rest)
+  grads = (_batched_grads(model, plan, inputs, loss_fn) if not plan.leftovers else None)
+  if grads is None:
+    grads = _vmapped_grads(model, plan, inputs, apply)
+  return _norms_from_grads(model, plan, *grads)
+
+
+def _vmapped_grads(model, plan: Plan, inputs, apply):
+  """Each example as a batch of one under vmap(grad): leftovers get per-example gradients."""
+  leftover_paths = {path for path, _ in plan.leftovers}
   is_leftover = lambda path, node: isinstance(node, nnx.Param) and path in leftover_paths
-  graphdef2, leftover, rest2 = nnx.split(model, is_leftover, ...)
-  holder = {}
+  graphdef, leftover, rest = nnx.split(model, is_leftover, ...)
 
   def example(perturbations, left, x):
-    m = nnx.merge(graphdef2, left, rest2)
+    m = nnx.merge(graphdef, left, rest)
     with _intercept(_Recorder(m, perturbations)) as recorder:
       loss = apply(m, x)
-    holder["recorder"] = recorder
     return loss, recorder.arrays
 
   zeros = [jnp.zeros(c.out_shape.shape, c.out_shape.dtype) for c in plan.calls]
   (out_grads, left_grads), arrays = jax.vmap(
       jax.grad(example, argnums=(0, 1), has_aux=True), in_axes=(None, None, 0))(
           zeros, leftover, inputs)
+  return arrays, out_grads, left_grads
+
+
+def _batched_grads(model, plan: Plan, inputs, loss_fn):
+  """The whole batch at once, when every layer call is batched along axis 0 (else None).
+
+  The gradient of sum_i loss_i with respect to a zero perturbation of a layer's
+  output is, row by row, each example's output gradient. Returned as the
+  vmapped pass would: a leading batch axis, then the example as a batch of one.
+  """
+  n = inputs.shape[0]
+
+  def total(perturbations):
+    with _intercept(_Recorder(model, perturbations)) as recorder:
+      loss = jnp.sum(loss_fn(model(inputs)))
+    return loss, recorder.arrays
+
+  recorder = _Recorder(model)
+
+  def trace():
+    with _intercept(recorder):
+      model(inputs)
+
+  jax.eval_shape(trace)
+  out_shapes = [c.out_shape for c in recorder.calls]
+  if len(out_shapes) != len(plan.calls):
+    return None
+  for call, out, arr in zip(plan.calls, out_shapes, recorder.arrays):
+    if (call.out_shape.shape[:1] != (1,) or out.shape != (n,) + call.out_shape.shape[1:]
+        or any(a.shape[:1] != (n,) for a in arr)):
+      return None
+  zeros = [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
+  out_grads, arrays = jax.grad(total, has_aux=True)(zeros)
+  expand = lambda tree: jax.tree.map(lambda a: jnp.expand_dims(a, 1), tree)
+  return expand(arrays), expand(out_grads), nnx.State({})
+
+
+def _norms_from_grads(model, plan: Plan, arrays, out_grads, left_grads):
+  """(N, K) squared norms from the recorded layer inputs and output gradients."""
   modules = dict(_modules(model))
   param_paths = _param_paths(model)
 
