@@ -304,7 +304,8 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
   cfg = train.StepConfig.from_config(config.train, final_size, use_aux, mesh,
                                      pool_sharded=config.data.shard_pool)
   learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
-                           key=derive_key(config.seed, _MODEL_INIT, 0))
+                           key=derive_key(config.seed, _MODEL_INIT, 0),
+                           image_size=int(dataset.x_train.shape[1]))
   graphdef, state = train.create_train_state(learner, cfg)
   state = sharding.replicate(state, mesh)  # restored with the shardings of this target
   if checkpointer.exists():
@@ -362,7 +363,8 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
           if position["epoch"] == 0 and position["step"] == 0:  # a round starts
             if r > 0 and config.train.reinit_each_round:
               learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
-                                       key=derive_key(config.seed, _MODEL_INIT, r))
+                                       key=derive_key(config.seed, _MODEL_INIT, r),
+                                       image_size=int(dataset.x_train.shape[1]))
             graphdef, state = train.create_train_state(learner, cfg)  # fresh optimizer
           state = sharding.replicate(state, mesh)
           start = time.perf_counter()

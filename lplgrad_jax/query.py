@@ -77,7 +77,7 @@ def _padded_chunks(images: np.ndarray, chunk_size: int):
 def _outputs_batch(graphdef, params, rest, images_uint8, mean, std):
   learner = nnx.merge(graphdef, params, rest)
   logits, features = learner.classifier(normalize(images_uint8, mean, std))
-  embedding = jnp.mean(features[-1], axis=(1, 2))
+  embedding = models.pool_feature(features[-1])
   predicted_loss = (learner.loss_head(features) if learner.loss_head is not None
                     else jnp.zeros(logits.shape[:1]))
   return logits, embedding, predicted_loss
