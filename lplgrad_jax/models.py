@@ -363,7 +363,11 @@ def _user_model(spec: str, num_classes: int, image_size: int, rngs: nnx.Rngs) ->
   except (ImportError, AttributeError) as e:
     raise ConfigError(f"model {spec!r}: cannot load {parts[2]!r} from {parts[1]!r} "
                       f"({type(e).__name__}: {e})") from None
-  net = factory(num_classes, rngs)
+  try:
+    net = factory(num_classes, rngs)
+  except TypeError as e:
+    raise ConfigError(f"model {spec!r}: expected factory(num_classes, rngs) -> nnx.Module "
+                      f"({e})") from None
   if not isinstance(net, nnx.Module):
     raise ConfigError(f"model {spec!r}: the factory returned {type(net).__name__}, "
                       "expected an nnx.Module")

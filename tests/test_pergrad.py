@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from lplgrad_jax import pergrad, query
-from lplgrad_jax.models import ResNet18
+from lplgrad_jax.models import ResNet18, ResNet50, ViT, WideResNet
 
 
 class TinyViT(nnx.Module):
@@ -208,3 +208,25 @@ def test_batched_and_vmapped_passes_agree():
   vmapped = pergrad._norms_from_grads(merged, plan, *pergrad._vmapped_grads(merged, plan, x,
                                                                             apply))
   np.testing.assert_allclose(batched, vmapped, rtol=1e-5)
+
+
+class ShallowResNet50(ResNet50):
+  """ResNet-50's bottleneck blocks, one per stage: the rules, at a fraction of the compile."""
+  stage_sizes = (1, 1, 1, 1)
+
+
+BACKBONES = {
+    "resnet50_bottleneck": (lambda: ShallowResNet50(5, width=1, rngs=nnx.Rngs(7)), _images),
+    "wide_resnet": (lambda: WideResNet(5, depth=10, widen=1, rngs=nnx.Rngs(8)), _images),
+    "vit_backbone": (lambda: ViT(5, width=8, depth=1, heads=2, image_size=8, rngs=nnx.Rngs(9)),
+                     _images),
+}
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_backbones_fast_norms_equal_vmap_grad(name):
+  build, inputs = BACKBONES[name]
+  x = inputs()
+  model = _trained_like(build(), x)
+  for got, want in zip(_fast(model, x), _reference(model, x)):
+    np.testing.assert_allclose(got, want, rtol=1e-4)
