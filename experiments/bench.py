@@ -1,7 +1,7 @@
 """Throughput of the query scorers and of training, on whatever device JAX finds.
 
-  python experiments/bench.py [--width=64] [--batch=128] [--dtypes=float32,bfloat16]
-      [--epoch_steps=20] [--torch] [--out=bench.json]
+  python experiments/bench.py [--model=resnet18] [--width=64] [--batch=128]
+      [--dtypes=float32,bfloat16] [--epoch_steps=20] [--notrain] [--torch] [--out=bench.json]
 
 Prints and writes JSON, images/s and compile seconds of:
   forward_backward       a plain batched forward+backward of the same model and
@@ -25,7 +25,13 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_WIDTH = flags.DEFINE_integer("width", 64, "ResNet-18 width (64 = the paper's).")
+_MODEL = flags.DEFINE_string("model", "resnet18", "config.model.name: resnet18, resnet34, "
+                             "resnet50, wide_resnet28, vit or module:pkg.mod:factory.")
+_WIDTH = flags.DEFINE_integer("width", 64, "model.width (ResNet-18: 64 = the paper's; WRN: k; "
+                              "ViT: embedding size).")
+_DEPTH = flags.DEFINE_integer("depth", 6, "ViT blocks.")
+_HEADS = flags.DEFINE_integer("heads", 4, "ViT attention heads.")
+_TRAIN = flags.DEFINE_bool("train", True, "Also time a training step.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Images per call.")
 _SIZE = flags.DEFINE_integer("image_size", 32, "Image side (CIFAR: 32).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement.")
@@ -63,13 +69,16 @@ def _jax_report(report, n, images, labels, mean, std):
 
   sync = jax.block_until_ready
   config = default.get_config()
-  config.model.width = _WIDTH.value
+  config.model.name, config.model.width = _MODEL.value, _WIDTH.value
+  config.model.depth, config.model.heads = _DEPTH.value, _HEADS.value
   config.train.batch_size = n
-  learner = models.create_learner(config.model, 10, use_aux=True, key=jax.random.key(0))
+  learner = models.create_learner(config.model, 10, use_aux=True, key=jax.random.key(0),
+                                  image_size=images.shape[1])
   model = learner.classifier
-  graphdef, params, rest = nnx.split(nnx.view(model, use_running_average=True), nnx.Param, ...)
+  graphdef, params, rest = nnx.split(query.pergrad.inference_view(model), nnx.Param, ...)
   x = train.normalize(jnp.asarray(images), mean, std)
-  floor = jax.jit(jax.grad(lambda p: jnp.sum(query.entropy(nnx.merge(graphdef, p, rest)(x)[0]))))
+  floor = jax.jit(jax.grad(
+      lambda p: jnp.sum(query.output_entropy(nnx.merge(graphdef, p, rest)(x)))))
   first, seconds = _time(lambda: floor(params), _REPEATS.value, sync)
   report["forward_backward"] = _entry(n, seconds, first)
   for dtype in _DTYPES.value:
@@ -83,7 +92,7 @@ def _jax_report(report, n, images, labels, mean, std):
 
   mesh = sharding.data_mesh()
   pool = sharding.replicate((images, labels), mesh)
-  for dtype in _DTYPES.value:
+  for dtype in _DTYPES.value if _TRAIN.value else ():
     config.train.compute_dtype = dtype
     cfg = train.StepConfig.from_config(config.train, n, use_aux=True, mesh=mesh)
     train_graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
@@ -162,7 +171,8 @@ def main(_):
   labels = rng.integers(0, 10, n).astype(np.int32)
   mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
   report = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
-            "jax_version": jax.__version__, "width": _WIDTH.value, "batch": n,
+            "jax_version": jax.__version__, "model": _MODEL.value, "width": _WIDTH.value,
+            "batch": n,
             "image_size": size}
   _jax_report(report, n, images, labels, mean, std)
   if _TORCH.value:
