@@ -332,7 +332,7 @@ _MODELS: dict[str, ModelBuilder] = {}
 
 
 def register_model(name: str, builder: ModelBuilder) -> None:
-  """Makes `config.model.name = name` build `builder(model_config, num_classes, image_size, rngs)`."""
+  """`config.model.name = name` builds `builder(model_config, num_classes, image_size, rngs)`."""
   if name in _MODELS:
     raise ConfigError(f"model {name!r} is already registered")
   _MODELS[name] = builder
