@@ -404,11 +404,17 @@ def _squared_norm(parts: list) -> jax.Array:
     g = jnp.concatenate([p.grads for p in parts])
     t, groups, o = g.shape
     p_size = shifted[0].shape[-1] * len(shifted)
+    # Without feature groups the group axis is dropped: a batch axis between the token and
+    # feature axes costs a transpose of every operand (measured 1.5x slower on CPU).
+    spec = "t{0}p,t{0}o->{0}po" if groups > 1 else "tp,to->po"
+    if groups == 1:
+      shifted, g = [a[:, 0] for a in shifted], g[:, 0]
     if t * p_size * o <= t * t * (p_size + o):
       # Offsets partition the kernel's entries: a sum over offsets of ||a_k^T g||^2.
-      return sum(jnp.sum(jnp.square(dot("tgp,tgo->gpo", a, g))) for a in shifted)
+      return sum(jnp.sum(jnp.square(dot(spec.format("g"), a, g))) for a in shifted)
     u = jnp.concatenate(shifted, axis=-1)
-    return jnp.sum(dot("tgp,sgp->gts", u, u) * dot("tgo,sgo->gts", g, g))
+    gram = "t{0}p,s{0}p->{0}ts" if groups > 1 else "tp,sp->ts"
+    return jnp.sum(dot(gram.format("g"), u, u) * dot(gram.format("g"), g, g))
   if all(isinstance(p, _Lookup) for p in parts):
     ids = jnp.concatenate([p.ids for p in parts])
     g = jnp.concatenate([p.grads for p in parts]).astype(jnp.float32)
