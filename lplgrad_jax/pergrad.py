@@ -6,10 +6,12 @@ cooperation from the model: its layers are intercepted from outside.
 
 How. While the model is traced, the `__call__` of the standard layer classes
 (`INTERCEPTED`) is replaced (`_intercept`) by a wrapper that records the layer's
-input and adds a zero perturbation to its output. The model runs on each example
-as a batch of one under `jax.vmap(jax.grad)` taken with respect to those
-perturbations: XLA sees one batched forward and backward pass, and the gradient
-of each perturbation is that example's output gradient g of that layer call.
+input and adds a zero perturbation to its output. One batched backward pass of
+sum_i loss_i with respect to those perturbations gives, row by row, each
+example's output gradient g of every layer call (`_batched_grads`). Where that
+cannot be used (leftover parameters below, or a layer call not batched along
+axis 0), the model runs on each example as a batch of one under
+`jax.vmap(jax.grad)` (`_vmapped_grads`): XLA still sees one batched pass.
 From the layer's input a and g, each parameter tensor's per-example gradient
 norm has a closed form, computed without materialising what costs more:
   Linear, LinearGeneral  kernel sum_t a_t g_t^T over the tokens t of the example:
@@ -29,7 +31,7 @@ summed) before the norm.
 
 Every other parameter, and every parameter that is also read outside its layer's
 call (found in the jaxpr, `_plan`), is a "leftover": its per-example gradient is
-taken directly, as an extra argument of the same vmap(grad), so it costs its own
+taken directly, as an extra argument of the vmapped pass, so it costs its own
 size per example and no second pass. Leftovers are reported once (`logging`),
 with their path and why.
 
