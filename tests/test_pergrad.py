@@ -105,12 +105,12 @@ class TokenNet(nnx.Module):
     return self.out(jnp.mean(y, axis=1)) + jnp.mean(self.embed.attend(y), axis=(1, 2))[:, None]
 
 
-def _trained_like(model, x):
+def _trained_like(model, x, scale=0.3):
   """Random non-trivial parameters (biases, norm scales) and BatchNorm statistics."""
   graphdef, state = nnx.split(model)
   leaves, tree = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(11), len(leaves))
-  leaves = [a + 0.3 * jax.random.normal(k, a.shape, a.dtype)
+  leaves = [a + scale * jax.random.normal(k, a.shape, a.dtype)
             if jnp.issubdtype(a.dtype, jnp.floating) else a for a, k in zip(leaves, keys)]
   model = nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
   if any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(model)):
@@ -217,7 +217,8 @@ class ShallowResNet50(ResNet50):
 
 BACKBONES = {
     "resnet50_bottleneck": (lambda: ShallowResNet50(5, width=1, rngs=nnx.Rngs(7)), _images),
-    "wide_resnet": (lambda: WideResNet(5, depth=10, widen=1, rngs=nnx.Rngs(8)), _images),
+    # Smaller perturbations: at 0.3 this stack saturates the softmax (entropy and gradient ~0).
+    "wide_resnet": (lambda: WideResNet(5, depth=10, widen=1, rngs=nnx.Rngs(8)), _images, 0.05),
     "vit_backbone": (lambda: ViT(5, width=8, depth=1, heads=2, image_size=8, rngs=nnx.Rngs(9)),
                      _images),
 }
@@ -225,8 +226,10 @@ BACKBONES = {
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbones_fast_norms_equal_vmap_grad(name):
-  build, inputs = BACKBONES[name]
+  build, inputs, *scale = BACKBONES[name]
   x = inputs()
-  model = _trained_like(build(), x)
-  for got, want in zip(_fast(model, x), _reference(model, x)):
+  model = _trained_like(build(), x, *scale)
+  fast, ref = _fast(model, x), _reference(model, x)
+  assert np.all(ref[0] > 1e-3)  # a non-degenerate case
+  for got, want in zip(fast, ref):
     np.testing.assert_allclose(got, want, rtol=1e-4)
