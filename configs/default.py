@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet18"
   config.model.width = 64
+  config.model.depth = 6               # vit: transformer blocks
+  config.model.heads = 4               # vit: attention heads (width must be a multiple)
   config.model.stem = "cifar"          # cifar (3x3, no pool) | imagenet (7x7/2 + pool)
   config.model.loss_head_width = 128
   # pytorch: PyTorch's default init of every conv and linear layer (the authors' code) |

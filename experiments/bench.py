@@ -1,7 +1,7 @@
 """Throughput of the query scorers and of training, on whatever device JAX finds.
 
-  python experiments/bench.py [--width=64] [--batch=128] [--dtypes=float32,bfloat16]
-      [--epoch_steps=20] [--torch] [--out=bench.json]
+  python experiments/bench.py [--model=resnet18] [--width=64] [--batch=128]
+      [--dtypes=float32,bfloat16] [--epoch_steps=20] [--notrain] [--torch] [--out=bench.json]
 
 Prints and writes JSON, images/s and compile seconds of:
   forward_backward       a plain batched forward+backward of the same model and
@@ -25,7 +25,13 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_WIDTH = flags.DEFINE_integer("width", 64, "ResNet-18 width (64 = the paper's).")
+_MODEL = flags.DEFINE_string("model", "resnet18", "config.model.name: resnet18, resnet34, "
+                             "resnet50, wide_resnet28, vit or module:pkg.mod:factory.")
+_WIDTH = flags.DEFINE_integer("width", 64, "model.width (ResNet-18: 64 = the paper's; WRN: k; "
+                              "ViT: embedding size).")
+_DEPTH = flags.DEFINE_integer("depth", 6, "ViT blocks.")
+_HEADS = flags.DEFINE_integer("heads", 4, "ViT attention heads.")
+_TRAIN = flags.DEFINE_bool("train", True, "Also time a training step.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Images per call.")
 _SIZE = flags.DEFINE_integer("image_size", 32, "Image side (CIFAR: 32).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement.")
@@ -62,15 +68,15 @@ def make_floor(model, images, mean, std, dtype="float32", mesh=None):
   from lplgrad_jax import models, query, sharding, train
 
   mesh = mesh if mesh is not None else sharding.data_mesh()
-  view = nnx.view(model, use_running_average=True)
+  view = query.pergrad.inference_view(model)
   graphdef, params, rest = nnx.split(models.with_compute_dtype(view, dtype), nnx.Param, ...)
   params, rest, mean, std = sharding.replicate((params, rest, mean, std), mesh)
   x = sharding.split_batch(images, mesh)
 
   @jax.jit
   def grads(params, rest, x, mean, std):
-    loss = lambda p: jnp.sum(query.entropy(nnx.merge(graphdef, p, rest)(
-        train.normalize(x, mean, std))[0]))
+    loss = lambda p: jnp.sum(query.output_entropy(nnx.merge(graphdef, p, rest)(
+        train.normalize(x, mean, std))))
     return jax.grad(loss)(params)
 
   return lambda: grads(params, rest, x, mean, std)
@@ -149,9 +155,11 @@ def _jax_report(report, n, images, labels, mean, std):
 
   sync = jax.block_until_ready
   config = default.get_config()
-  config.model.width = _WIDTH.value
+  config.model.name, config.model.width = _MODEL.value, _WIDTH.value
+  config.model.depth, config.model.heads = _DEPTH.value, _HEADS.value
   config.train.batch_size = n
-  learner = models.create_learner(config.model, 10, use_aux=True, key=jax.random.key(0))
+  learner = models.create_learner(config.model, 10, use_aux=True, key=jax.random.key(0),
+                                  image_size=images.shape[1])
   model = learner.classifier
   first, seconds = time_call(make_floor(model, images, mean, std), _REPEATS.value, sync)
   report["forward_backward"] = rate_entry(n, seconds, first)
@@ -165,7 +173,7 @@ def _jax_report(report, n, images, labels, mean, std):
 
   mesh = sharding.data_mesh()
   pool = sharding.replicate((images, labels), mesh)
-  for dtype in _DTYPES.value:
+  for dtype in _DTYPES.value if _TRAIN.value else ():
     config.train.compute_dtype = dtype
     first, seconds = time_call(make_train_step(learner, config.train, pool, mean, std, mesh),
                                _REPEATS.value, sync)
@@ -236,7 +244,8 @@ def main(_):
   labels = rng.integers(0, 10, n).astype(np.int32)
   mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
   report = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
-            "jax_version": jax.__version__, "width": _WIDTH.value, "batch": n,
+            "jax_version": jax.__version__, "model": _MODEL.value, "width": _WIDTH.value,
+            "batch": n,
             "image_size": size}
   _jax_report(report, n, images, labels, mean, std)
   if _TORCH.value:

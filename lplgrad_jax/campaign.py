@@ -118,7 +118,8 @@ class Campaign:
     step_config = train.StepConfig.from_config(config.train, final_size, use_aux, mesh,
                                                pool_sharded=config.data.shard_pool)
     learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
-                             key=derive_key(config.seed, _MODEL_INIT, 0))
+                             key=derive_key(config.seed, _MODEL_INIT, 0),
+                             image_size=int(dataset.x_train.shape[1]))
     graphdef, train_state = train.create_train_state(learner, step_config)
     train_state = sharding.replicate(train_state, mesh)  # restored with these shardings
     if checkpointer.exists():
@@ -165,7 +166,8 @@ class Campaign:
       if s.round > 0 and self.config.train.reinit_each_round:
         self.learner = create_learner(
             self.config.model, self.dataset.num_classes, use_aux=self.step_config.use_aux,
-            key=derive_key(self.config.seed, _MODEL_INIT, s.round))
+            key=derive_key(self.config.seed, _MODEL_INIT, s.round),
+            image_size=int(self.dataset.x_train.shape[1]))
       self.graphdef, self.train_state = train.create_train_state(self.learner,
                                                                  self.step_config)
     self.train_state = sharding.replicate(self.train_state, self.mesh)

@@ -1,18 +1,19 @@
-"""ResNet-18 main model and the loss-prediction (auxiliary) module, in Flax NNX.
+"""Main models (ResNet-18/34/50, WRN-28-k, ViT, a user's own) and the loss-prediction module.
 
 `logits, features = ResNet18(...)(x)`: `features` holds the outputs of the four
 residual stages, which the loss-prediction module reads. Layout follows the
 PyTorch models used by the LPLgrad and Learning Loss authors (kuangliu's
 CIFAR ResNet): convolutions without bias, explicit symmetric padding, BatchNorm
-with PyTorch's momentum (0.1 <-> Flax 0.9) and epsilon, and by default PyTorch's
-initialisation and running-variance update (`Layers`; README: Fidelity to the
-authors' code).
+with PyTorch's momentum (0.1 <-> Flax 0.9) and epsilon.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Sequence
+import importlib
+import threading
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -147,13 +148,15 @@ class ResNet18(nnx.Module):
   """
 
   stage_sizes = (2, 2, 2, 2)
+  block = BasicBlock
+  expansion = 1  # block output channels / block width
 
   def __init__(self, num_classes: int, *, width: int = 64, stem: str = "cifar",
                in_channels: int = 3, layers: Layers = Layers(), rngs: nnx.Rngs):
     if stem not in ("cifar", "imagenet"):
       raise ConfigError(f"unknown model stem {stem!r}: expected 'cifar' or 'imagenet'")
     self.stem = stem
-    self.stage_channels = tuple(width * 2**i for i in range(4))
+    self.stage_channels = tuple(width * 2**i * self.expansion for i in range(4))
     self.stem_conv = layers.conv(in_channels, width, 3 if stem == "cifar" else 7,
                                  1 if stem == "cifar" else 2, rngs)
     self.stem_bn = layers.batch_norm(width, rngs)
@@ -163,7 +166,7 @@ class ResNet18(nnx.Module):
       stage = []
       for j in range(depth):
         stride = 2 if (i > 0 and j == 0) else 1
-        stage.append(BasicBlock(cin, cout, stride, layers=layers, rngs=rngs))
+        stage.append(self.block(cin, cout, stride, layers=layers, rngs=rngs))
         cin = cout
       blocks.append(nnx.List(stage))
     self.stages = nnx.List(blocks)
@@ -185,6 +188,11 @@ class ResNet18(nnx.Module):
     return _layer(self.head, pooled, tap).astype(jnp.float32), tuple(features)
 
 
+def pool_feature(feature: jax.Array) -> jax.Array:
+  """Global average pool of a stage output (N, H, W, C), (N, T, C) or (N, C) to (N, C)."""
+  return jnp.mean(feature, axis=tuple(range(1, feature.ndim - 1))) if feature.ndim > 2 else feature
+
+
 class LossPredictionModule(nnx.Module):
   """Yoo & Kweon's loss-prediction head: per stage GAP -> Dense -> ReLU, concat -> Dense(1)."""
 
@@ -194,8 +202,7 @@ class LossPredictionModule(nnx.Module):
     self.out = layers.dense(hidden * len(stage_channels), 1, rngs)
 
   def __call__(self, features) -> jax.Array:
-    hidden = [nnx.relu(dense(jnp.mean(f, axis=(1, 2))))
-              for dense, f in zip(self.stage_dense, features)]
+    hidden = [nnx.relu(dense(pool_feature(f))) for dense, f in zip(self.stage_dense, features)]
     return self.out(jnp.concatenate(hidden, axis=-1))[:, 0].astype(jnp.float32)
 
 
@@ -207,7 +214,231 @@ class ActiveLearner(nnx.Module):
     self.loss_head = loss_head
 
 
-_MODELS = {"resnet18": ResNet18}
+class Bottleneck(nnx.Module):
+  """1x1 reduce, 3x3 (stride), 1x1 expand (x4) with a projection shortcut where shapes change."""
+
+  def __init__(self, cin: int, cout: int, stride: int, *, layers: Layers, rngs: nnx.Rngs):
+    mid = cout // ResNet50.expansion
+    self.conv1, self.bn1 = layers.conv(cin, mid, 1, 1, rngs), layers.batch_norm(mid, rngs)
+    self.conv2, self.bn2 = layers.conv(mid, mid, 3, stride, rngs), layers.batch_norm(mid, rngs)
+    self.conv3, self.bn3 = layers.conv(mid, cout, 1, 1, rngs), layers.batch_norm(cout, rngs)
+    if stride != 1 or cin != cout:
+      self.shortcut_conv = layers.conv(cin, cout, 1, stride, rngs)
+      self.shortcut_bn = layers.batch_norm(cout, rngs)
+    else:
+      self.shortcut_conv = None
+      self.shortcut_bn = None
+
+  def __call__(self, x, mask=None, tap=None):
+    y = nnx.relu(_layer(self.bn1, _layer(self.conv1, x, tap), tap, mask))
+    y = nnx.relu(_layer(self.bn2, _layer(self.conv2, y, tap), tap, mask))
+    y = _layer(self.bn3, _layer(self.conv3, y, tap), tap, mask)
+    if self.shortcut_conv is not None:
+      x = _layer(self.shortcut_bn, _layer(self.shortcut_conv, x, tap), tap, mask)
+    return nnx.relu(y + x)
+
+
+class ResNet34(ResNet18):
+  stage_sizes = (3, 4, 6, 3)
+
+
+class ResNet50(ResNet18):
+  stage_sizes = (3, 4, 6, 3)
+  block = Bottleneck
+  expansion = 4
+
+
+class WideBlock(nnx.Module):
+  """Pre-activation block of Zagoruyko & Komodakis: BN-ReLU-conv3x3, twice."""
+
+  def __init__(self, cin: int, cout: int, stride: int, *, layers: Layers, rngs: nnx.Rngs):
+    self.bn1, self.conv1 = layers.batch_norm(cin, rngs), layers.conv(cin, cout, 3, stride, rngs)
+    self.bn2, self.conv2 = layers.batch_norm(cout, rngs), layers.conv(cout, cout, 3, 1, rngs)
+    self.shortcut = (layers.conv(cin, cout, 1, stride, rngs) if stride != 1 or cin != cout
+                     else None)
+
+  def __call__(self, x):
+    activated = nnx.relu(self.bn1(x))
+    y = self.conv2(nnx.relu(self.bn2(self.conv1(activated))))
+    return y + (x if self.shortcut is None else self.shortcut(activated))
+
+
+class WideResNet(nnx.Module):
+  """WRN-depth-k (3 groups of (depth - 4) / 6 blocks, widths 16k, 32k, 64k) for 32x32 inputs."""
+
+  def __init__(self, num_classes: int, *, depth: int = 28, widen: int = 10,
+               in_channels: int = 3, layers: Layers = Layers(), rngs: nnx.Rngs):
+    if (depth - 4) % 6:
+      raise ConfigError(f"WideResNet depth={depth}: expected 6n + 4 (e.g. 28)")
+    self.stage_channels = tuple(16 * widen * 2**i for i in range(3))
+    self.stem = layers.conv(in_channels, 16, 3, 1, rngs)
+    cin, groups = 16, []
+    for i, cout in enumerate(self.stage_channels):
+      groups.append(nnx.List([WideBlock(cin if j == 0 else cout, cout,
+                                        2 if i > 0 and j == 0 else 1, layers=layers,
+                                        rngs=rngs)
+                              for j in range((depth - 4) // 6)]))
+      cin = cout
+    self.groups = nnx.List(groups)
+    self.bn = layers.batch_norm(cin, rngs)
+    self.head = layers.dense(cin, num_classes, rngs)
+
+  def __call__(self, x):
+    y, features = self.stem(x), []
+    for group in self.groups:
+      for block in group:
+        y = block(y)
+      features.append(y)
+    y = jnp.mean(nnx.relu(self.bn(y)), axis=(1, 2))
+    return self.head(y).astype(jnp.float32), tuple(features)
+
+
+class ViTBlock(nnx.Module):
+  """Pre-LayerNorm transformer block: multi-head self-attention and a GELU MLP (x2 hidden)."""
+
+  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
+    self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.mlp_in = nnx.Linear(dim, 2 * dim, rngs=rngs)
+    self.mlp_out = nnx.Linear(2 * dim, dim, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attention(self.ln1(x))
+    return x + self.mlp_out(nnx.gelu(self.mlp_in(self.ln2(x))))
+
+
+class ViT(nnx.Module):
+  """A small Vision Transformer: patch-embedding conv, class token, learned positions."""
+
+  def __init__(self, num_classes: int, *, width: int = 64, depth: int = 6, heads: int = 4,
+               patch: int = 4, image_size: int = 32, in_channels: int = 3, rngs: nnx.Rngs):
+    if image_size % patch or width % heads:
+      raise ConfigError(f"ViT: image size {image_size} must be a multiple of patch {patch} and "
+                        f"width {width} a multiple of heads {heads}")
+    self.stage_channels = (width,) * depth
+    self.patch = nnx.Conv(in_channels, width, (patch, patch), strides=patch, padding="VALID",
+                          rngs=rngs)
+    self.cls_token = nnx.Param(jnp.zeros((1, 1, width)))
+    tokens = (image_size // patch) ** 2 + 1
+    self.positions = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, tokens, width)))
+    self.blocks = nnx.List([ViTBlock(width, heads, rngs=rngs) for _ in range(depth)])
+    self.ln = nnx.LayerNorm(width, rngs=rngs)
+    self.head = nnx.Linear(width, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    y = self.patch(x)
+    y = y.reshape(y.shape[0], -1, y.shape[-1])
+    cls = jnp.broadcast_to(self.cls_token[...], (y.shape[0], 1, y.shape[-1])).astype(y.dtype)
+    y = jnp.concatenate([cls, y], axis=1) + self.positions[...]
+    features = []
+    for block in self.blocks:
+      y = block(y)
+      features.append(y)
+    return self.head(self.ln(y)[:, 0]).astype(jnp.float32), tuple(features)
+
+
+_MASK_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _masked_batch_norm(mask: jax.Array):
+  """Every BatchNorm call on a batch of len(mask) rows computes its statistics over the real rows.
+
+  For models that take no `mask`: padded rows would otherwise enter the batch statistics.
+  """
+  original = nnx.BatchNorm.__call__
+
+  def call(self, x, use_running_average=None, *, mask=None):
+    if mask is None and x.ndim >= 2 and x.shape[0] == rows.shape[0]:
+      mask = rows.reshape((-1,) + (1,) * (x.ndim - 1))
+    return original(self, x, use_running_average, mask=mask)
+
+  rows = mask.astype(bool)
+  with _MASK_LOCK:
+    nnx.BatchNorm.__call__ = call
+    try:
+      yield
+    finally:
+      nnx.BatchNorm.__call__ = original
+
+
+class Backbone(nnx.Module):
+  """Adapts a model `net(x) -> (logits, features)` to the campaign's `(x, mask=None)` call.
+
+  `stage_channels` (what the loss head reads) come from the features' last axes.
+  """
+
+  def __init__(self, net: nnx.Module, image_size: int, in_channels: int = 3):
+    self.net = net
+    example = jax.ShapeDtypeStruct((2, image_size, image_size, in_channels), jnp.float32)
+    try:
+      logits, features = jax.eval_shape(lambda x: nnx.view(
+          net, use_running_average=True, raise_if_not_found=False)(x), example)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"model {type(net).__name__} on a {example.shape} batch: expected it "
+                        f"to return (logits, features) ({type(e).__name__}: {e})") from None
+    if logits.ndim != 2 or not isinstance(features, (tuple, list)) or not features:
+      raise ConfigError(f"model {type(net).__name__} returned logits {logits.shape} and "
+                        f"{type(features).__name__} features: expected (N, classes) logits and "
+                        "a non-empty tuple of stage outputs")
+    self.stage_channels = tuple(int(f.shape[-1]) for f in features)
+
+  def __call__(self, x, mask=None):
+    if mask is None:
+      return self.net(x)
+    with _masked_batch_norm(mask):
+      return self.net(x)
+
+
+# (model_config, num_classes, image_size, layers, rngs) -> the main model
+ModelBuilder = Callable[..., nnx.Module]
+_MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str, builder: ModelBuilder) -> None:
+  """`config.model.name = name` builds `builder(model_config, num_classes, image_size, layers,
+  rngs)`."""
+  if name in _MODELS:
+    raise ConfigError(f"model {name!r} is already registered")
+  _MODELS[name] = builder
+
+
+def _resnet(cls):
+  return lambda c, num_classes, image_size, layers, rngs: cls(
+      num_classes, width=c.width, stem=c.stem, layers=layers, rngs=rngs)
+
+
+register_model("resnet18", _resnet(ResNet18))
+register_model("resnet34", _resnet(ResNet34))
+register_model("resnet50", _resnet(ResNet50))
+register_model("wide_resnet28", lambda c, num_classes, image_size, layers, rngs: Backbone(
+    WideResNet(num_classes, depth=28, widen=c.width, layers=layers, rngs=rngs), image_size))
+# Not a model of the authors' code: Flax's default initialisers (model.init is for the CNNs).
+register_model("vit", lambda c, num_classes, image_size, layers, rngs: Backbone(
+    ViT(num_classes, width=c.width, depth=c.depth, heads=c.heads, image_size=image_size,
+        rngs=rngs), image_size))
+
+
+def _user_model(spec: str, num_classes: int, image_size: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`module:pkg.mod:factory`: factory(num_classes, rngs) -> model returning (logits, features)."""
+  parts = spec.split(":")
+  if len(parts) != 3 or not all(parts[1:]):
+    raise ConfigError(f"model {spec!r}: expected 'module:package.module:factory'")
+  try:
+    factory = getattr(importlib.import_module(parts[1]), parts[2])
+  except (ImportError, AttributeError) as e:
+    raise ConfigError(f"model {spec!r}: cannot load {parts[2]!r} from {parts[1]!r} "
+                      f"({type(e).__name__}: {e})") from None
+  try:
+    net = factory(num_classes, rngs)
+  except TypeError as e:
+    raise ConfigError(f"model {spec!r}: expected factory(num_classes, rngs) -> nnx.Module "
+                      f"({e})") from None
+  if not isinstance(net, nnx.Module):
+    raise ConfigError(f"model {spec!r}: the factory returned {type(net).__name__}, "
+                      "expected an nnx.Module")
+  return Backbone(net, image_size)
 
 
 def with_compute_dtype(module: nnx.Module, dtype: str) -> nnx.Module:
@@ -227,17 +458,20 @@ def with_compute_dtype(module: nnx.Module, dtype: str) -> nnx.Module:
   return copy
 
 
-def create_learner(model_config, num_classes: int, *, use_aux: bool,
-                   key: jax.Array) -> ActiveLearner:
+def create_learner(model_config, num_classes: int, *, use_aux: bool, key: jax.Array,
+                   image_size: int = 32) -> ActiveLearner:
   """Builds the main model (chosen by `model_config.name`) and its loss head."""
-  check_choice(model_config.name, sorted(_MODELS), "model")
+  name = model_config.name
+  if not name.startswith("module:") and name not in _MODELS:
+    raise ConfigError(f"unknown model {name!r}: expected one of {', '.join(sorted(_MODELS))} "
+                      "or 'module:package.module:factory'")
   if model_config.width < 1:
     raise ConfigError(f"model.width={model_config.width} must be a positive integer")
   layers = Layers(model_config.get("init", "pytorch"),
                   model_config.get("bn_running_var", "unbiased"))
   rngs = nnx.Rngs(params=key)
-  classifier = _MODELS[model_config.name](
-      num_classes, width=model_config.width, stem=model_config.stem, layers=layers, rngs=rngs)
+  classifier = (_user_model(name, num_classes, image_size, rngs) if name.startswith("module:")
+                else _MODELS[name](model_config, num_classes, image_size, layers, rngs))
   loss_head = (LossPredictionModule(classifier.stage_channels,
                                     hidden=model_config.loss_head_width, layers=layers,
                                     rngs=rngs)

@@ -72,7 +72,7 @@ def load_model(workdir: str) -> Model:
   # The restore target: same structure as the saved state. max_labeled only
   # sizes training buffers, which prediction has none of.
   learner = models.create_learner(ml_collections.ConfigDict(config["model"]), len(class_names),
-                                  use_aux=use_aux, key=jax.random.key(0))
+                                  use_aux=use_aux, key=jax.random.key(0), image_size=image_size)
   step_config = train.StepConfig.from_config(ml_collections.ConfigDict(config["train"]),
                                              max_labeled=1, use_aux=use_aux)
   _, state = train.create_train_state(learner, step_config)

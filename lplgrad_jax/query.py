@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
 from lplgrad_jax import models
+from lplgrad_jax import pergrad
 from lplgrad_jax import sharding
 from lplgrad_jax.errors import check_choice
 from lplgrad_jax.train import normalize
@@ -77,7 +78,7 @@ def _padded_chunks(images: np.ndarray, chunk_size: int):
 def _outputs_batch(graphdef, params, rest, images_uint8, mean, std):
   learner = nnx.merge(graphdef, params, rest)
   logits, features = learner.classifier(normalize(images_uint8, mean, std))
-  embedding = jnp.mean(features[-1], axis=(1, 2))
+  embedding = models.pool_feature(features[-1])
   predicted_loss = (learner.loss_head(features) if learner.loss_head is not None
                     else jnp.zeros(logits.shape[:1]))
   return logits, embedding, predicted_loss
@@ -175,112 +176,26 @@ def kmeans_plus_plus(key: jax.Array, scale: jax.Array, features: jax.Array, k: i
   return picks
 
 
-def _kernel_offset_inputs(inputs, kernel_size, strides, padding) -> list[jax.Array]:
-  """The conv input seen by each kernel offset (dy, dx): one strided slice per offset.
-
-  Plain slices of the padded input: `lax.conv_general_dilated_patches` builds the
-  same columns with a grouped convolution, which measured 1.7x slower for the
-  whole scorer on CPU.
-  """
-  (top, bottom), (left, right) = padding
-  x = jnp.pad(inputs, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  (kh, kw), (sh, sw) = kernel_size, strides
-  out_h, out_w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-  return [x[:, dy:dy + sh * (out_h - 1) + 1:sh, dx:dx + sw * (out_w - 1) + 1:sw, :]
-          for dy in range(kh) for dx in range(kw)]
+def logits_of(outputs) -> jax.Array:
+  """The logits of a model's output: the output itself or its first element."""
+  return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
-def _layer_squared_norms(module, inputs: jax.Array, out_grads: jax.Array) -> list[jax.Array]:
-  """Per-example squared L2 norms of the gradients of `module`'s parameter tensors.
-
-  From the layer's input a_i and its per-example output gradient g_i alone,
-  without forming the summed (or any per-example) weight gradient where that
-  costs more:
-    Dense        kernel a_i g_i^T: |a_i|^2 |g_i|^2; bias g_i
-    BatchNorm    scale sum_hw g_i * x_hat_i; bias sum_hw g_i (inference mode)
-    Conv         kernel U_i^T G_i (U_i: the T x p input patches, G_i: T x o), either
-                 directly (T p o per example) or as the Gram form <U_i U_i^T, G_i G_i^T>
-                 (T^2 (p + o)), whichever is cheaper for the layer's shapes.
-  """
-  n = inputs.shape[0]
-  hi = jax.lax.Precision.HIGHEST
-  # Products in the layer's compute dtype, sums in float32.
-  dot = functools.partial(jnp.einsum, precision=hi, preferred_element_type=jnp.float32)
-  if isinstance(module, nnx.Linear):
-    inputs, out_grads = inputs.astype(jnp.float32), out_grads.astype(jnp.float32)
-    g2 = jnp.sum(jnp.square(out_grads), axis=1)
-    norms = [jnp.sum(jnp.square(inputs), axis=1) * g2]
-    return norms + ([g2] if module.bias is not None else [])
-  if isinstance(module, nnx.BatchNorm):
-    inputs, out_grads = inputs.astype(jnp.float32), out_grads.astype(jnp.float32)
-    x_hat = (inputs - module.mean[...]) * jax.lax.rsqrt(module.var[...] + module.epsilon)
-    d_scale = jnp.sum(out_grads * x_hat, axis=(1, 2))
-    d_bias = jnp.sum(out_grads, axis=(1, 2))
-    return [jnp.sum(jnp.square(d_scale), axis=1), jnp.sum(jnp.square(d_bias), axis=1)]
-  if isinstance(module, nnx.Conv):
-    shifted = _kernel_offset_inputs(inputs, module.kernel_size, module.strides, module.padding)
-    g = out_grads.reshape(n, -1, out_grads.shape[-1])
-    shifted = [x.astype(g.dtype) for x in shifted]
-    t, o = g.shape[1], g.shape[2]
-    p = inputs.shape[-1] * len(shifted)
-    if t * p * o <= t * t * (p + o):
-      # The kernel's offsets partition its entries, so the squared norm is a sum over
-      # offsets of ||x_shift_i^T G_i||^2: no (T, p) patch matrix is ever built.
-      kernel = sum(jnp.sum(jnp.square(dot("ntc,nto->nco", x.reshape(n, t, -1), g)), axis=(1, 2))
-                   for x in shifted)
-    else:
-      u = jnp.concatenate(shifted, axis=-1).reshape(n, t, p)
-      kernel = jnp.sum(dot("ntp,nsp->nts", u, u) * dot("nto,nso->nts", g, g), axis=(1, 2))
-    norms = [kernel]
-    if module.bias is not None:
-      norms.append(jnp.sum(jnp.square(jnp.sum(g.astype(jnp.float32), axis=1)), axis=1))
-    return norms
-  raise TypeError(f"no per-example gradient norm for {type(module).__name__}")
+def output_entropy(outputs) -> jax.Array:
+  return entropy(logits_of(outputs).astype(jnp.float32))
 
 
 def _fast_scores(graphdef, params, rest, images, mean, std, reduction):
-  """Exact per-example gradient norms from one batched backward pass.
-
-  With BatchNorm in inference mode each image's entropy depends on that image
-  alone, so the gradient of sum_i H_i with respect to zero perturbations added
-  to every layer's output is, row by row, each image's output gradient.
-  """
+  """Exact per-example gradient norms from one batched backward pass (`pergrad`)."""
   if images.dtype == jnp.uint8:
     images = normalize(images, mean, std)
-  model = nnx.merge(graphdef, params, rest)
-  output_shapes = []
-
-  def record_shape(module, inputs, outputs):
-    output_shapes.append(jax.ShapeDtypeStruct(outputs.shape, outputs.dtype))
-    return outputs
-
-  jax.eval_shape(lambda x: model(x, tap=record_shape)[0], images)
-  modules = []
-
-  def total_entropy(perturbations):
-    remaining = iter(perturbations)
-    inputs = []
-    modules.clear()
-
-    def tap(module, layer_input, outputs):
-      modules.append(module)
-      inputs.append(layer_input)
-      return outputs + next(remaining)
-
-    logits, _ = model(images, tap=tap)
-    return jnp.sum(entropy(logits)), inputs
-
-  zeros = [jnp.zeros(s.shape, s.dtype) for s in output_shapes]
-  out_grads, inputs = jax.grad(total_entropy, has_aux=True)(zeros)
-  squared = [norm for module, a, g in zip(modules, inputs, out_grads)
-             for norm in _layer_squared_norms(module, a, g)]
-  return reduce_tensor_norms(squared, reduction)
+  return pergrad.reduce(pergrad.squared_norms(graphdef, params, rest, images, output_entropy),
+                        reduction)
 
 
 def _image_entropy(params, graphdef, rest, image):
   model = nnx.merge(graphdef, params, rest)
-  logits, _ = model(image[None])
-  return entropy(logits[0])
+  return output_entropy(model(image[None]))[0]
 
 
 def _vmap_grad_scores(graphdef, params, rest, images, mean, std, reduction):
@@ -318,7 +233,7 @@ def _chunk_scorer(graphdef, reduction: str, method: str, mesh):
 
 def _split_for_inference(model: nnx.Module, compute_dtype: str = "float32"):
   """(graphdef, params, rest) of `model` with BatchNorm in inference mode."""
-  view = nnx.view(model, use_running_average=True)
+  view = pergrad.inference_view(model)
   return nnx.split(models.with_compute_dtype(view, compute_dtype), nnx.Param, ...)
 
 

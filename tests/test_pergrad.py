@@ -1,0 +1,235 @@
+"""pergrad's exact per-example gradient norms against jax.vmap(jax.grad), on models that do
+not cooperate: convolutions of every kind, attention, norms, tied layers, raw and custom params."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lplgrad_jax import pergrad, query
+from lplgrad_jax.models import ResNet18, ResNet50, ViT, WideResNet
+
+
+class TinyViT(nnx.Module):
+  """Patch-embedding conv, raw class token and positional embedding, pre-LN attention block."""
+
+  def __init__(self, num_classes, *, dim=8, patch=4, size=8, rngs):
+    self.patch = nnx.Conv(3, dim, (patch, patch), strides=patch, padding="VALID", rngs=rngs)
+    self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, dim)))
+    self.pos = nnx.Param(jax.random.normal(rngs.params(), (1, (size // patch) ** 2 + 1, dim)))
+    self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(2, dim, decode=False, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.mlp1 = nnx.Linear(dim, 2 * dim, rngs=rngs)
+    self.mlp2 = nnx.Linear(2 * dim, dim, rngs=rngs)
+    self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    y = self.patch(x)
+    y = y.reshape(y.shape[0], -1, y.shape[-1])
+    cls = jnp.broadcast_to(self.cls_token[...], (y.shape[0], 1, y.shape[-1]))
+    y = jnp.concatenate([cls, y], axis=1) + self.pos[...]
+    y = y + self.attn(self.ln1(y))
+    y = y + self.mlp2(nnx.gelu(self.mlp1(self.ln2(y))))
+    return self.head(y[:, 0]), (y,)
+
+
+class GroupNormCNN(nnx.Module):
+  """GroupNorm, a dilated depthwise conv, a grouped 'SAME' conv with bias and stride 2."""
+
+  def __init__(self, num_classes, *, rngs):
+    self.stem = nnx.Conv(3, 8, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
+    self.gn = nnx.GroupNorm(8, num_groups=2, rngs=rngs)
+    self.depthwise = nnx.Conv(8, 8, (3, 3), kernel_dilation=2, feature_group_count=8,
+                              padding="SAME", use_bias=False, rngs=rngs)
+    self.grouped = nnx.Conv(8, 6, (3, 2), strides=2, feature_group_count=2, padding="SAME",
+                            rngs=rngs)
+    self.head = nnx.Linear(6, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    y = nnx.relu(self.gn(self.stem(x)))
+    y = nnx.relu(self.grouped(self.depthwise(y) + y))
+    return self.head(jnp.mean(y, axis=(1, 2)))
+
+
+class TiedMLP(nnx.Module):
+  """One hidden layer applied twice (shared weights)."""
+
+  def __init__(self, num_classes, *, rngs):
+    self.inp = nnx.Linear(12, 6, rngs=rngs)
+    self.hidden = nnx.Linear(6, 6, rngs=rngs)
+    self.out = nnx.Linear(6, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    y = nnx.tanh(self.inp(x.reshape(x.shape[0], -1)))
+    y = nnx.tanh(self.hidden(y))
+    return self.out(nnx.tanh(self.hidden(y)))
+
+
+class Scale(nnx.Module):
+  """A custom layer: an elementwise learned scale pergrad has no rule for."""
+
+  def __init__(self, features, *, rngs):
+    self.w = nnx.Param(1.0 + 0.1 * jax.random.normal(rngs.params(), (features,)))
+
+  def __call__(self, x):
+    return x * self.w[...]
+
+
+class CustomLayerNet(nnx.Module):
+  def __init__(self, num_classes, *, rngs):
+    self.dense = nnx.Linear(12, 5, rngs=rngs)
+    self.scale = Scale(5, rngs=rngs)
+    self.out = nnx.Linear(5, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.scale(self.dense(x.reshape(x.shape[0], -1)))))
+
+
+class TokenNet(nnx.Module):
+  """Embed with repeated ids, RMSNorm, LinearGeneral to heads, Einsum, tied output (attend)."""
+
+  def __init__(self, num_classes, *, rngs):
+    self.embed = nnx.Embed(7, 6, rngs=rngs)
+    self.norm = nnx.RMSNorm(6, rngs=rngs)
+    self.heads = nnx.LinearGeneral(6, (2, 3), rngs=rngs)
+    self.mix = nnx.Einsum("nthd,hdk->ntk", (2, 3, 6), (6,), rngs=rngs)
+    self.out = nnx.Linear(6, num_classes, rngs=rngs)
+
+  def __call__(self, ids):
+    y = self.norm(self.embed(ids))
+    y = y + self.mix(nnx.relu(self.heads(y)))
+    return self.out(jnp.mean(y, axis=1)) + jnp.mean(self.embed.attend(y), axis=(1, 2))[:, None]
+
+
+def _trained_like(model, x, scale=0.3):
+  """Random non-trivial parameters (biases, norm scales) and BatchNorm statistics."""
+  graphdef, state = nnx.split(model)
+  leaves, tree = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(11), len(leaves))
+  leaves = [a + scale * jax.random.normal(k, a.shape, a.dtype)
+            if jnp.issubdtype(a.dtype, jnp.floating) else a for a, k in zip(leaves, keys)]
+  model = nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
+  if any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(model)):
+    model(x)  # training mode: moves the running statistics
+  return model
+
+
+def _entropy(outputs):
+  return query.output_entropy(outputs)
+
+
+def _reference(model, x):
+  """(layer_sum, frobenius) from per-example jax.grad under vmap, norms in float64."""
+  graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
+  grads = jax.vmap(jax.grad(lambda p, xi: _entropy(nnx.merge(graphdef, p, rest)(xi[None]))[0]),
+                   in_axes=(None, 0))(params, x)
+  squared = np.stack([np.sum(np.square(np.asarray(g, np.float64).reshape(len(x), -1)), axis=1)
+                      for g in jax.tree.leaves(grads)], axis=1)
+  return np.sum(np.sqrt(squared), axis=1), np.sqrt(np.sum(squared, axis=1))
+
+
+def _fast(model, x):
+  graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
+  squared = jax.jit(lambda p, r, x: pergrad.squared_norms(graphdef, p, r, x, _entropy))(
+      params, rest, x)
+  return tuple(np.asarray(pergrad.reduce(squared, r)) for r in pergrad.REDUCTIONS)
+
+
+def _images(n=3, size=8, seed=7):
+  return jax.random.normal(jax.random.key(seed), (n, size, size, 3))
+
+
+CASES = {
+    "resnet18": (lambda: ResNet18(5, width=2, rngs=nnx.Rngs(0)), _images),
+    "vit": (lambda: TinyViT(5, rngs=nnx.Rngs(1)), _images),
+    "groupnorm_depthwise": (lambda: GroupNormCNN(5, rngs=nnx.Rngs(2)), _images),
+    "tied_mlp": (lambda: TiedMLP(5, rngs=nnx.Rngs(3)), lambda: _images(size=2)),
+    "custom_layer": (lambda: CustomLayerNet(5, rngs=nnx.Rngs(4)), lambda: _images(size=2)),
+    "tokens": (lambda: TokenNet(5, rngs=nnx.Rngs(5)),
+               lambda: jnp.array([[1, 3, 1, 6], [0, 0, 0, 2], [5, 4, 3, 2]])),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fast_norms_equal_vmap_grad(name):
+  build, inputs = CASES[name]
+  x = inputs()
+  model = _trained_like(build(), x)
+  fast, ref = _fast(model, x), _reference(model, x)
+  for got, want in zip(fast, ref):
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+  assert np.all(fast[1] < fast[0])
+
+
+def _plan(model, x):
+  graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
+  return pergrad.make_plan(graphdef, params, rest, x[0], lambda m, xi: _entropy(m(xi[None]))[0])
+
+
+def test_plan_names_each_leftover_and_why():
+  x = _images()
+  vit = _plan(TinyViT(5, rngs=nnx.Rngs(1)), x)
+  assert dict(vit.leftovers) == {("cls_token",): "raw nnx.Param", ("pos",): "raw nnx.Param"}
+  # Attention's four projections and both LayerNorms have closed forms or layer rules.
+  assert ("attn", "query", "kernel") in vit.tapped and ("ln2", "scale") in vit.tapped
+  custom = _plan(CustomLayerNet(5, rngs=nnx.Rngs(4)), _images(size=2))
+  assert dict(custom.leftovers) == {("scale", "w"): "unsupported layer Scale"}
+  tokens = _plan(TokenNet(5, rngs=nnx.Rngs(5)), jnp.zeros((1, 4), jnp.int32))
+  assert dict(tokens.leftovers) == {("embed", "embedding"): "also read outside its Embed call"}
+  tied = _plan(TiedMLP(5, rngs=nnx.Rngs(3)), _images(size=2))
+  assert not tied.leftovers
+  assert [c.module_path for c in tied.calls] == [("inp",), ("hidden",), ("hidden",), ("out",)]
+
+
+def test_leftovers_are_reported_once(caplog):
+  model = CustomLayerNet(5, rngs=nnx.Rngs(6))
+  pergrad._REPORTED.clear()
+  with caplog.at_level(logging.WARNING, logger="lplgrad_jax.pergrad"):
+    for n in (2, 3):  # two compilations, one report
+      pergrad.per_example_grad_norms(model, _entropy, _images(n=n, size=2))
+  messages = [r.getMessage() for r in caplog.records if "taken directly" in r.getMessage()]
+  assert len(messages) == 1 and "scale/w (unsupported layer Scale)" in messages[0]
+
+
+def test_batched_and_vmapped_passes_agree():
+  # No leftovers: one batched pass; forcing the per-example pass gives the same norms.
+  model = _trained_like(GroupNormCNN(5, rngs=nnx.Rngs(2)), _images())
+  graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
+  x = _images()
+  apply = pergrad._example_loss(_entropy)
+  plan = pergrad.make_plan(graphdef, params, rest, x[0], apply)
+  merged = nnx.merge(graphdef, params, rest)
+  batched = pergrad._norms_from_grads(merged, plan, *pergrad._batched_grads(merged, plan, x,
+                                                                            _entropy))
+  vmapped = pergrad._norms_from_grads(merged, plan, *pergrad._vmapped_grads(merged, plan, x,
+                                                                            apply))
+  np.testing.assert_allclose(batched, vmapped, rtol=1e-5)
+
+
+class ShallowResNet50(ResNet50):
+  """ResNet-50's bottleneck blocks, one per stage: the rules, at a fraction of the compile."""
+  stage_sizes = (1, 1, 1, 1)
+
+
+BACKBONES = {
+    "resnet50_bottleneck": (lambda: ShallowResNet50(5, width=1, rngs=nnx.Rngs(7)), _images),
+    # Smaller perturbations: at 0.3 this stack saturates the softmax (entropy and gradient ~0).
+    "wide_resnet": (lambda: WideResNet(5, depth=10, widen=1, rngs=nnx.Rngs(8)), _images, 0.05),
+    "vit_backbone": (lambda: ViT(5, width=8, depth=1, heads=2, image_size=8, rngs=nnx.Rngs(9)),
+                     _images),
+}
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_backbones_fast_norms_equal_vmap_grad(name):
+  build, inputs, *scale = BACKBONES[name]
+  x = inputs()
+  model = _trained_like(build(), x, *scale)
+  fast, ref = _fast(model, x), _reference(model, x)
+  assert np.all(ref[0] > 1e-3)  # a non-degenerate case
+  for got, want in zip(fast, ref):
+    np.testing.assert_allclose(got, want, rtol=1e-4)
