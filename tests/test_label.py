@@ -21,7 +21,7 @@ import chromium
 from conftest import REPO_ROOT
 from label_helpers import (copy_workdir, csv_labels, post_label, request, running, state,
                            stopped_campaign)
-from lplgrad_jax import campaign, label, oracle, predict
+from lplgrad_jax import campaign, config_checks, label, oracle, predict
 from lplgrad_jax.errors import ConfigError
 from test_human import photo_folder  # noqa: F401  (a fixture)
 
@@ -259,7 +259,7 @@ def test_the_continue_command_gives_the_campaigns_configuration(stopped, monkeyp
   flag_values(argv)
   saved = json.loads(json.dumps(results["config"]))  # as results.json holds it
   assert json.loads(json.dumps(parsed.value.to_dict())) == saved
-  campaign.check_same_campaign(workdir, saved, parsed.value.to_dict())
+  config_checks.check_same_campaign(workdir, saved, parsed.value.to_dict())
 
 
 def _browser_or_skip():

@@ -55,8 +55,8 @@ def test_forward_and_joint_loss_match_pytorch(parity):
   def forward(params, stats, images, labels):
     learner = nnx.merge(graphdef, params, stats, copy=True)  # training mode, as PyTorch's
     logits, features = learner.classifier(images)
-    loss, (_, metrics) = train._loss_fn(params, graphdef, stats, images, labels, jnp.ones(8),
-                                        False, cfg)
+    loss, (_, metrics) = train._loss_fn(params, graphdef, stats,
+                                        train.Batch(images, labels, jnp.ones(8)), False, cfg)
     return logits, features, learner.loss_head(features), loss, metrics
 
   logits, features, predicted, loss, metrics = forward(
@@ -79,9 +79,9 @@ def stepped(parity):
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   step = jax.jit(train.train_step, static_argnums=(0, 1))
   for images, labels, epoch in zip(fixture["images"], fixture["labels"], fixture["step_epochs"]):
-    state, _ = step(graphdef, cfg, state, train.normalize(jnp.asarray(images), mean, std),
-                    jnp.asarray(labels), jnp.ones(len(labels)),
-                    train.learning_rate_at(config.train, int(epoch)),
+    batch = train.Batch(train.normalize(jnp.asarray(images), mean, std), jnp.asarray(labels),
+                        jnp.ones(len(labels)))
+    state, _ = step(graphdef, cfg, state, batch, train.learning_rate_at(config.train, int(epoch)),
                     train.detach_features_at(config.train, int(epoch)))
   return graphdef, state
 

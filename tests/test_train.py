@@ -155,7 +155,8 @@ def test_loss_head_steps_with_its_own_learning_rate(learner_and_batch):
       optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                   optax.sgd(0.1, momentum=cfg.momentum)).init(state.params))
   grads, _ = jax.grad(train._loss_fn, has_aux=True)(
-      state.params, graphdef, state.batch_stats, images, labels, jnp.ones(16), False, cfg)
+      state.params, graphdef, state.batch_stats, train.Batch(images, labels, jnp.ones(16)),
+      False, cfg)
   one, _ = train.make_optimizer(0.1, cfg).update(grads, state.opt_state, state.params)
   two, _ = train.make_optimizer(train.LearningRates(0.1, 0.025), cfg).update(
       grads, state.opt_state, state.params)
