@@ -27,21 +27,34 @@ LOCK_FILE = ".lock"
 MIN_FREE_BYTES = 64 * 2**20  # room for a few checkpoints of a small model and results
 
 
-def check_workdir(workdir: str) -> str:
-  """Creates `workdir` if needed; ConfigError unless it is a writable directory with space."""
+def _directory(workdir: str) -> str:
+  """The workdir's absolute path, created if missing; ConfigError if that is impossible."""
   path = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(path) and not os.path.isdir(path):
     raise ConfigError(f"--workdir={workdir} is a file, not a directory: expected a directory "
                       "(it is created if missing)")
   try:
     os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise _not_writable(workdir, e) from None
+  return path
+
+
+def _not_writable(workdir: str, error: OSError) -> ConfigError:
+  return ConfigError(f"--workdir={workdir} is not a writable directory "
+                     f"({error.strerror or error}): expected a directory this user can write, "
+                     "on a disk")
+
+
+def check_workdir(workdir: str) -> str:
+  """Creates `workdir` if needed; ConfigError unless it is a writable directory with space."""
+  path = _directory(workdir)
+  try:  # the only sure test of writability (read-only mounts, ACLs, /proc)
     fd, probe = tempfile.mkstemp(dir=path, prefix=".write_test.")
     os.close(fd)
     os.unlink(probe)
   except OSError as e:
-    raise ConfigError(f"--workdir={workdir} is not a writable directory "
-                      f"({e.strerror or e}): expected a directory this user can write "
-                      "on a disk") from None
+    raise _not_writable(workdir, e) from None
   stats = os.statvfs(path)
   free = stats.f_bavail * stats.f_frsize
   if free < MIN_FREE_BYTES:
@@ -61,9 +74,10 @@ class WorkdirLock:
   def __enter__(self) -> "WorkdirLock":
     error = None
     try:
-      check_workdir(self.workdir)
-      if jax.process_index() == 0:
+      if jax.process_index() == 0:  # first, so that a refused run writes nothing
+        _directory(self.workdir)
         self._lock()
+      check_workdir(self.workdir)
     except ConfigError as e:
       error = e
     try:
@@ -74,7 +88,10 @@ class WorkdirLock:
     return self
 
   def _lock(self) -> None:
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise _not_writable(self.workdir, e) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
