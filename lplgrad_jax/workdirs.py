@@ -71,7 +71,7 @@ class WorkdirLock:
     self.path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), LOCK_FILE)
     self._fd = None
 
-  def __enter__(self) -> "WorkdirLock":
+  def __enter__(self) -> WorkdirLock:
     error = None
     try:
       if jax.process_index() == 0:  # first, so that a refused run writes nothing

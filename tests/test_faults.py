@@ -7,6 +7,7 @@ only the first campaign of the module compiles.
 """
 
 import fcntl
+import functools
 import json
 import os
 import random
@@ -15,16 +16,20 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, tiny_config
+from lplgrad_jax import campaign
 from lplgrad_jax import config_checks
 from lplgrad_jax import reporting
+from lplgrad_jax import strategies
 from lplgrad_jax import workdirs
+from lplgrad_jax.campaign_state import CampaignState
 from lplgrad_jax.checkpoint import Checkpointer
-from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.errors import ConfigError, Diverged
 
 # 2 rounds of 2 epochs (2 steps each), a checkpoint every epoch: 6 checkpoints in all.
 ARGS = ["--config=configs/digits.py", "--config.model.width=4",
@@ -215,6 +220,25 @@ def test_results_are_strict_json(tmp_path):
   assert not os.path.exists(tmp_path / "results.json")
 
 
+def test_non_finite_query_scores_never_reach_a_query(monkeypatch):
+  """A round whose scores hold a NaN stops with Diverged before anything is selected."""
+  def nan_scores(context):
+    scores = np.arange(len(context.subset_ids), dtype=np.float64)
+    scores[3] = np.nan
+    return strategies.Selection(context.subset_ids[:context.query_size], scores)
+  monkeypatch.setattr(strategies, "get_strategy", lambda name: strategies.Strategy(nan_scores))
+  config = tiny_config()
+  fake = types.SimpleNamespace(
+      state=CampaignState(list(range(20)), config.to_dict()), config=config,
+      dataset=types.SimpleNamespace(num_train=100), learner=None, normalization=None,
+      pool=None, mesh=None, _progress=False, checkpointer=Checkpointer("/nowhere", keep=2))
+  fake._diverged = functools.partial(campaign.Campaign._diverged, fake)
+  with pytest.raises(Diverged, match=r"training diverged: 1 of 40 query scores of round 1 "
+                                     r"are not finite.*learning_rate=0.005.*--restart"):
+    campaign.Campaign._select(fake, fake.state.labeled)
+  assert fake.state.rounds == []  # nothing recorded
+
+
 # One live campaign per workdir.
 def test_locked_workdir_is_refused_and_untouched(reference, env, tmp_path):
   workdir = _copy(reference, tmp_path)
@@ -305,7 +329,12 @@ def test_random_kill_9_then_resume_gives_the_uninterrupted_result(kills, referen
   """`kills` runs killed at random times over the campaign's span, each resumed by the next."""
   seed = int(os.environ.get("LPLGRAD_KILL_SEED", "0"))
   rng = random.Random(seed)
-  span = reference[2]
+  timed = tmp_path / "timed"  # how long a campaign takes once compiled (the cache is warm)
+  start = time.monotonic()
+  assert _cli(env, timed).returncode == 0
+  span = time.monotonic() - start
+  assert _outcome(timed) == reference[1]
+  tmp_path = tmp_path / "killed"
   for k in range(kills):
     proc = _start(env, tmp_path)
     try:
