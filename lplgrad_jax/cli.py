@@ -21,16 +21,17 @@ def start(argv) -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
   # Errors the program reports itself (e.g. a corrupt checkpoint) are not logged twice.
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-  sys.excepthook = _without_closed_loop_errors(sys.excepthook)
+  sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook)
 
 
-def _without_closed_loop_errors(excepthook):
-  """`excepthook` less the "Event loop is closed" errors that TensorStore's late callbacks
-  print (through the hook) after a failed checkpoint restore has closed Orbax's loop."""
-  def hook(kind, value, traceback):
-    if kind is RuntimeError and str(value) == "Event loop is closed":
+def _without_closed_loop_errors(unraisablehook):
+  """`unraisablehook` less the "Event loop is closed" errors of TensorStore's late callbacks
+  (hundreds of tracebacks) once a failed checkpoint restore has closed Orbax's event loop."""
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
       return
-    excepthook(kind, value, traceback)
+    unraisablehook(unraisable)
   return hook
 
 
