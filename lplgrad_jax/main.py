@@ -75,7 +75,7 @@ def main(argv):
   try:
     config = _CONFIG.value
     config.to_dict()  # config_flags loads lazily: a broken config file raises here
-  except OSError as e:
+  except Exception as e:  # noqa: BLE001 - whatever the config file raises is the file's
     _fail(e)
   try:
     results = campaign.run(config, _WORKDIR.value, restart=_RESTART.value)
