@@ -13,7 +13,9 @@ _SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__
 
 
 def get_config(budget: str = "high"):
-  del budget  # one budget row for this subset
+  if budget != "high":  # one budget row for this subset (the sweep passes "high")
+    raise ValueError(f"configs/cifar10_subset.py has one budget row: expected no ':{budget}' "
+                     "suffix")
   config = default.get_config()
   config.data.source = "npz"
   config.data.name = "cifar10_subset"

@@ -94,7 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_epochs = 10  # also at the end of every round and on SIGTERM/SIGINT
-  config.checkpoint.keep = 2           # newest checkpoints kept (the older one is a fallback)
+  config.checkpoint.keep = 2           # newest checkpoints kept (the older one is a fallback);
+                                       # 0 keeps every checkpoint
 
   # Multi-host runs (one process per host, the same command on each; see README).
   config.distributed = ml_collections.ConfigDict()

@@ -253,7 +253,7 @@ def main(_):
   print(json.dumps(report, indent=1))
   if _OUT.value:
     with open(_OUT.value, "w") as f:
-      json.dump(report, f, indent=1)
+      json.dump(report, f, indent=1, allow_nan=False)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def main(_):
   }
   print(json.dumps(report, indent=1))
   with open(os.path.join(_WORKDIR.value, "bench_checkpoint.json"), "w") as f:
-    json.dump(report, f, indent=1)
+    json.dump(report, f, indent=1, allow_nan=False)
 
 
 if __name__ == "__main__":

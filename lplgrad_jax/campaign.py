@@ -34,10 +34,11 @@ from lplgrad_jax.campaign_state import CampaignState, RoundRecord
 from lplgrad_jax.checkpoint import Checkpointer
 from lplgrad_jax.data import Dataset, input_normalization, load_dataset
 from lplgrad_jax.distributed import say
-from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.errors import ConfigError, Diverged
 from lplgrad_jax.models import create_learner
 from lplgrad_jax.oracle import Oracle, make_oracle
 from lplgrad_jax.signals import StopRequest
+from lplgrad_jax.workdirs import WorkdirLock
 
 # Purposes folded into the seed, so each stream is independent of the others.
 _INITIAL_SET, _MODEL_INIT, _TRAIN, _QUERY = range(4)
@@ -72,12 +73,15 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
   """
   config_checks.validate_config(config)
   distributed.initialize(config.distributed)  # before anything touches a device
-  campaign = Campaign.set_up(config, workdir, restart=restart)
-  with campaign, StopRequest() as stop:  # leaving waits for the checkpoints being written
-    outcome = campaign.run_rounds(stop)
-    if outcome == "stopped":
-      campaign.save()
-  return campaign.report(outcome, stop)
+  # One live campaign per workdir, locked before anything in it is read or written.
+  with WorkdirLock(workdir), StopRequest() as stop:
+    campaign = Campaign.set_up(config, workdir, restart=restart)
+    stop.is_saving = campaign.checkpointer.is_saving  # what a second signal lets finish
+    with campaign:  # leaving waits for the checkpoints being written
+      outcome = campaign.run_rounds(stop)
+      if outcome == "stopped":
+        campaign.save()
+    return campaign.report(outcome, stop)
 
 
 @dataclasses.dataclass
@@ -214,18 +218,37 @@ class Campaign:
       self.train_state, metrics, next_step = train.train_epoch(
           self.graphdef, cfg, self.train_state, self.pool, plan, first_step=s.step,
           should_stop=stop)
+      # The epoch's one host sync (the progress bar needs the sums anyway).
+      metrics = None if metrics is None else jax.device_get(metrics)
+      self._check_epoch(metrics, epoch)
       if next_step < train.num_steps(cfg, len(labeled)):  # stopped inside the epoch
         s.reached(epoch, next_step)
         return False
       s.reached(epoch + 1, 0)
       if metrics is not None:
-        epochs.set_postfix(self.logger.epoch(jax.device_get(metrics)))
+        epochs.set_postfix(self.logger.epoch(metrics))
       every = self.config.checkpoint.every_epochs
       if every and s.epoch % every == 0 and s.epoch < tc.epochs:
         self.save()
         if self.config.log.checkpoints:
           say(f"checkpoint saved: round {s.round + 1}, epoch {s.epoch}")
     return True
+
+  def _check_epoch(self, metrics: dict | None, epoch: int) -> None:
+    """Diverged if a step of `epoch` had a non-finite loss: nothing of it is saved."""
+    if metrics is None or int(metrics[train.NONFINITE_STEP]) < 0:
+      return
+    step = int(metrics[train.NONFINITE_STEP])
+    raise self._diverged(f"the loss turned non-finite in round {self.state.round + 1}, "
+                         f"epoch {epoch + 1}, step {step + 1}")
+
+  def _diverged(self, what: str) -> Diverged:
+    lower = self.config.train.learning_rate / 10
+    return Diverged(
+        f"training diverged: {what}; nothing non-finite was saved, the newest checkpoint in "
+        f"{self.checkpointer.directory} (if any) is the last good one: rerun the same command "
+        f"with a lower learning rate (e.g. --config.train.learning_rate={lower:g}) to resume "
+        "from it, or pass --restart to start over")
 
   def query_round(self) -> bool:
     """Selects round `state.round`'s query and has the oracle label it.
@@ -259,6 +282,10 @@ class Campaign:
         progress=self._progress)
     selection = strategies.get_strategy(config.strategy).select(context)
     selection.ids = np.asarray(selection.ids)
+    if selection.scores is not None and not np.all(np.isfinite(selection.scores)):
+      bad = int(np.sum(~np.isfinite(selection.scores)))
+      raise self._diverged(f"{bad} of {len(selection.scores)} query scores of round {r + 1} "
+                           "are not finite, so nothing was queried")
     if (len(np.unique(selection.ids)) != config.al.query_size
         or np.intersect1d(selection.ids, labeled).size):
       raise RuntimeError(f"strategy {config.strategy} returned an invalid selection")
@@ -269,6 +296,13 @@ class Campaign:
 
   # Checkpoints and reports.
   def save(self) -> None:
+    """Checkpoints the state, never a non-finite one (Diverged instead)."""
+    if not train.all_finite(self.train_state):
+      s = self.state
+      where = (f"after round {s.round + 1}'s training" if s.phase != "train" else
+               f"in round {s.round + 1}, epoch {s.epoch + 1}, by step {s.step}" if s.step else
+               f"in round {s.round + 1} by the end of epoch {s.epoch}")
+      raise self._diverged(f"the parameters turned non-finite {where}")
     self.state.epochs_logged = self.logger.epochs_done
     self.checkpointer.save(self.train_state, self.state.to_json())
 

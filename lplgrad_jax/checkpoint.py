@@ -13,8 +13,11 @@ and the one before it is used. Saves are asynchronous: `close()` waits for them.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
+import sys
 import warnings
 
 import jax
@@ -37,7 +40,8 @@ class Checkpointer:
     if self._manager is None:  # created lazily: a refused run leaves no directory behind
       self._manager = ocp.CheckpointManager(
           self.directory,
-          options=ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True))
+          # keep=0 (checkpoint.keep): every checkpoint is kept.
+          options=ocp.CheckpointManagerOptions(max_to_keep=self._keep or None, create=True))
     return self._manager
 
   def exists(self) -> bool:
@@ -55,12 +59,17 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), campaign=ocp.args.JsonSave(campaign)))
     return step
 
+  def is_saving(self) -> bool:
+    """Whether an asynchronous save is being written."""
+    return self._manager is not None and self._manager.is_saving_in_progress()
+
   def latest_campaign(self) -> dict | None:
     """The JSON item of the newest readable checkpoint (no arrays are read)."""
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            campaign=ocp.args.JsonRestore())).campaign
+        with _quiet_libraries():
+          return self.manager.restore(step, args=ocp.args.Composite(
+              campaign=ocp.args.JsonRestore())).campaign
       except Exception:  # noqa: BLE001 - judged again, with a warning, by restore()
         continue
     return None
@@ -69,25 +78,32 @@ class Checkpointer:
     """(state, campaign) of the newest checkpoint that restores, falling back past corrupt ones.
 
     `target_state` gives the structure, shapes and dtypes (a freshly created TrainState).
-    `delete_corrupt`: the campaign deletes a checkpoint it cannot restore (so that
-    it does not trip over it again); a reader (the predictor) leaves it alone.
+    Each checkpoint that cannot be restored gets one warning line on stderr.
+    `delete_corrupt`: the campaign (holding the workdir's lock, so that no live
+    process is writing them) deletes the unreadable checkpoints newer than the one
+    that restores, so that it does not trip over them again; if none restores,
+    nothing is deleted. A reader (the predictor) leaves them alone.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-    steps = sorted(self.manager.all_steps(), reverse=True)
-    for step in steps:
+    corrupt = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), campaign=ocp.args.JsonRestore()))
-        return restored.state, restored.campaign
+        with _quiet_libraries():
+          restored = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract), campaign=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled alike
-        reason = " ".join(str(e).split())[:300]
-        warnings.warn(f"checkpoint {step} in {self.directory} cannot be restored "
-                      f"({type(e).__name__}: {reason}); trying the previous one")
-        print(f"warning: checkpoint {step} is corrupt; falling back to an earlier one", flush=True)
-        if delete_corrupt:
-          self.manager.delete(step)
-    raise ConfigError(f"no checkpoint in {self.directory} can be restored: "
-                      "rerun with --restart to start the campaign over")
+        reason = " ".join(str(e).split())[:160]
+        print(f"warning: checkpoint {step} in {self.directory} cannot be restored "
+              f"({type(e).__name__}: {reason}); trying the previous one",
+              file=sys.stderr, flush=True)
+        corrupt.append(step)
+        continue
+      if delete_corrupt:
+        for bad in corrupt:
+          self.manager.delete(bad)
+      return restored.state, restored.campaign
+    raise ConfigError(f"no checkpoint in {self.directory} can be restored (each is reported "
+                      "above; none was deleted): rerun with --restart to start the campaign over")
 
   def close(self) -> None:
     """Waits for pending asynchronous saves."""
@@ -95,3 +111,20 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._manager.close()
       self._manager = None
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+  """Silences what Orbax, TensorStore and asyncio log while a corrupt checkpoint fails:
+  its error is reported once, as a warning line, by `restore`."""
+  loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio", "jax")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)

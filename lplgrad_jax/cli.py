@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from absl import app
 from absl import flags
@@ -18,6 +19,20 @@ def start(argv) -> None:
   if not flags.FLAGS["verbosity"].present:  # Orbax and JAX log at INFO through absl
     absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
+  # Errors the program reports itself (e.g. a corrupt checkpoint) are not logged twice.
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook)
+
+
+def _without_closed_loop_errors(unraisablehook):
+  """`unraisablehook` less the "Event loop is closed" errors of TensorStore's late callbacks
+  (hundreds of tracebacks) once a failed checkpoint restore has closed Orbax's event loop."""
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    unraisablehook(unraisable)
+  return hook
 
 
 def run(main, *, parse_errors=(flags.Error,), report=errors.exit_with) -> None:
@@ -28,4 +43,11 @@ def run(main, *, parse_errors=(flags.Error,), report=errors.exit_with) -> None:
     except parse_errors as e:
       report(e)
 
-  app.run(main, flags_parser=parse)
+  def guarded(argv):
+    try:
+      return main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside a campaign's own handling (start-up, exit)
+      print("interrupted: rerun the same command to resume", file=sys.stderr, flush=True)
+      sys.exit(130)
+
+  app.run(guarded, flags_parser=parse)

@@ -7,6 +7,7 @@ size is known; `check_same_campaign` before a workdir's campaign is resumed.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from lplgrad_jax import data
@@ -22,18 +23,50 @@ AUGMENTATIONS = ("crop_flip", "crop", "flip", "none")
 # Settings that may change when a campaign is resumed: logging, checkpoint
 # frequency, how processes meet and hold the pool (distributed.*: each host has its own
 # process_id; data.shard_pool), memory and speed knobs (evaluation and query batch
-# sizes, the epoch loop) and the number of rounds (to extend a campaign).
+# sizes, the epoch loop), the number of rounds (to extend a campaign) and the learning
+# rate (to resume a diverged campaign from its last good checkpoint with a lower one).
 # Everything else must match.
 RESUMABLE_KEYS = ("log.", "checkpoint.", "distributed.", "data.shard_pool", "al.num_rounds",
-                  "train.eval_batch_size", "train.epoch_loop", "query.chunk_size")
+                  "train.eval_batch_size", "train.epoch_loop", "query.chunk_size",
+                  "train.learning_rate")
 _POSITIVE_INTS = ("al.initial_size", "al.query_size", "al.subset_size", "al.num_rounds",
                   "train.epochs", "train.batch_size", "train.eval_batch_size",
                   "query.chunk_size", "model.width")
 
 
+# Every other numeric key: (name, smallest, largest, integer); None = unbounded.
+_RANGES = (
+    ("seed", 0, None, True), ("data.image_size", 8, None, True),
+    ("model.loss_head_width", 1, None, True),
+    ("train.momentum", 0.0, 1.0, False), ("train.weight_decay", 0.0, None, False),
+    ("train.aux_weight", 0.0, None, False), ("train.margin", 0.0, None, False),
+    ("train.detach_features_epoch", 0, None, True), ("train.crop_padding", 0, None, True),
+    ("checkpoint.every_epochs", 0, None, True),  # 0: only at round ends and on signals
+    ("checkpoint.keep", 0, None, True),          # 0: keep every checkpoint
+    ("distributed.num_processes", 0, None, True), ("distributed.process_id", -1, None, True),
+    ("distributed.initialization_timeout_seconds", 1, None, True),
+    ("distributed.heartbeat_timeout_seconds", 1, None, True),
+    ("distributed.shutdown_timeout_seconds", 1, None, True))
+_POSITIVE_FLOATS = ("train.learning_rate", "train.lr_decay")
+
+
 def _value(config, name: str):
+  if "." not in name:
+    return config[name]
   section, key = name.split(".")
   return config[section][key]
+
+
+def _number(value, name: str, low, high, integer: bool):
+  """`value` if it is a finite number (an int if `integer`) within [low, high]."""
+  kinds = (int,) if integer else (int, float)
+  ok = (isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+        and (low is None or value >= low) and (high is None or value <= high))
+  if not ok:
+    kind = "an integer" if integer else "a number"
+    bounds = (f"between {low} and {high}" if high is not None else f">= {low}")
+    raise ConfigError(f"{name}={value!r}: expected {kind} {bounds}")
+  return value
 
 
 def _positive_int(value, name: str) -> int:
@@ -47,6 +80,14 @@ def validate_config(config) -> None:
   strategies.uses_aux(config)  # a known strategy, and a loss head if it needs one
   for name in _POSITIVE_INTS:
     _positive_int(_value(config, name), name)
+  for name, low, high, integer in _RANGES:
+    _number(_value(config, name), name, low, high, integer)
+  for name in _POSITIVE_FLOATS:
+    value = _value(config, name)
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+      raise ConfigError(f"{name}={value!r}: expected a number > 0")
+  for milestone in config.train.lr_milestones:
+    _number(milestone, "train.lr_milestones entry", 0, None, True)
   if config.al.subset_size < config.al.query_size:
     raise ConfigError(f"al.subset_size={config.al.subset_size} is smaller than "
                       f"al.query_size={config.al.query_size}: expected subset_size >= query_size")

@@ -135,17 +135,35 @@ def load_digits(data_config, rows: RowRange | None = None) -> Dataset:
                            tuple(str(d) for d in range(10))), rows)
 
 
+def _open_npz(path: str):
+  """np.load of an .npz archive; ConfigError for any other file (no pickles are loaded)."""
+  try:
+    arrays = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:
+    raise ConfigError(f"data.root={path!r} is not an .npz file ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:200]}): expected a file holding x_train, "
+                      "y_train, x_test, y_test") from None
+  if not isinstance(arrays, np.lib.npyio.NpzFile):  # a single .npy array
+    raise ConfigError(f"data.root={path!r} holds one array, not an .npz archive: expected a "
+                      "file holding x_train, y_train, x_test, y_test")
+  return arrays
+
+
 def load_npz(data_config, rows: RowRange | None = None) -> Dataset:
   path = os.path.expanduser(data_config.root or "")
   if not path or not os.path.isfile(path):
     raise ConfigError(f"data.root={data_config.root!r} is not an .npz file: expected a file holding x_train, y_train, x_test, y_test")
-  with np.load(path) as arrays:
+  with _open_npz(path) as arrays:
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
       raise ConfigError(f"{path} lacks arrays {missing}: expected x_train, y_train, x_test, y_test")
     x_train = _to_rgb_uint8(arrays["x_train"], f"{path}:x_train")
     x_test = _to_rgb_uint8(arrays["x_test"], f"{path}:x_test")
     y_train, y_test = arrays["y_train"], arrays["y_test"]
+  for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+    if len(x) != np.size(y):
+      raise ConfigError(f"{path} holds {len(x)} x_{split} images but {np.size(y)} y_{split} "
+                        "labels: expected one label per image")
   num_classes = int(max(np.max(y_train), np.max(y_test))) + 1
   names = tuple(data_config.class_names) if data_config.get("class_names") else tuple(
       str(c) for c in range(num_classes))

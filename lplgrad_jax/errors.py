@@ -11,6 +11,17 @@ class ConfigError(ValueError):
   per problem, each readable alone).
   """
   multi_line = False
+  exit_code = 2
+
+
+class Diverged(RuntimeError):
+  """Training turned non-finite (NaN or inf loss, parameters or query scores).
+
+  Nothing non-finite is saved: the workdir's newest checkpoint is the last
+  good one. The campaign exits with status 3 (README: Reliability).
+  """
+  multi_line = False
+  exit_code = 3
 
 
 def check_choice(value, choices: Iterable, what: str):
@@ -23,10 +34,13 @@ def check_choice(value, choices: Iterable, what: str):
 
 
 def exit_with(error: Exception) -> NoReturn:
-  """Prints a user mistake on stderr as `error: ...` lines, no traceback, and exits with 2."""
+  """Prints a user mistake on stderr as `error: ...` lines, no traceback, and exits with 2
+  (or the error's `exit_code`: 3 for `Diverged`)."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if not getattr(error, "multi_line", False):
     lines = [": ".join(lines)]
   for line in lines:
     print(f"error: {line}", file=sys.stderr)
-  sys.exit(2)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  sys.exit(getattr(error, "exit_code", 2))

@@ -8,8 +8,10 @@ Without --workdir a run goes to runs/<config name>[_<budget>]/<strategy>/seed<se
 current directory (see launch.default_workdir): the same command resumes the same campaign.
 """
 
+import os
 import shlex
 import sys
+import traceback
 
 import jax
 from absl import app
@@ -37,10 +39,20 @@ _config_name = None  # of --config, set by _parse_flags: it names the default wo
 
 def _fail(error: Exception) -> None:
   """Reports a user mistake as `error:` line(s) on stderr and exits with status 2."""
+  text = " ".join(str(error).split())
+  if isinstance(error, SyntaxError):  # a config file that does not parse
+    errors.exit_with(ConfigError(f"config file {error.filename}, line {error.lineno}: "
+                                 f"SyntaxError: {error.msg}"))
+  frame = _config_file_frame(error)
+  if frame is not None:  # raised by the config file's own code
+    errors.exit_with(ConfigError(f"config file {frame.filename}, line {frame.lineno}: "
+                                 f"{type(error).__name__}: {text}"))
+  if "get_config() takes 0 positional arguments" in text:  # --config=file.py:budget
+    errors.exit_with(ConfigError(f"{text.split(': Error whilst')[0]}: this config takes no "
+                                 "':budget' suffix: expected --config=<file>.py alone"))
   if isinstance(error, (AttributeError, KeyError)):  # --config.<key> the config lacks
-    key = str(error).strip("\"'")
-    message = f"unknown configuration key {key!r}: see configs/default.py for the keys"
-    errors.exit_with(ConfigError(message))
+    errors.exit_with(ConfigError(f"unknown configuration key {_unknown_key(error)}: see "
+                                 "configs/default.py for the keys"))
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if len(lines) > 1 and ("Traceback" in lines[1] or "Attempted" in lines[1]):
     # A config file that failed to load: keep the flag and the final cause.
@@ -56,7 +68,7 @@ def _parse_flags(argv):
     _fail(e)
   try:
     return flags.FLAGS(resolved)
-  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+  except Exception as e:  # noqa: BLE001 - an error while the config file loads is the file's
     if not isinstance(e, (AttributeError, KeyError)):
       for typed, used in zip(argv, resolved):  # name the config as the user did
         if typed != used:
@@ -75,12 +87,32 @@ def _start(config, workdir: str) -> None:
     distributed.say(warning)
 
 
+def _unknown_key(error: Exception) -> str:
+  """The key ml_collections could not find, quoted once, with its "did you mean" hint."""
+  message = str(error.args[0]) if error.args else str(error)
+  lines = [line.strip() for line in message.splitlines() if line.strip()] or ["?"]
+  if "Attempting to lookup:" in lines[0]:
+    return repr(lines[0].rsplit("Attempting to lookup:", 1)[1].strip())
+  key = repr(lines[0].strip("\"' "))
+  hint = " ".join(lines[1:])
+  return f"{key} ({hint[0].lower()}{hint[1:]})" if hint else key
+
+
+def _config_file_frame(error: Exception):
+  """The innermost traceback frame in user code (the config files), not in a library."""
+  library = (os.path.dirname(os.__file__), os.path.dirname(os.path.abspath(__file__)))
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if not f.filename.startswith(("<", *library))
+            and "-packages" + os.sep not in f.filename]
+  return frames[-1] if frames else None
+
+
 def main(argv):
   cli.start(argv)
   try:
     config = _CONFIG.value
     config.to_dict()  # config_flags loads lazily: a broken config file raises here
-  except OSError as e:
+  except Exception as e:  # noqa: BLE001 - whatever the config file raises is the file's
     _fail(e)
   workdir = _WORKDIR.value or launch.default_workdir(_config_name, config)
   try:
@@ -88,6 +120,8 @@ def main(argv):
     results = campaign.run(config, workdir, restart=_RESTART.value)
   except ConfigError as e:
     _fail(e)
+  except errors.Diverged as e:
+    errors.exit_with(e)  # status 3
   if "awaiting_labels" in results:
     again = [a for a in sys.argv[1:] if not a.startswith(("--restart", "-restart"))]
     distributed.say(f"continue with: python -m lplgrad_jax.main {shlex.join(again)}")

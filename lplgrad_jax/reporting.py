@@ -41,7 +41,8 @@ def write_csv(path: str, header, rows) -> None:
 
 
 def write_results(path: str, results: dict) -> None:
-  write_atomic(path, lambda f: json.dump(results, f, indent=1))
+  # Strict JSON: a NaN or inf is a bug to surface here, not an unreadable file.
+  write_atomic(path, lambda f: json.dump(results, f, indent=1, allow_nan=False))
 
 
 def plot_accuracy(path: str, rounds: list[dict], title: str) -> None:

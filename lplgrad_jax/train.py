@@ -313,6 +313,9 @@ def batch_step(graphdef, cfg: StepConfig):
 
 
 METRICS = ("loss", "main_loss", "aux_loss", "correct", "count")
+# Also in an epoch's totals: the first step whose loss was not finite (-1: none), so that a
+# divergence is found from the epoch's totals alone, without a host sync per step.
+NONFINITE_STEP = "nonfinite_step"
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
@@ -326,18 +329,28 @@ def train_steps(graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: 
   def step(step_index, carry):
     state, totals = carry
     state, metrics = _train_batch(graphdef, cfg, state, pool, plan, step_index)
-    return state, {k: totals[k] + metrics[k] for k in METRICS}
+    bad = totals[NONFINITE_STEP]
+    bad = jnp.where((bad < 0) & ~jnp.isfinite(metrics["loss"]), step_index, bad)
+    return state, {**{k: totals[k] + metrics[k] for k in METRICS}, NONFINITE_STEP: bad}
 
   last = (plan.num_labeled + cfg.batch_size - 1) // cfg.batch_size  # traced: no ceil_div
   totals = {k: jnp.zeros((), jnp.float32) for k in METRICS}
+  totals[NONFINITE_STEP] = jnp.full((), -1, jnp.int32)
   return jax.lax.fori_loop(first_step, last, step, (state, totals))
+
+
+@jax.jit
+def _first_nonfinite(losses, first_step):
+  """The step index of the first non-finite loss in `losses` (steps first_step..), or -1."""
+  bad = ~jnp.isfinite(losses)
+  return jnp.where(jnp.any(bad), first_step + jnp.argmax(bad), -1).astype(jnp.int32)
 
 
 def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: EpochPlan, *,
                 first_step: int = 0, should_stop=lambda: False):
   """Steps `first_step`.. of the epoch `plan` over the labeled set.
 
-  Returns (state, metrics summed over the examples seen, next step index);
+  Returns (state, metrics summed over the examples seen and `NONFINITE_STEP`, next step index);
   the epoch is complete when the index equals `num_steps(...)`, and stops
   early, at a step boundary, once `should_stop()` is true.
   `cfg.epoch_loop` "host": a Python loop of asynchronously dispatched steps,
@@ -351,14 +364,31 @@ def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: 
       return state, None, first_step
     state, totals = train_steps(graphdef, cfg, state, pool, plan, first_step)
     return state, totals, last
-  totals = None
+  totals, losses = None, []
   step = batch_step(graphdef, cfg)
   for step_index in range(first_step, last):
     if should_stop():
-      return state, totals, step_index
+      break
     state, metrics = step(state, pool, plan, step_index)
     totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-  return state, totals, last
+    losses.append(metrics["loss"])
+  else:
+    step_index = last
+  if totals is not None:
+    totals = {**totals, NONFINITE_STEP: _first_nonfinite(jnp.stack(losses), first_step)}
+  return state, totals, step_index
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def all_finite(state: TrainState) -> bool:
+  """Whether every float of `state` (parameters, statistics, momentum) is finite: one sync."""
+  return bool(_all_finite(state))
 
 
 def num_steps(cfg: StepConfig, num_labeled: int) -> int:
