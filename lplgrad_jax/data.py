@@ -24,7 +24,6 @@ from typing import Callable
 import numpy as np
 from absl import logging as absl_logging
 
-from lplgrad_jax import distributed
 from lplgrad_jax.errors import ConfigError, check_choice
 from lplgrad_jax.oracle import SKIP
 
@@ -65,6 +64,7 @@ class Dataset:
     each process holds a shard of it (sums over the processes' shards)."""
     if self.pool_size is None:
       return _channel_stats(self.x_train, total=lambda v: v)
+    from lplgrad_jax import distributed  # JAX: not imported by the JAX-free labeling page
     return _channel_stats(self.x_train, total=distributed.sum_over_processes)
 
 

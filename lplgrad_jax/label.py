@@ -40,10 +40,11 @@ from absl import flags
 
 from lplgrad_jax import errors
 from lplgrad_jax import oracle
+from lplgrad_jax import reporting
 from lplgrad_jax.data import IMAGE_SUFFIXES
 from lplgrad_jax.errors import ConfigError
 
-RESULTS_FILE = "results.json"  # campaign.RESULTS_FILE; not imported, so no JAX at start-up
+RESULTS_FILE = reporting.RESULTS_FILE
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "label_page")
 ASSETS = {"/": ("index.html", "text/html; charset=utf-8"),
           "/label.js": ("label.js", "text/javascript; charset=utf-8"),
@@ -72,18 +73,9 @@ class Query:
 
 
 def _read_results(workdir: str) -> dict:
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.isfile(path):
-    raise ConfigError(f"{path} is missing: expected the --workdir of a campaign run with "
-                      "--config.oracle=human (python -m lplgrad_jax.main)")
-  try:
-    with open(path) as f:
-      results = json.load(f)
-    results["config"]["data"]["root"], results["data"]["class_names"], results["rounds"]
-  except (OSError, ValueError, KeyError, TypeError):
-    raise ConfigError(f"{path} is not a results file of this tool: expected the --workdir "
-                      "of a campaign") from None
-  return results
+  return reporting.read_results(
+      workdir, lambda r: (r["config"]["data"]["root"], r["data"]["class_names"], r["rounds"]),
+      of="a campaign run with --config.oracle=human")
 
 
 def _pending_round(workdir: str, results: dict) -> int:

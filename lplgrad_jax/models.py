@@ -115,6 +115,13 @@ def _layer(module, x, tap, mask=None):
   return y if tap is None else tap(module, x, y)
 
 
+def _projection(layers: Layers, cin: int, cout: int, stride: int, rngs: nnx.Rngs):
+  """(1x1 conv, BatchNorm) of a residual shortcut where the shape changes, else (None, None)."""
+  if stride == 1 and cin == cout:
+    return None, None
+  return layers.conv(cin, cout, 1, stride, rngs), layers.batch_norm(cout, rngs)
+
+
 class BasicBlock(nnx.Module):
   """Two 3x3 convolutions with an identity or 1x1-projection shortcut."""
 
@@ -123,12 +130,7 @@ class BasicBlock(nnx.Module):
     self.bn1 = layers.batch_norm(cout, rngs)
     self.conv2 = layers.conv(cout, cout, 3, 1, rngs)
     self.bn2 = layers.batch_norm(cout, rngs)
-    if stride != 1 or cin != cout:
-      self.shortcut_conv = layers.conv(cin, cout, 1, stride, rngs)
-      self.shortcut_bn = layers.batch_norm(cout, rngs)
-    else:
-      self.shortcut_conv = None
-      self.shortcut_bn = None
+    self.shortcut_conv, self.shortcut_bn = _projection(layers, cin, cout, stride, rngs)
 
   def __call__(self, x, mask=None, tap=None):
     y = nnx.relu(_layer(self.bn1, _layer(self.conv1, x, tap), tap, mask))
@@ -222,12 +224,7 @@ class Bottleneck(nnx.Module):
     self.conv1, self.bn1 = layers.conv(cin, mid, 1, 1, rngs), layers.batch_norm(mid, rngs)
     self.conv2, self.bn2 = layers.conv(mid, mid, 3, stride, rngs), layers.batch_norm(mid, rngs)
     self.conv3, self.bn3 = layers.conv(mid, cout, 1, 1, rngs), layers.batch_norm(cout, rngs)
-    if stride != 1 or cin != cout:
-      self.shortcut_conv = layers.conv(cin, cout, 1, stride, rngs)
-      self.shortcut_bn = layers.batch_norm(cout, rngs)
-    else:
-      self.shortcut_conv = None
-      self.shortcut_bn = None
+    self.shortcut_conv, self.shortcut_bn = _projection(layers, cin, cout, stride, rngs)
 
   def __call__(self, x, mask=None, tap=None):
     y = nnx.relu(_layer(self.bn1, _layer(self.conv1, x, tap), tap, mask))

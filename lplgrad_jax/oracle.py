@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lplgrad_jax import reporting
-from lplgrad_jax.distributed import is_main_process, say
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.utils import ceil_div
 
@@ -393,6 +392,7 @@ class HumanOracle(Oracle):
   dataset: Dataset | None = None
 
   def start(self, state, dataset):
+    from lplgrad_jax.distributed import say  # JAX: the labeling page imports this module alone
     self._check_same_photos(state, dataset)
     if state.phase == "labels":  # a query was filled in: its labels start the next round
       r = state.round
@@ -407,6 +407,7 @@ class HumanOracle(Oracle):
     return self.dataset
 
   def label(self, state, ids, scores):
+    from lplgrad_jax.distributed import is_main_process, say
     path = query_csv_path(self.workdir, state.round + 1)
     filled = filled_ids(path)
     if filled == {int(i) for i in ids}:

@@ -12,7 +12,6 @@ which, with the model's configuration, results.json records.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -28,7 +27,6 @@ from lplgrad_jax import models
 from lplgrad_jax import query
 from lplgrad_jax import reporting
 from lplgrad_jax import train
-from lplgrad_jax.reporting import RESULTS_FILE
 from lplgrad_jax.checkpoint import Checkpointer
 from lplgrad_jax.data import IMAGE_SUFFIXES, image_files, read_image
 from lplgrad_jax.errors import ConfigError
@@ -47,24 +45,14 @@ class Model:
 
 def load_model(workdir: str) -> Model:
   """The learner of the newest checkpoint in `workdir`, and how to feed it images."""
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.isfile(path):
-    raise ConfigError(f"{path} is missing: expected the --workdir of a campaign "
-                      "(python -m lplgrad_jax.main)")
-  try:
-    with open(path) as f:
-      results = json.load(f)
-    config, data = results["config"], results["data"]
-    class_names = tuple(data["class_names"])
-    image_size = int(data["image_size"])
-    normalization = tuple(np.asarray(data["normalization"][k], np.float32)
-                          for k in ("mean", "std"))
-    use_aux = bool(results["use_aux"])
-    keep = config["checkpoint"]["keep"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ConfigError(f"{path} is not a results file this predictor can use "
-                      f"({type(e).__name__}: {e}): expected one written by lplgrad_jax.main "
-                      "of this version (resuming the campaign rewrites it)") from None
+  results = reporting.read_results(workdir, lambda r: (
+      r["config"]["checkpoint"]["keep"], r["config"]["model"], r["use_aux"],
+      [r["data"][k] for k in ("class_names", "image_size", "normalization")]))
+  config, data = results["config"], results["data"]
+  class_names = tuple(data["class_names"])
+  image_size = int(data["image_size"])
+  normalization = tuple(np.asarray(data["normalization"][k], np.float32) for k in ("mean", "std"))
+  use_aux, keep = bool(results["use_aux"]), config["checkpoint"]["keep"]
   checkpointer = Checkpointer(workdir, keep=keep)
   if not checkpointer.exists():
     raise ConfigError(f"{checkpointer.directory} holds no checkpoint: expected the workdir of "

@@ -40,6 +40,28 @@ def write_csv(path: str, header, rows) -> None:
   write_atomic(path, lambda f: f.write(text.getvalue().encode("utf-8")), mode="wb")
 
 
+def read_results(workdir: str, needed, *, of: str = "a campaign") -> dict:
+  """`workdir`'s results.json; ConfigError if it is missing or `needed(results)` fails on it.
+
+  `needed` reads the fields its caller uses (a KeyError or TypeError: not this tool's file);
+  `of` says what kind of campaign the caller expects in the message.
+  """
+  from lplgrad_jax.errors import ConfigError
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path} is missing: expected the --workdir of {of} "
+                      "(python -m lplgrad_jax.main)")
+  try:
+    with open(path) as f:
+      results = json.load(f)
+    needed(results)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{path} is not a results file this tool can use ({type(e).__name__}: "
+                      f"{e}): expected one written by lplgrad_jax.main of this version "
+                      "(resuming the campaign rewrites it)") from None
+  return results
+
+
 def write_results(path: str, results: dict) -> None:
   # Strict JSON: a NaN or inf is a bug to surface here, not an unreadable file.
   write_atomic(path, lambda f: json.dump(results, f, indent=1, allow_nan=False))
