@@ -1,4 +1,6 @@
-"""Caltech-101 (TFDS): B=500 R=2000 A=3500; low 200/1000/1400. 50 epochs, lr 0.01 decay at 40, batch 80.
+"""Caltech-101 (TFDS): B=500 R=2000 A=3500; low 200/1000/1400; 50 epochs, lr 0.01 (x0.1 at 40).
+
+Batch 80.
 
 TFDS's train split holds only 3,060 images (30 per class), fewer than A, so
 the pool is train + the first half of TFDS's test split and evaluation uses

@@ -1,4 +1,7 @@
-"""CIFAR-10 (TFDS): B=1000 R=25000 A=10000; low budget 500/5000/5000. 200 epochs, lr 0.1, decay at 160."""
+"""CIFAR-10 (TFDS): B=1000 R=25000 A=10000; low budget 500/5000/5000.
+
+200 epochs, lr 0.1, decay at 160.
+"""
 
 from lplgrad_jax.configs import default
 

@@ -1,4 +1,7 @@
-"""CIFAR-100 (TFDS): B=2500 R=25000 A=20000; low budget 1000/15000/8000. Same schedule as CIFAR-10."""
+"""CIFAR-100 (TFDS): B=2500 R=25000 A=20000; low budget 1000/15000/8000.
+
+The same schedule as CIFAR-10.
+"""
 
 from lplgrad_jax.configs import default
 

@@ -20,16 +20,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.oracle = "simulated"
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "tfds"          # tfds | image_folder | digits | npz
-  config.data.name = "cifar10"         # TFDS name (tfds), display name otherwise
-  config.data.root = ""                # image folder / .npz path
-  config.data.data_dir = ""            # TFDS data_dir ("" = TFDS default)
-  config.data.manual_dir = ""          # TFDS manual_dir for pre-downloaded archives
-  config.data.download = True          # TFDS fetches a missing data set (False: air-gapped)
+  config.data.source = "tfds"  # tfds | image_folder | digits | npz
+  config.data.name = "cifar10"  # TFDS name (tfds), display name otherwise
+  config.data.root = ""  # image folder / .npz path
+  config.data.data_dir = ""  # TFDS data_dir ("" = TFDS default)
+  config.data.manual_dir = ""  # TFDS manual_dir for pre-downloaded archives
+  config.data.download = True  # TFDS fetches a missing data set (False: air-gapped)
   config.data.train_split = "train"
   config.data.test_split = "test"
   config.data.image_size = 32
-  config.data.class_names = ()         # npz only: names for labels 0..C-1
+  config.data.class_names = ()  # npz only: names for labels 0..C-1
   # Multi-host: each process loads only its devices' rows of the pool, which stays split
   # by rows over the devices (batches are gathered with one all-reduce of their rows).
   config.data.shard_pool = False
@@ -42,9 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet18"
   config.model.width = 64
-  config.model.depth = 6               # vit: transformer blocks
-  config.model.heads = 4               # vit: attention heads (width must be a multiple)
-  config.model.stem = "cifar"          # cifar (3x3, no pool) | imagenet (7x7/2 + pool)
+  config.model.depth = 6  # vit: transformer blocks
+  config.model.heads = 4  # vit: attention heads (width must be a multiple)
+  config.model.stem = "cifar"  # cifar (3x3, no pool) | imagenet (7x7/2 + pool)
   config.model.loss_head_width = 128
   # pytorch: PyTorch's default init of every conv and linear layer (the authors' code) |
   # he: He-normal fan_out convolutions, lecun_normal / zero-bias dense layers.
@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   # after: the ranking loss stops reaching the main model when epoch > detach_features_epoch
   # (0-based, the authors' `epoch > epoch_loss`) | from: when epoch >= detach_features_epoch.
   config.train.detach_rule = "after"
-  config.train.augment = "crop_flip"   # crop_flip | crop | flip | none
+  config.train.augment = "crop_flip"  # crop_flip | crop | flip | none
   config.train.crop_padding = 4
   config.train.reinit_each_round = False  # False: warm start, as the authors' code
   config.train.compute_dtype = "float32"  # float32 | bfloat16 (float32 weights and statistics)
@@ -88,21 +88,21 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.query = ml_collections.ConfigDict()
   config.query.reduction = "layer_sum"  # layer_sum (authors' code) | frobenius (paper eq. 8)
-  config.query.method = "fast"          # fast (per-layer, one backward) | vmap (reference)
+  config.query.method = "fast"  # fast (per-layer, one backward) | vmap (reference)
   config.query.chunk_size = 64
   config.query.compute_dtype = "float32"  # gradient-norm scoring: float32 | bfloat16
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_epochs = 10  # also at the end of every round and on SIGTERM/SIGINT
-  config.checkpoint.keep = 2           # newest checkpoints kept (the older one is a fallback);
-                                       # 0 keeps every checkpoint
+  config.checkpoint.keep = 2  # newest checkpoints kept (the older one is a fallback);
+  # 0 keeps every checkpoint
 
   # Multi-host runs (one process per host, the same command on each; see README).
   config.distributed = ml_collections.ConfigDict()
-  config.distributed.initialize = False      # call jax.distributed.initialize first
+  config.distributed.initialize = False  # call jax.distributed.initialize first
   config.distributed.coordinator_address = ""  # host:port of process 0 ("": from the cluster)
-  config.distributed.num_processes = 0       # 0: from the cluster (SLURM, Open MPI, TPU)
-  config.distributed.process_id = -1         # -1: from the cluster
+  config.distributed.num_processes = 0  # 0: from the cluster (SLURM, Open MPI, TPU)
+  config.distributed.process_id = -1  # -1: from the cluster
   config.distributed.cpu_collectives = "gloo"  # how CPU devices of different hosts talk
   config.distributed.initialization_timeout_seconds = 300
   config.distributed.heartbeat_timeout_seconds = 100  # a host silent this long fails the run
@@ -111,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log = ml_collections.ConfigDict()
   config.log.progress = True
   config.log.tensorboard = True
-  config.log.checkpoints = True        # print a line per periodic checkpoint
+  config.log.checkpoints = True  # print a line per periodic checkpoint
   return config
 
 

@@ -1,4 +1,7 @@
-"""SVHN (TFDS svhn_cropped): B=1000 R=25000 A=10000; low 500/10000/5000. 50 epochs, lr 0.01, decay at 40."""
+"""SVHN (TFDS svhn_cropped): B=1000 R=25000 A=10000; low 500/10000/5000.
+
+50 epochs, lr 0.01, decay at 40.
+"""
 
 from lplgrad_jax.configs import default
 

@@ -7,8 +7,8 @@ no `mask` argument and no hooks: BatchNorm statistics of padded training batches
 from outside, and the query intercepts its layers to score per-example gradients.
 """
 
-from flax import nnx
 import jax.numpy as jnp
+from flax import nnx
 
 
 class SmallCNN(nnx.Module):

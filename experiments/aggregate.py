@@ -19,7 +19,8 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import app
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,8 +54,9 @@ def load_runs(root: str) -> dict:
 
 def accuracy_table(runs_of_budget: dict):
   """(labeled counts, {strategy: (means, stds, number of seeds)}) in percent."""
-  counts = sorted({r["num_labeled"] for rs in runs_of_budget.values() for res in rs
-                   for r in res["rounds"]})
+  counts = sorted(
+    {r["num_labeled"] for rs in runs_of_budget.values() for res in rs for r in res["rounds"]}
+  )
   table = {}
   for strategy, results in sorted(runs_of_budget.items()):
     per_count = collections.defaultdict(list)
@@ -75,10 +77,14 @@ def _markdown(header, rows):
 
 def write_accuracy(out: str, budget: str, counts, table) -> None:
   header = ["strategy", "seeds"] + [str(c) for c in counts] + ["mean"]
-  rows = [[s, n] + [f"{m:.2f} ± {d:.2f}" for m, d in zip(means, stds)]
-          + [f"{np.nanmean(means):.2f}"] for s, (means, stds, n) in table.items()]
+  rows = [
+    [s, n] + [f"{m:.2f} ± {d:.2f}" for m, d in zip(means, stds)] + [f"{np.nanmean(means):.2f}"]
+    for s, (means, stds, n) in table.items()
+  ]
   with open(os.path.join(out, f"accuracy_{budget}.md"), "w") as f:
-    f.write(f"Test accuracy (%) by number of labeled images, mean ± std over seeds ({budget} budget)\n\n")
+    f.write(
+      f"Test accuracy (%) by number of labeled images, mean ± std over seeds ({budget} budget)\n\n"
+    )
     f.write(_markdown(header, rows))
   with open(os.path.join(out, f"accuracy_{budget}.csv"), "w", newline="") as f:
     writer = csv.writer(f)
@@ -102,19 +108,23 @@ def write_comparison(out: str, budget: str, counts, table) -> None:
       cells.append(f"{diff:+.2f}{' *' if abs(diff) > rd + d else ''}")
     rows.append([s] + cells)
   with open(os.path.join(out, f"comparison_{budget}.md"), "w") as f:
-    f.write("LPLgrad minus each strategy, accuracy points; * = the difference exceeds the sum "
-            "of the two standard deviations\n\n")
+    f.write(
+      "LPLgrad minus each strategy, accuracy points; * = the difference exceeds the sum "
+      "of the two standard deviations\n\n"
+    )
     f.write(_markdown(["strategy"] + [str(c) for c in counts], rows))
 
 
 def write_curves(out: str, budget: str, counts, table, title: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
+
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for s, (means, stds, _) in table.items():
     means, stds = np.asarray(means), np.asarray(stds)
-    style = dict(linewidth=2.5) if s == "lplgrad" else dict(linewidth=1.2)
+    style = {"linewidth": 2.5} if s == "lplgrad" else {"linewidth": 1.2}
     ax.plot(counts, means, marker="o", markersize=3, label=s, **style)
     ax.fill_between(counts, means - stds, means + stds, alpha=0.15)
   ax.set_xlabel("labeled images")
@@ -132,25 +142,35 @@ def write_times(out: str, budget: str, runs_of_budget: dict) -> None:
   for s, results in sorted(runs_of_budget.items()):
     train_s = [r["train_seconds"] for res in results for r in res["rounds"]]
     query_s = [r["query_seconds"] for res in results for r in res["rounds"] if r["queried_ids"]]
-    rows.append([s, f"{np.mean(train_s):.1f}", f"{np.mean(query_s):.2f}" if query_s else "-",
-                 len(results)])
+    rows.append(
+      [s, f"{np.mean(train_s):.1f}", f"{np.mean(query_s):.2f}" if query_s else "-", len(results)]
+    )
   with open(os.path.join(out, f"times_{budget}.md"), "w") as f:
     f.write("Mean seconds per round (training) and per query, over rounds and seeds\n\n")
     f.write(_markdown(["strategy", "train s / round", "query s / round", "seeds"], rows))
 
 
 def write_aux(out: str, budget: str, counts, table) -> None:
-  pairs = [(name, label) for name, label in
-           (("lplgrad", "with loss-prediction module"),
-            ("ent_gradnorm", "without (Ent-GradNorm)"),
-            ("lplgrad (no aux)", "without (lplgrad, train.use_aux=False)")) if name in table]
+  pairs = [
+    (name, label)
+    for name, label in (
+      ("lplgrad", "with loss-prediction module"),
+      ("ent_gradnorm", "without (Ent-GradNorm)"),
+      ("lplgrad (no aux)", "without (lplgrad, train.use_aux=False)"),
+    )
+    if name in table
+  ]
   if len(pairs) < 2:
     return
-  rows = [[f"{name}: {label}"] + [f"{m:.2f} ± {d:.2f}" for m, d in zip(*table[name][:2])]
-          for name, label in pairs]
+  rows = [
+    [f"{name}: {label}"] + [f"{m:.2f} ± {d:.2f}" for m, d in zip(*table[name][:2])]
+    for name, label in pairs
+  ]
   with open(os.path.join(out, f"aux_{budget}.md"), "w") as f:
-    f.write("The entropy-gradient-norm query with and without joint training of the "
-            "loss-prediction module, accuracy (%)\n\n")
+    f.write(
+      "The entropy-gradient-norm query with and without joint training of the "
+      "loss-prediction module, accuracy (%)\n\n"
+    )
     f.write(_markdown(["training"] + [str(c) for c in counts], rows))
 
 

@@ -21,14 +21,19 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_MODEL = flags.DEFINE_string("model", "resnet18", "config.model.name: resnet18, resnet34, "
-                             "resnet50, wide_resnet28, vit or module:pkg.mod:factory.")
-_WIDTH = flags.DEFINE_integer("width", 64, "model.width (ResNet-18: 64 = the paper's; WRN: k; "
-                              "ViT: embedding size).")
+_MODEL = flags.DEFINE_string(
+  "model",
+  "resnet18",
+  "config.model.name: resnet18, resnet34, resnet50, wide_resnet28, vit or module:pkg.mod:factory.",
+)
+_WIDTH = flags.DEFINE_integer(
+  "width", 64, "model.width (ResNet-18: 64 = the paper's; WRN: k; ViT: embedding size)."
+)
 _DEPTH = flags.DEFINE_integer("depth", 6, "ViT blocks.")
 _HEADS = flags.DEFINE_integer("heads", 4, "ViT attention heads.")
 _TRAIN = flags.DEFINE_bool("train", True, "Also time a training step.")
@@ -65,7 +70,11 @@ def make_floor(model, images, mean, std, dtype="float32", mesh=None):
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from lplgrad_jax import models, query, sharding, train
+
+  from lplgrad_jax import models
+  from lplgrad_jax import query
+  from lplgrad_jax import sharding
+  from lplgrad_jax import train
 
   mesh = mesh if mesh is not None else sharding.data_mesh()
   view = query.pergrad.inference_view(model)
@@ -75,8 +84,9 @@ def make_floor(model, images, mean, std, dtype="float32", mesh=None):
 
   @jax.jit
   def grads(params, rest, x, mean, std):
-    loss = lambda p: jnp.sum(query.output_entropy(nnx.merge(graphdef, p, rest)(
-        train.normalize(x, mean, std))))
+    loss = lambda p: jnp.sum(
+      query.output_entropy(nnx.merge(graphdef, p, rest)(train.normalize(x, mean, std)))
+    )
     return jax.grad(loss)(params)
 
   return lambda: grads(params, rest, x, mean, std)
@@ -85,16 +95,26 @@ def make_floor(model, images, mean, std, dtype="float32", mesh=None):
 def make_query(model, images, mean, std, *, method, chunk_size, dtype="float32", mesh=None):
   """A thunk: `query.entropy_grad_norms` of `images` (uint8, host) as a campaign calls it."""
   from lplgrad_jax import query
-  return lambda: query.entropy_grad_norms(model, images, method=method, chunk_size=chunk_size,
-                                          normalization=(mean, std), compute_dtype=dtype,
-                                          mesh=mesh)
+
+  return lambda: query.entropy_grad_norms(
+    model,
+    images,
+    method=method,
+    chunk_size=chunk_size,
+    normalization=(mean, std),
+    compute_dtype=dtype,
+    mesh=mesh,
+  )
 
 
 def _state_holder(learner, train_config, max_labeled, mesh):
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from lplgrad_jax import sharding, train
+
+  from lplgrad_jax import sharding
+  from lplgrad_jax import train
+
   cfg = train.StepConfig.from_config(train_config, max_labeled, use_aux=True, mesh=mesh)
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   return cfg, graphdef, {"state": sharding.replicate(jax.tree.map(jnp.copy, state), mesh)}
@@ -107,7 +127,10 @@ def make_train_step(learner, train_config, pool, mean, std, mesh=None, max_label
   with the same value the host epoch loop reuses this step's compilation."""
   import jax
   import numpy as np
-  from lplgrad_jax import sharding, train
+
+  from lplgrad_jax import sharding
+  from lplgrad_jax import train
+
   mesh = mesh if mesh is not None else sharding.data_mesh()
   n = train_config.batch_size
   cfg, graphdef, holder = _state_holder(learner, train_config, max_labeled or n, mesh)
@@ -130,7 +153,10 @@ def make_epoch(learner, train_config, pool, num_labeled, mean, std, mesh=None):
   `num_labeled` images of `pool` (device arrays), state carried over."""
   import jax
   import numpy as np
-  from lplgrad_jax import sharding, train
+
+  from lplgrad_jax import sharding
+  from lplgrad_jax import train
+
   mesh = mesh if mesh is not None else sharding.data_mesh()
   cfg, graphdef, holder = _state_holder(learner, train_config, num_labeled, mesh)
   ids = np.zeros(cfg.steps_per_epoch * cfg.batch_size, np.int32)
@@ -140,8 +166,9 @@ def make_epoch(learner, train_config, pool, num_labeled, mean, std, mesh=None):
   plan = train.plan_epoch(cfg, ids, num_labeled, jax.random.key(4), 0.1, False)
 
   def run():
-    holder["state"], totals, _ = train.train_epoch(graphdef, cfg, holder["state"],
-                                                   device_pool, plan)
+    holder["state"], totals, _ = train.train_epoch(
+      graphdef, cfg, holder["state"], device_pool, plan
+    )
     return totals
 
   return run
@@ -150,16 +177,19 @@ def make_epoch(learner, train_config, pool, num_labeled, mean, std, mesh=None):
 def _jax_report(report, n, images, labels, mean, std):
   import jax
   import numpy as np
+
   from configs import default
-  from lplgrad_jax import models, sharding
+  from lplgrad_jax import models
+  from lplgrad_jax import sharding
 
   sync = jax.block_until_ready
   config = default.get_config()
   config.model.name, config.model.width = _MODEL.value, _WIDTH.value
   config.model.depth, config.model.heads = _DEPTH.value, _HEADS.value
   config.train.batch_size = n
-  learner = models.create_learner(config.model, 10, use_aux=True, key=jax.random.key(0),
-                                  image_size=images.shape[1])
+  learner = models.create_learner(
+    config.model, 10, use_aux=True, key=jax.random.key(0), image_size=images.shape[1]
+  )
   model = learner.classifier
   first, seconds = time_call(make_floor(model, images, mean, std), _REPEATS.value, sync)
   report["forward_backward"] = rate_entry(n, seconds, first)
@@ -168,21 +198,26 @@ def _jax_report(report, n, images, labels, mean, std):
       run = make_query(model, images, mean, std, method=method, chunk_size=n, dtype=dtype)
       first, seconds = time_call(run, _REPEATS.value, sync)
       report[f"query_{method}_{dtype}"] = entry = rate_entry(n, seconds, first)
-      entry["vs_forward_backward"] = entry["images_per_s"] / report["forward_backward"]["images_per_s"]
+      entry["vs_forward_backward"] = (
+        entry["images_per_s"] / report["forward_backward"]["images_per_s"]
+      )
       entry[f"seconds_for_{SUBSET}"] = SUBSET / entry["images_per_s"]
 
   mesh = sharding.data_mesh()
   pool = sharding.replicate((images, labels), mesh)
   for dtype in _DTYPES.value if _TRAIN.value else ():
     config.train.compute_dtype = dtype
-    first, seconds = time_call(make_train_step(learner, config.train, pool, mean, std, mesh),
-                               _REPEATS.value, sync)
+    first, seconds = time_call(
+      make_train_step(learner, config.train, pool, mean, std, mesh), _REPEATS.value, sync
+    )
     report[f"train_step_{dtype}"] = rate_entry(n, seconds, first)
 
   if _EPOCH_STEPS.value:
     steps = _EPOCH_STEPS.value
     config.train.compute_dtype = _DTYPES.value[0]
-    epoch_pool = sharding.replicate((np.tile(images, (steps, 1, 1, 1)), np.tile(labels, steps)), mesh)
+    epoch_pool = sharding.replicate(
+      (np.tile(images, (steps, 1, 1, 1)), np.tile(labels, steps)), mesh
+    )
     for loop in _LOOPS.value:
       config.train.epoch_loop = loop
       epoch = make_epoch(learner, config.train, epoch_pool, steps * n, mean, std, mesh)
@@ -194,13 +229,16 @@ def _jax_report(report, n, images, labels, mean, std):
 def torch_inputs(images, labels, mean, std, device):
   """(x, y) for the PyTorch reference: normalised NCHW float32 and int64 on `device`."""
   import torch
-  x = torch.as_tensor(((images / 255.0 - mean) / std).transpose(0, 3, 1, 2).copy(),
-                      dtype=torch.float32, device=device)
+
+  x = torch.as_tensor(
+    ((images / 255.0 - mean) / std).transpose(0, 3, 1, 2).copy(), dtype=torch.float32, device=device
+  )
   return x, torch.as_tensor(labels, dtype=torch.long, device=device)
 
 
 def torch_sync(device):
   import torch
+
   return (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
 
 
@@ -228,10 +266,12 @@ def _torch_report(report, n, images, labels, mean, std):
   report["torch_train_step"] = rate_entry(n, seconds, first)
   fast = report[f"query_fast_{_DTYPES.value[0]}"]["images_per_s"]
   report["ratios"] = {
-      "jax_fast_vs_torch_per_sample_loop": fast / report["torch_query_per_sample_loop"]["images_per_s"],
-      "jax_fast_vs_torch_func_vmap": fast / report["torch_query_func_vmap"]["images_per_s"],
-      "jax_train_vs_torch_eager": report[f"train_step_{_DTYPES.value[0]}"]["images_per_s"]
-                                  / report["torch_train_step"]["images_per_s"]}
+    "jax_fast_vs_torch_per_sample_loop": fast
+    / report["torch_query_per_sample_loop"]["images_per_s"],
+    "jax_fast_vs_torch_func_vmap": fast / report["torch_query_func_vmap"]["images_per_s"],
+    "jax_train_vs_torch_eager": report[f"train_step_{_DTYPES.value[0]}"]["images_per_s"]
+    / report["torch_train_step"]["images_per_s"],
+  }
 
 
 def main(_):
@@ -243,10 +283,15 @@ def main(_):
   images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, n).astype(np.int32)
   mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
-  report = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
-            "jax_version": jax.__version__, "model": _MODEL.value, "width": _WIDTH.value,
-            "batch": n,
-            "image_size": size}
+  report = {
+    "device": str(jax.devices()[0].device_kind),
+    "num_devices": jax.device_count(),
+    "jax_version": jax.__version__,
+    "model": _MODEL.value,
+    "width": _WIDTH.value,
+    "batch": n,
+    "image_size": size,
+  }
   _jax_report(report, n, images, labels, mean, std)
   if _TORCH.value:
     _torch_report(report, n, images, labels, mean, std)

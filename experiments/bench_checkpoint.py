@@ -12,7 +12,8 @@ import shutil
 import sys
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,8 +27,10 @@ def _dir_bytes(path):
 
 def main(_):
   import jax
+
   from configs import cifar10
-  from lplgrad_jax import models, train
+  from lplgrad_jax import models
+  from lplgrad_jax import train
   from lplgrad_jax.checkpoint import Checkpointer
 
   config = cifar10.get_config()
@@ -38,8 +41,9 @@ def main(_):
   # measured size is not flattered by compressible zeros.
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  state = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype)
-                                       for k, x in zip(keys, leaves)])
+  state = jax.tree.unflatten(
+    treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  )
   shutil.rmtree(_WORKDIR.value, ignore_errors=True)
   checkpointer = Checkpointer(_WORKDIR.value, keep=2)
   campaign = {"round": 0, "labeled_ids": list(range(10000))}
@@ -56,11 +60,13 @@ def main(_):
   restore_seconds = time.perf_counter() - start
   checkpointer.close()
   report = {
-      "device": str(jax.devices()[0]),
-      "parameters": sum(x.size for x in jax.tree.leaves(state.params)),
-      "save_blocking_seconds": min(blocking), "save_committed_seconds": min(committed),
-      "restore_seconds": restore_seconds, "checkpoint_bytes": _dir_bytes(step_dir),
-      "kept_checkpoints_bytes": _dir_bytes(checkpointer.directory),
+    "device": str(jax.devices()[0]),
+    "parameters": sum(x.size for x in jax.tree.leaves(state.params)),
+    "save_blocking_seconds": min(blocking),
+    "save_committed_seconds": min(committed),
+    "restore_seconds": restore_seconds,
+    "checkpoint_bytes": _dir_bytes(step_dir),
+    "kept_checkpoints_bytes": _dir_bytes(checkpointer.directory),
   }
   print(json.dumps(report, indent=1))
   with open(os.path.join(_WORKDIR.value, "bench_checkpoint.json"), "w") as f:

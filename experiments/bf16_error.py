@@ -1,6 +1,7 @@
 """How far bfloat16 query scores are from float32 ones, on a trained model.
 
-  python experiments/bf16_error.py --workdir=workdirs/demo [--config=configs/digits.py] [--images=2000]
+  python experiments/bf16_error.py --workdir=workdirs/demo [--config=configs/digits.py] \
+      [--images=2000]
 
 Scores the first --images pool images of the campaign in --workdir (its
 newest checkpoint) with `entropy_grad_norms` in float32 and in bfloat16 and
@@ -12,7 +13,8 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
@@ -27,29 +29,46 @@ def compare_scores(fp32, bf16, k: int) -> dict:
   """How far bf16 scores are from fp32 ones: relative errors, Spearman, top-k agreement."""
   import numpy as np
   from scipy import stats
+
   fp32, bf16 = np.asarray(fp32, np.float64), np.asarray(bf16, np.float64)
   relative = np.abs(bf16 - fp32) / np.maximum(np.abs(fp32), np.finfo(np.float32).tiny)
   k = min(k, len(fp32))
   top = lambda s: set(np.argsort(-s, kind="stable")[:k].tolist())
-  return {"relative_error_median": float(np.median(relative)),
-          "relative_error_p99": float(np.quantile(relative, 0.99)),
-          "relative_error_max": float(relative.max()),
-          "spearman": float(stats.spearmanr(fp32, bf16).statistic),
-          "top_k": k, "top_k_overlap": len(top(fp32) & top(bf16)) / k}
+  return {
+    "relative_error_median": float(np.median(relative)),
+    "relative_error_p99": float(np.quantile(relative, 0.99)),
+    "relative_error_max": float(relative.max()),
+    "spearman": float(stats.spearmanr(fp32, bf16).statistic),
+    "top_k": k,
+    "top_k_overlap": len(top(fp32) & top(bf16)) / k,
+  }
 
 
 def main(_):
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs its restores at INFO
-  from lplgrad_jax import data, predict, query
+  from lplgrad_jax import data
+  from lplgrad_jax import predict
+  from lplgrad_jax import query
 
   model = predict.load_model(_WORKDIR.value)
   config = _CONFIG.value
-  pool = data.load_dataset(config.data).x_train[:_IMAGES.value]
-  scores = {dtype: query.entropy_grad_norms(
-      model.learner.classifier, pool, reduction=config.query.reduction,
-      chunk_size=config.query.chunk_size, normalization=model.normalization,
-      compute_dtype=dtype) for dtype in ("float32", "bfloat16")}
-  report = {"images": len(pool), "width": config.model.width, "rounds_trained": model.rounds_trained}
+  pool = data.load_dataset(config.data).x_train[: _IMAGES.value]
+  scores = {
+    dtype: query.entropy_grad_norms(
+      model.learner.classifier,
+      pool,
+      reduction=config.query.reduction,
+      chunk_size=config.query.chunk_size,
+      normalization=model.normalization,
+      compute_dtype=dtype,
+    )
+    for dtype in ("float32", "bfloat16")
+  }
+  report = {
+    "images": len(pool),
+    "width": config.model.width,
+    "rounds_trained": model.rounds_trained,
+  }
   report.update(compare_scores(scores["float32"], scores["bfloat16"], config.al.query_size))
   print(json.dumps(report, indent=1))
 

@@ -19,7 +19,8 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from absl import logging as absl_logging
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,8 +29,20 @@ sys.path.insert(0, REPO_ROOT)
 _CONFIG = flags.DEFINE_string("config", None, "Data set config file (configs/NAME.py).")
 _BUDGETS = flags.DEFINE_list("budgets", ["high"], "Budget rows: high, low.")
 _STRATEGIES = flags.DEFINE_list(
-    "strategies", ["lplgrad", "ent_gradnorm", "learning_loss", "coreset", "entropy", "random",
-                   "margin", "least_confidence", "badge"], "Strategies to run.")
+  "strategies",
+  [
+    "lplgrad",
+    "ent_gradnorm",
+    "learning_loss",
+    "coreset",
+    "entropy",
+    "random",
+    "margin",
+    "least_confidence",
+    "badge",
+  ],
+  "Strategies to run.",
+)
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (trials).")
 _ROOT = flags.DEFINE_string("root", None, "Directory holding the sweep's workdirs.")
 _SET = flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE (Python literal), repeated.")
@@ -71,9 +84,11 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
   from lplgrad_jax import campaign
   from lplgrad_jax.errors import ConfigError
+
   index, count = (int(x) for x in _SHARD.value.split("/"))
-  runs = [(b, s, int(seed)) for b in _BUDGETS.value for s in _STRATEGIES.value
-          for seed in _SEEDS.value][index::count]
+  runs = [
+    (b, s, int(seed)) for b in _BUDGETS.value for s in _STRATEGIES.value for seed in _SEEDS.value
+  ][index::count]
   for number, (budget, strategy, seed) in enumerate(runs, 1):
     config = load_config(_CONFIG.value, budget)
     for assignment in _SET.value:

@@ -40,7 +40,6 @@ sys.path.insert(0, REPO_ROOT)
 
 from configs import default  # noqa: E402
 from lplgrad_jax import models  # noqa: E402
-from lplgrad_jax import train  # noqa: E402
 
 FIXTURE = os.path.join(REPO_ROOT, "tests", "data", "torch_parity.npz")
 NUM_CLASSES = 10
@@ -70,15 +69,13 @@ def _path(prefix: str, keys) -> str:
 
 def flatten(tree, prefix: str) -> dict[str, np.ndarray]:
   """{prefix/state path: array} of a pytree (an nnx.State)."""
-  return {_path(prefix, p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {_path(prefix, p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def unflatten(tree, prefix: str, arrays) -> object:
   """`tree` with its leaves replaced by (device copies of) arrays[prefix/path]. Copies: an
   nnx Variable holding a NumPy array would update it in place (BatchNorm statistics)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: jnp.array(arrays[_path(prefix, p)]), tree)
+  return jax.tree_util.tree_map_with_path(lambda p, _: jnp.array(arrays[_path(prefix, p)]), tree)
 
 
 def make_inputs(seed: int = SEED):
@@ -86,15 +83,18 @@ def make_inputs(seed: int = SEED):
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, (len(STEP_EPOCHS) * BATCH + QUERY_IMAGES, 32, 32, 3), np.uint8)
   labels = rng.integers(0, NUM_CLASSES, len(STEP_EPOCHS) * BATCH).astype(np.int32)
-  return images[:-QUERY_IMAGES].reshape(len(STEP_EPOCHS), BATCH, 32, 32, 3), \
-      labels.reshape(len(STEP_EPOCHS), BATCH), images[-QUERY_IMAGES:]
+  return (
+    images[:-QUERY_IMAGES].reshape(len(STEP_EPOCHS), BATCH, 32, 32, 3),
+    labels.reshape(len(STEP_EPOCHS), BATCH),
+    images[-QUERY_IMAGES:],
+  )
 
 
 def jax_learner(config):
   """The fixed-seed learner, and its state split into params and BatchNorm statistics."""
-  learner = models.create_learner(config.model, NUM_CLASSES, use_aux=True,
-                                  key=jax.random.key(SEED))
+  learner = models.create_learner(config.model, NUM_CLASSES, use_aux=True, key=jax.random.key(SEED))
   from flax import nnx
+
   _, params, stats = nnx.split(learner, nnx.Param, nnx.BatchStat)
   return learner, params, stats
 
@@ -102,11 +102,13 @@ def jax_learner(config):
 def _relative_error(actual, expected) -> float:
   """max |actual - expected| / max |expected|."""
   expected = np.asarray(expected, np.float64)
-  return float(np.max(np.abs(np.asarray(actual, np.float64) - expected))
-               / max(np.max(np.abs(expected)), 1e-30))
+  return float(
+    np.max(np.abs(np.asarray(actual, np.float64) - expected)) / max(np.max(np.abs(expected)), 1e-30)
+  )
 
 
 # --- the PyTorch side (imports torch) ---------------------------------------------------
+
 
 def _torch_models(width: int, hidden: int):
   import torch
@@ -114,7 +116,6 @@ def _torch_models(width: int, hidden: int):
   from torch import nn
 
   class BasicBlock(nn.Module):
-
     def __init__(self, cin, cout, stride):
       super().__init__()
       self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -123,8 +124,9 @@ def _torch_models(width: int, hidden: int):
       self.bn2 = nn.BatchNorm2d(cout)
       self.shortcut = nn.Sequential()
       if stride != 1 or cin != cout:
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
+        self.shortcut = nn.Sequential(
+          nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+        )
 
     def forward(self, x):
       out = F.relu(self.bn1(self.conv1(x)))
@@ -142,8 +144,9 @@ def _torch_models(width: int, hidden: int):
       cin, layers = width, []
       for i in range(4):
         cout = width * 2**i
-        layers.append(nn.Sequential(BasicBlock(cin, cout, 1 if i == 0 else 2),
-                                    BasicBlock(cout, cout, 1)))
+        layers.append(
+          nn.Sequential(BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1))
+        )
         cin = cout
       self.layer1, self.layer2, self.layer3, self.layer4 = layers
       self.linear = nn.Linear(cin, NUM_CLASSES)
@@ -159,7 +162,6 @@ def _torch_models(width: int, hidden: int):
       return self.linear(out5), self.linear1(out5), out5, [out1, out2, out3, out4]
 
   class LossNet(nn.Module):
-
     def __init__(self, feature_sizes=(32, 16, 8, 4)):
       super().__init__()
       self.gaps = nn.ModuleList([nn.AvgPool2d(s) for s in feature_sizes])
@@ -167,8 +169,9 @@ def _torch_models(width: int, hidden: int):
       self.linear = nn.Linear(4 * hidden, 1)
 
     def forward(self, features):
-      outs = [F.relu(fc(gap(f).view(f.size(0), -1)))
-              for gap, fc, f in zip(self.gaps, self.fcs, features)]
+      outs = [
+        F.relu(fc(gap(f).view(f.size(0), -1))) for gap, fc, f in zip(self.gaps, self.fcs, features)
+      ]
       return self.linear(torch.cat(outs, 1))
 
   return ResNet(), LossNet()
@@ -180,8 +183,12 @@ def _torch_names(width: int) -> dict[str, str]:
 
   def conv_bn(jax_conv, jax_bn, torch_conv, torch_bn):
     names[f"classifier/{jax_conv}/kernel"] = f"backbone.{torch_conv}.weight"
-    for j, t in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
-                 ("var", "running_var")):
+    for j, t in (
+      ("scale", "weight"),
+      ("bias", "bias"),
+      ("mean", "running_mean"),
+      ("var", "running_var"),
+    ):
       names[f"classifier/{jax_bn}/{j}"] = f"backbone.{torch_bn}.{t}"
 
   conv_bn("stem_conv", "stem_bn", "conv1", "bn1")
@@ -191,8 +198,7 @@ def _torch_names(width: int) -> dict[str, str]:
       conv_bn(f"{jb}/conv1", f"{jb}/bn1", f"{tb}.conv1", f"{tb}.bn1")
       conv_bn(f"{jb}/conv2", f"{jb}/bn2", f"{tb}.conv2", f"{tb}.bn2")
       if i > 0 and j == 0:
-        conv_bn(f"{jb}/shortcut_conv", f"{jb}/shortcut_bn", f"{tb}.shortcut.0",
-                f"{tb}.shortcut.1")
+        conv_bn(f"{jb}/shortcut_conv", f"{jb}/shortcut_bn", f"{tb}.shortcut.0", f"{tb}.shortcut.1")
   for j, t in (("kernel", "weight"), ("bias", "bias")):
     names[f"classifier/head/{j}"] = f"backbone.linear.{t}"
     names[f"loss_head/out/{j}"] = f"module.linear.{t}"
@@ -212,9 +218,10 @@ def _to_jax_layout(a: np.ndarray) -> np.ndarray:
 def loss_pred_loss(predicted, target, margin):
   """Their LossPredLoss (reduction 'mean'): ties count as -1."""
   import torch
+
   assert len(predicted) % 2 == 0, "the batch size is not even."
-  predicted = (predicted - predicted.flip(0))[:len(predicted) // 2]
-  target = (target - target.flip(0))[:len(target) // 2].detach()
+  predicted = (predicted - predicted.flip(0))[: len(predicted) // 2]
+  target = (target - target.flip(0))[: len(target) // 2].detach()
   one = 2 * torch.sign(torch.clamp(target, min=0)) - 1
   return torch.sum(torch.clamp(margin - one * predicted, min=0)) / predicted.size(0)
 
@@ -229,13 +236,16 @@ def torch_side(config, arrays: dict, images, labels, query_images, dtype: str) -
   import torch
   import torch.nn.functional as F
   from torch.distributions import Categorical
+
   torch.manual_seed(0)
   tc = config.train
   backbone, module = _torch_models(config.model.width, config.model.loss_head_width)
   backbone, module = backbone.to(getattr(torch, dtype)), module.to(getattr(torch, dtype))
   names = _torch_names(config.model.width)
-  state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
-           **{f"module.{k}": v for k, v in module.state_dict().items()}}
+  state = {
+    **{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+    **{f"module.{k}": v for k, v in module.state_dict().items()},
+  }
   with torch.no_grad():
     for path, name in names.items():
       state[name].copy_(torch.from_numpy(np.array(_to_torch_layout(arrays[f"init/{path}"]))))
@@ -245,12 +255,15 @@ def torch_side(config, arrays: dict, images, labels, query_images, dtype: str) -
     x = (torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255) - mean) / std
     return x.to(getattr(torch, dtype))
 
-  optim_backbone = torch.optim.SGD(backbone.parameters(), lr=tc.learning_rate,
-                                   momentum=tc.momentum, weight_decay=tc.weight_decay)
-  optim_module = torch.optim.SGD(module.parameters(), lr=tc.learning_rate,
-                                 momentum=tc.momentum, weight_decay=tc.weight_decay)
-  sched_backbone = torch.optim.lr_scheduler.MultiStepLR(optim_backbone,
-                                                        milestones=list(tc.lr_milestones))
+  optim_backbone = torch.optim.SGD(
+    backbone.parameters(), lr=tc.learning_rate, momentum=tc.momentum, weight_decay=tc.weight_decay
+  )
+  optim_module = torch.optim.SGD(
+    module.parameters(), lr=tc.learning_rate, momentum=tc.momentum, weight_decay=tc.weight_decay
+  )
+  sched_backbone = torch.optim.lr_scheduler.MultiStepLR(
+    optim_backbone, milestones=list(tc.lr_milestones)
+  )
   torch.optim.lr_scheduler.MultiStepLR(optim_module, milestones=list(tc.lr_milestones))
   out = {}
   for epoch in range(max(STEP_EPOCHS) + 1):  # train_LPL: one batch per epoch here
@@ -260,8 +273,7 @@ def torch_side(config, arrays: dict, images, labels, query_images, dtype: str) -
     optim_backbone.zero_grad()
     optim_module.zero_grad()
     scores, _, _, features = backbone(normalise(images[step]))
-    target_loss = F.cross_entropy(scores, torch.from_numpy(labels[step]).long(),
-                                  reduction="none")
+    target_loss = F.cross_entropy(scores, torch.from_numpy(labels[step]).long(), reduction="none")
     if epoch > tc.detach_features_epoch:
       features = [f.detach() for f in features]
     pred_loss = module(features)
@@ -270,18 +282,30 @@ def torch_side(config, arrays: dict, images, labels, query_images, dtype: str) -
     module_loss = loss_pred_loss(pred_loss, target_loss, tc.margin)
     loss = backbone_loss + tc.aux_weight * module_loss
     if step == 0:
-      out.update({"forward/logits": scores, "forward/predicted": pred_loss,
-                  "forward/joint_loss": loss, "forward/main_loss": backbone_loss,
-                  "forward/aux_loss": module_loss})
+      out.update(
+        {
+          "forward/logits": scores,
+          "forward/predicted": pred_loss,
+          "forward/joint_loss": loss,
+          "forward/main_loss": backbone_loss,
+          "forward/aux_loss": module_loss,
+        }
+      )
       out.update({f"forward/features/{i}": f.permute(0, 2, 3, 1) for i, f in enumerate(features)})
     loss.backward()
     optim_backbone.step()
     optim_module.step()
     sched_backbone.step()  # their train_LPL never steps the module's scheduler
-  state = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
-           **{f"module.{k}": v for k, v in module.state_dict().items()}}
-  out.update({f"after/{path}": torch.from_numpy(_to_jax_layout(state[name].numpy()))
-              for path, name in names.items()})
+  state = {
+    **{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+    **{f"module.{k}": v for k, v in module.state_dict().items()},
+  }
+  out.update(
+    {
+      f"after/{path}": torch.from_numpy(_to_jax_layout(state[name].numpy()))
+      for path, name in names.items()
+    }
+  )
   out.update(_torch_query(backbone, normalise(query_images), Categorical))
   # float32 storage: 6e-8 relative, far below the tolerances
   return {k: v.detach().numpy().astype(np.float32) for k, v in out.items()}
@@ -291,6 +315,7 @@ def _torch_query(backbone, inputs, categorical) -> dict:
   """Their get_uncertainty / compute_gradnorm, one image at a time in eval mode."""
   import torch
   import torch.nn.functional as F
+
   backbone.eval()
   layer_sum, frobenius, logits = [], [], []
   for image in inputs:
@@ -302,8 +327,11 @@ def _torch_query(backbone, inputs, categorical) -> dict:
     layer_sum.append(norms.sum())
     frobenius.append(norms.square().sum().sqrt())
     logits.append(scores[0])
-  return {"query/logits": torch.stack(logits), "query/layer_sum": torch.stack(layer_sum),
-          "query/frobenius": torch.stack(frobenius)}
+  return {
+    "query/logits": torch.stack(logits),
+    "query/layer_sum": torch.stack(layer_sum),
+    "query/frobenius": torch.stack(frobenius),
+  }
 
 
 def main():
@@ -318,17 +346,25 @@ def main():
   as_run = torch_side(config, arrays, images, labels, query_images, "float32")
   # What PyTorch's own float32 rounding amounts to, per kind of result.
   for kind in ("forward", "after", "query"):
-    error = max(_relative_error(as_run[k], v) for k, v in reference.items()
-                if k.startswith(kind))
+    error = max(_relative_error(as_run[k], v) for k, v in reference.items() if k.startswith(kind))
     print(f"{kind}: PyTorch float32 vs float64, largest relative error {error:.2g}")
   arrays.update(reference)
-  arrays.update({"images": images, "labels": labels, "query_images": query_images,
-                 "step_epochs": np.asarray(STEP_EPOCHS)})
+  arrays.update(
+    {
+      "images": images,
+      "labels": labels,
+      "query_images": query_images,
+      "step_epochs": np.asarray(STEP_EPOCHS),
+    }
+  )
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   np.savez_compressed(args.out, **arrays)
   import torch
-  print(f"wrote {args.out}: {len(arrays)} arrays, {os.path.getsize(args.out) / 1e3:.0f} kB "
-        f"(torch {torch.__version__})")
+
+  print(
+    f"wrote {args.out}: {len(arrays)} arrays, {os.path.getsize(args.out) / 1e3:.0f} kB "
+    f"(torch {torch.__version__})"
+  )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from torch import nn
 
 
 class BasicBlock(nn.Module):
-
   def __init__(self, cin, cout, stride):
     super().__init__()
     self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -25,8 +24,9 @@ class BasicBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(cout)
     self.shortcut = nn.Sequential()
     if stride != 1 or cin != cout:
-      self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                    nn.BatchNorm2d(cout))
+      self.shortcut = nn.Sequential(
+        nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+      )
 
   def forward(self, x):
     y = F.relu(self.bn1(self.conv1(x)))
@@ -43,8 +43,9 @@ class ResNet18(nn.Module):
     stages, cin = [], width
     for i in range(4):
       cout = width * 2**i
-      stages.append(nn.Sequential(BasicBlock(cin, cout, 1 if i == 0 else 2),
-                                  BasicBlock(cout, cout, 1)))
+      stages.append(
+        nn.Sequential(BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1))
+      )
       cin = cout
     self.stages = nn.ModuleList(stages)
     self.linear = nn.Linear(cin, num_classes)
@@ -59,15 +60,15 @@ class ResNet18(nn.Module):
 
 
 class LossNet(nn.Module):
-
   def __init__(self, channels, hidden=128):
     super().__init__()
     self.fcs = nn.ModuleList([nn.Linear(c, hidden) for c in channels])
     self.out = nn.Linear(hidden * len(channels), 1)
 
   def forward(self, features):
-    hidden = [F.relu(fc(torch.flatten(F.adaptive_avg_pool2d(f, 1), 1)))
-              for fc, f in zip(self.fcs, features)]
+    hidden = [
+      F.relu(fc(torch.flatten(F.adaptive_avg_pool2d(f, 1), 1))) for fc, f in zip(self.fcs, features)
+    ]
     return self.out(torch.cat(hidden, 1)).view(-1)
 
 
@@ -92,7 +93,10 @@ def per_sample_loop(model, x):
 
 
 def func_vmap(model, x):
-  from torch.func import functional_call, grad, vmap
+  from torch.func import functional_call
+  from torch.func import grad
+  from torch.func import vmap
+
   params = {k: v.detach() for k, v in model.named_parameters()}
   buffers = {k: v.detach() for k, v in model.named_buffers()}
 
@@ -104,8 +108,9 @@ def func_vmap(model, x):
 
 
 def make_trainer(model, loss_net, lr=0.1):
-  optimizer = torch.optim.SGD(list(model.parameters()) + list(loss_net.parameters()), lr=lr,
-                              momentum=0.9, weight_decay=5e-4)
+  optimizer = torch.optim.SGD(
+    list(model.parameters()) + list(loss_net.parameters()), lr=lr, momentum=0.9, weight_decay=5e-4
+  )
 
   def train_step(x, y):
     optimizer.zero_grad(set_to_none=True)

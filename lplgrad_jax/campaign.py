@@ -30,13 +30,18 @@ from lplgrad_jax import reporting
 from lplgrad_jax import sharding
 from lplgrad_jax import strategies
 from lplgrad_jax import train
-from lplgrad_jax.campaign_state import CampaignState, RoundRecord
+from lplgrad_jax.campaign_state import CampaignState
+from lplgrad_jax.campaign_state import RoundRecord
 from lplgrad_jax.checkpoint import Checkpointer
-from lplgrad_jax.data import Dataset, input_normalization, load_dataset
+from lplgrad_jax.data import Dataset
+from lplgrad_jax.data import input_normalization
+from lplgrad_jax.data import load_dataset
 from lplgrad_jax.distributed import say
-from lplgrad_jax.errors import ConfigError, Diverged
+from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.errors import Diverged
 from lplgrad_jax.models import create_learner
-from lplgrad_jax.oracle import Oracle, make_oracle
+from lplgrad_jax.oracle import Oracle
+from lplgrad_jax.oracle import make_oracle
 from lplgrad_jax.signals import StopRequest
 from lplgrad_jax.workdirs import WorkdirLock
 
@@ -87,23 +92,24 @@ def run(config, workdir: str, *, restart: bool = False) -> dict:
 @dataclasses.dataclass
 class Campaign:
   """One run of a campaign: what stays fixed while it runs, and where it stands (`state`)."""
-  config: object            # the ml_collections ConfigDict
+
+  config: object  # the ml_collections ConfigDict
   workdir: str
-  dataset: Dataset          # with every label the oracle has given so far
+  dataset: Dataset  # with every label the oracle has given so far
   oracle: Oracle
   checkpointer: Checkpointer
   mesh: jax.sharding.Mesh
   step_config: train.StepConfig
-  pool: train.Pool          # the training pool on the devices
+  pool: train.Pool  # the training pool on the devices
   normalization: tuple[np.ndarray, np.ndarray]  # the pool's per-channel mean and std
-  learner: nnx.Module       # holds the newest trained weights between rounds
-  graphdef: nnx.GraphDef    # of the learner in training mode
+  learner: nnx.Module  # holds the newest trained weights between rounds
+  graphdef: nnx.GraphDef  # of the learner in training mode
   train_state: train.TrainState
   state: CampaignState
   logger: reporting.MetricsLogger
 
   @classmethod
-  def set_up(cls, config, workdir: str, *, restart: bool) -> "Campaign":
+  def set_up(cls, config, workdir: str, *, restart: bool) -> Campaign:
     """Checks the workdir and budgets, loads the data, builds or restores the learner."""
     checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep)
     if restart:
@@ -113,17 +119,25 @@ class Campaign:
       config_checks.check_same_campaign(workdir, previous, config.to_dict())
     mesh = sharding.data_mesh()
     config_checks.check_batch_split(config.train.batch_size, mesh.size)
-    dataset = load_dataset(config.data, human_oracle=config.oracle == "human",
-                           rows=sharding.process_rows(mesh) if config.data.shard_pool else None)
+    dataset = load_dataset(
+      config.data,
+      human_oracle=config.oracle == "human",
+      rows=sharding.process_rows(mesh) if config.data.shard_pool else None,
+    )
     seed_size = len(dataset.seed_ids) if config.oracle == "human" else None
     final_size = config_checks.check_budgets(config.al, dataset.num_train, seed_size)
     os.makedirs(workdir, exist_ok=True)
     use_aux = strategies.uses_aux(config)
-    step_config = train.StepConfig.from_config(config.train, final_size, use_aux, mesh,
-                                               pool_sharded=config.data.shard_pool)
-    learner = create_learner(config.model, dataset.num_classes, use_aux=use_aux,
-                             key=derive_key(config.seed, _MODEL_INIT, 0),
-                             image_size=int(dataset.x_train.shape[1]))
+    step_config = train.StepConfig.from_config(
+      config.train, final_size, use_aux, mesh, pool_sharded=config.data.shard_pool
+    )
+    learner = create_learner(
+      config.model,
+      dataset.num_classes,
+      use_aux=use_aux,
+      key=derive_key(config.seed, _MODEL_INIT, 0),
+      image_size=int(dataset.x_train.shape[1]),
+    )
     graphdef, train_state = train.create_train_state(learner, step_config)
     train_state = sharding.replicate(train_state, mesh)  # restored with these shardings
     if checkpointer.exists():
@@ -131,11 +145,16 @@ class Campaign:
       state = CampaignState.from_json(saved, checkpointer.directory)
       nnx.update(learner, train_state.params, train_state.batch_stats)
       complete = state.phase == "query" and state.round >= config.al.num_rounds - 1
-      say(f"the campaign in {workdir} is complete ({len(state.rounds)} rounds): nothing to "
-          "train" if complete else f"resuming from {checkpointer.directory}: {state.where()}")
+      say(
+        f"the campaign in {workdir} is complete ({len(state.rounds)} rounds): nothing to train"
+        if complete
+        else f"resuming from {checkpointer.directory}: {state.where()}"
+      )
     elif previous is not None:
-      raise ConfigError(f"workdir {workdir} holds results but no checkpoint to resume from: "
-                        "choose another --workdir, or pass --restart to discard them")
+      raise ConfigError(
+        f"workdir {workdir} holds results but no checkpoint to resume from: "
+        "choose another --workdir, or pass --restart to discard them"
+      )
     else:
       state = CampaignState(_initial_ids(config, dataset), config.to_dict())
     state.config = config.to_dict()
@@ -144,9 +163,24 @@ class Campaign:
     normalization = input_normalization(config.data, dataset)
     pool = _pool_on_devices(dataset, normalization, config.data.shard_pool, mesh)
     logger = reporting.MetricsLogger(
-        workdir, config.log.tensorboard and distributed.is_main_process(), state.epochs_logged)
-    campaign = cls(config, workdir, dataset, oracle, checkpointer, mesh, step_config, pool,
-                   normalization, learner, graphdef, train_state, state, logger)
+      workdir, config.log.tensorboard and distributed.is_main_process(), state.epochs_logged
+    )
+    campaign = cls(
+      config,
+      workdir,
+      dataset,
+      oracle,
+      checkpointer,
+      mesh,
+      step_config,
+      pool,
+      normalization,
+      learner,
+      graphdef,
+      train_state,
+      state,
+      logger,
+    )
     say(campaign.describe())
     say(train.recipe_summary(config))
     return campaign
@@ -169,11 +203,13 @@ class Campaign:
     if s.round_starts:
       if s.round > 0 and self.config.train.reinit_each_round:
         self.learner = create_learner(
-            self.config.model, self.dataset.num_classes, use_aux=self.step_config.use_aux,
-            key=derive_key(self.config.seed, _MODEL_INIT, s.round),
-            image_size=int(self.dataset.x_train.shape[1]))
-      self.graphdef, self.train_state = train.create_train_state(self.learner,
-                                                                 self.step_config)
+          self.config.model,
+          self.dataset.num_classes,
+          use_aux=self.step_config.use_aux,
+          key=derive_key(self.config.seed, _MODEL_INIT, s.round),
+          image_size=int(self.dataset.x_train.shape[1]),
+        )
+      self.graphdef, self.train_state = train.create_train_state(self.learner, self.step_config)
     self.train_state = sharding.replicate(self.train_state, self.mesh)
     start = time.perf_counter()
     finished = self._train(stop)
@@ -181,19 +217,29 @@ class Campaign:
     if not finished:
       return False
     nnx.update(self.learner, self.train_state.params, self.train_state.batch_stats)
-    metrics = query.evaluate(self.learner, self.dataset, self.normalization,
-                             self.config.train.eval_batch_size)
+    metrics = query.evaluate(
+      self.learner, self.dataset, self.normalization, self.config.train.eval_batch_size
+    )
     record = RoundRecord(
-        round=s.round, num_labeled=len(s.labeled_ids), test_accuracy=metrics["accuracy"],
-        per_class_accuracy=metrics["per_class_accuracy"], train_seconds=s.train_seconds,
-        labeled_ids=list(s.labeled_ids))
+      round=s.round,
+      num_labeled=len(s.labeled_ids),
+      test_accuracy=metrics["accuracy"],
+      per_class_accuracy=metrics["per_class_accuracy"],
+      train_seconds=s.train_seconds,
+      labeled_ids=list(s.labeled_ids),
+    )
     s.finish_training(record)
     self.commit()
     self.logger.round(record.to_json())
-    accuracy = ("no test set" if record.test_accuracy is None
-                else f"test accuracy {100 * record.test_accuracy:.2f}%")
-    say(f"round {s.round + 1}/{self.config.al.num_rounds}: {record.num_labeled} labeled, "
-        f"{accuracy}, train {record.train_seconds:.1f}s")
+    accuracy = (
+      "no test set"
+      if record.test_accuracy is None
+      else f"test accuracy {100 * record.test_accuracy:.2f}%"
+    )
+    say(
+      f"round {s.round + 1}/{self.config.al.num_rounds}: {record.num_labeled} labeled, "
+      f"{accuracy}, train {record.train_seconds:.1f}s"
+    )
     return True
 
   def _train(self, stop: StopRequest) -> bool:
@@ -204,20 +250,31 @@ class Campaign:
     s, cfg, tc = self.state, self.step_config, self.config.train
     labeled = s.labeled
     padded_ids = np.zeros(cfg.steps_per_epoch * cfg.batch_size, np.int32)
-    padded_ids[:len(labeled)] = labeled
+    padded_ids[: len(labeled)] = labeled
     padded_ids = sharding.replicate(padded_ids, self.mesh)
-    epochs = tqdm(range(s.epoch, tc.epochs), desc=f"round {s.round + 1} train", unit="epoch",
-                  disable=not self._progress, leave=False, initial=s.epoch, total=tc.epochs)
+    epochs = tqdm(
+      range(s.epoch, tc.epochs),
+      desc=f"round {s.round + 1} train",
+      unit="epoch",
+      disable=not self._progress,
+      leave=False,
+      initial=s.epoch,
+      total=tc.epochs,
+    )
     for epoch in epochs:
       if stop.agreed():  # all processes stop at the same epoch boundary
         return False
-      plan = train.plan_epoch(cfg, padded_ids, len(labeled),
-                              derive_key(self.config.seed, _TRAIN, s.round, epoch),
-                              train.learning_rate_at(tc, epoch),
-                              train.detach_features_at(tc, epoch))
+      plan = train.plan_epoch(
+        cfg,
+        padded_ids,
+        len(labeled),
+        derive_key(self.config.seed, _TRAIN, s.round, epoch),
+        train.learning_rate_at(tc, epoch),
+        train.detach_features_at(tc, epoch),
+      )
       self.train_state, metrics, next_step = train.train_epoch(
-          self.graphdef, cfg, self.train_state, self.pool, plan, first_step=s.step,
-          should_stop=stop)
+        self.graphdef, cfg, self.train_state, self.pool, plan, first_step=s.step, should_stop=stop
+      )
       # The epoch's one host sync (the progress bar needs the sums anyway).
       metrics = None if metrics is None else jax.device_get(metrics)
       self._check_epoch(metrics, epoch)
@@ -239,16 +296,19 @@ class Campaign:
     if metrics is None or int(metrics[train.NONFINITE_STEP]) < 0:
       return
     step = int(metrics[train.NONFINITE_STEP])
-    raise self._diverged(f"the loss turned non-finite in round {self.state.round + 1}, "
-                         f"epoch {epoch + 1}, step {step + 1}")
+    raise self._diverged(
+      f"the loss turned non-finite in round {self.state.round + 1}, "
+      f"epoch {epoch + 1}, step {step + 1}"
+    )
 
   def _diverged(self, what: str) -> Diverged:
     lower = self.config.train.learning_rate / 10
     return Diverged(
-        f"training diverged: {what}; nothing non-finite was saved, the newest checkpoint in "
-        f"{self.checkpointer.directory} (if any) is the last good one: rerun the same command "
-        f"with a lower learning rate (e.g. --config.train.learning_rate={lower:g}) to resume "
-        "from it, or pass --restart to start over")
+      f"training diverged: {what}; nothing non-finite was saved, the newest checkpoint in "
+      f"{self.checkpointer.directory} (if any) is the last good one: rerun the same command "
+      f"with a lower learning rate (e.g. --config.train.learning_rate={lower:g}) to resume "
+      "from it, or pass --restart to start over"
+    )
 
   def query_round(self) -> bool:
     """Selects round `state.round`'s query and has the oracle label it.
@@ -258,8 +318,10 @@ class Campaign:
     """
     s, al = self.state, self.config.al
     labeled = s.labeled
-    say(f"round {s.round + 1}/{al.num_rounds}: querying {al.query_size} of "
-        f"{min(al.subset_size, self.dataset.num_train - len(labeled))} unlabeled images")
+    say(
+      f"round {s.round + 1}/{al.num_rounds}: querying {al.query_size} of "
+      f"{min(al.subset_size, self.dataset.num_train - len(labeled))} unlabeled images"
+    )
     start = time.perf_counter()
     selection, selected_scores = self._select(labeled)
     summary = None if selection.scores is None else _score_summary(selection.scores)
@@ -274,20 +336,30 @@ class Campaign:
     excluded = np.union1d(labeled, np.asarray(self.state.skipped_ids, np.int64))
     unlabeled = np.setdiff1d(np.arange(self.dataset.num_train), excluded, assume_unique=True)
     context = strategies.QueryContext(
-        learner=self.learner, dataset=self.dataset,
-        subset_ids=random_subset(config.seed, r, unlabeled, config.al.subset_size),
-        query_size=config.al.query_size, key=derive_key(config.seed, _QUERY, r, 1),
-        normalization=self.normalization, query_config=config.query, labeled_ids=labeled,
-        sharded_pool=self.pool[:2] if config.data.shard_pool else None, mesh=self.mesh,
-        progress=self._progress)
+      learner=self.learner,
+      dataset=self.dataset,
+      subset_ids=random_subset(config.seed, r, unlabeled, config.al.subset_size),
+      query_size=config.al.query_size,
+      key=derive_key(config.seed, _QUERY, r, 1),
+      normalization=self.normalization,
+      query_config=config.query,
+      labeled_ids=labeled,
+      sharded_pool=self.pool[:2] if config.data.shard_pool else None,
+      mesh=self.mesh,
+      progress=self._progress,
+    )
     selection = strategies.get_strategy(config.strategy).select(context)
     selection.ids = np.asarray(selection.ids)
     if selection.scores is not None and not np.all(np.isfinite(selection.scores)):
       bad = int(np.sum(~np.isfinite(selection.scores)))
-      raise self._diverged(f"{bad} of {len(selection.scores)} query scores of round {r + 1} "
-                           "are not finite, so nothing was queried")
-    if (len(np.unique(selection.ids)) != config.al.query_size
-        or np.intersect1d(selection.ids, labeled).size):
+      raise self._diverged(
+        f"{bad} of {len(selection.scores)} query scores of round {r + 1} "
+        "are not finite, so nothing was queried"
+      )
+    if (
+      len(np.unique(selection.ids)) != config.al.query_size
+      or np.intersect1d(selection.ids, labeled).size
+    ):
       raise RuntimeError(f"strategy {config.strategy} returned an invalid selection")
     if selection.scores is None:
       return selection, None
@@ -299,9 +371,13 @@ class Campaign:
     """Checkpoints the state, never a non-finite one (Diverged instead)."""
     if not train.all_finite(self.train_state):
       s = self.state
-      where = (f"after round {s.round + 1}'s training" if s.phase != "train" else
-               f"in round {s.round + 1}, epoch {s.epoch + 1}, by step {s.step}" if s.step else
-               f"in round {s.round + 1} by the end of epoch {s.epoch}")
+      where = (
+        f"after round {s.round + 1}'s training"
+        if s.phase != "train"
+        else f"in round {s.round + 1}, epoch {s.epoch + 1}, by step {s.step}"
+        if s.step
+        else f"in round {s.round + 1} by the end of epoch {s.epoch}"
+      )
       raise self._diverged(f"the parameters turned non-finite {where}")
     self.state.epochs_logged = self.logger.epochs_done
     self.checkpointer.save(self.train_state, self.state.to_json())
@@ -314,21 +390,34 @@ class Campaign:
   def publish(self) -> None:
     if distributed.is_main_process():
       reporting.write_results(os.path.join(self.workdir, RESULTS_FILE), self.results())
-      reporting.plot_accuracy(os.path.join(self.workdir, reporting.PLOT_FILE),
-                              [r.to_json() for r in self.state.rounds],
-                              f"{self.config.strategy} on {self.dataset.name}")
+      reporting.plot_accuracy(
+        os.path.join(self.workdir, reporting.PLOT_FILE),
+        [r.to_json() for r in self.state.rounds],
+        f"{self.config.strategy} on {self.dataset.name}",
+      )
 
   def results(self) -> dict:
     """What results.json holds (README: What a campaign writes)."""
     d = self.dataset
-    results = {"config": self.state.config, "use_aux": self.step_config.use_aux,
-               "num_devices": jax.device_count(), "num_processes": jax.process_count(),
-               "data": {"name": d.name, "num_train": d.num_train, "num_test": len(d.y_test),
-                        "class_names": list(d.class_names), "image_size": int(d.x_train.shape[1]),
-                        # what the predictor needs to feed new images to the model
-                        "normalization": {"mean": self.normalization[0].tolist(),
-                                          "std": self.normalization[1].tolist()}},
-               "rounds": [r.to_json() for r in self.state.rounds]}
+    results = {
+      "config": self.state.config,
+      "use_aux": self.step_config.use_aux,
+      "num_devices": jax.device_count(),
+      "num_processes": jax.process_count(),
+      "data": {
+        "name": d.name,
+        "num_train": d.num_train,
+        "num_test": len(d.y_test),
+        "class_names": list(d.class_names),
+        "image_size": int(d.x_train.shape[1]),
+        # what the predictor needs to feed new images to the model
+        "normalization": {
+          "mean": self.normalization[0].tolist(),
+          "std": self.normalization[1].tolist(),
+        },
+      },
+      "rounds": [r.to_json() for r in self.state.rounds],
+    }
     awaiting = self.oracle.awaiting(self.state)
     if awaiting is not None:
       results["awaiting_labels"] = awaiting
@@ -339,8 +428,10 @@ class Campaign:
     if outcome == "awaiting_labels":
       say(self.oracle.instructions(self.state))
     elif outcome == "stopped":
-      say(f"stopped by {stop.signal_name}: checkpoint saved in {self.checkpointer.directory} "
-          f"({self.state.where()}); rerun the same command to resume")
+      say(
+        f"stopped by {stop.signal_name}: checkpoint saved in {self.checkpointer.directory} "
+        f"({self.state.where()}); rerun the same command to resume"
+      )
     else:
       self.publish()
       say("\n" + reporting.summary_table([r.to_json() for r in self.state.rounds]))
@@ -350,14 +441,15 @@ class Campaign:
   def describe(self) -> str:
     """The data as loaded (the run's first line, `launch.first_line`, gave the rest)."""
     d = self.dataset
-    return (f"{d.name}: {d.num_train} training / {len(d.y_test)} test images, "
-            f"{d.num_classes} classes")
+    return (
+      f"{d.name}: {d.num_train} training / {len(d.y_test)} test images, {d.num_classes} classes"
+    )
 
   @property
   def _progress(self) -> bool:
     return self.config.log.progress and distributed.is_main_process()
 
-  def __enter__(self) -> "Campaign":
+  def __enter__(self) -> Campaign:
     return self
 
   def __exit__(self, *exc) -> None:
@@ -388,11 +480,18 @@ def _initial_ids(config, dataset: Dataset) -> list[int]:
 
 def _pool_on_devices(dataset: Dataset, normalization, shard_pool: bool, mesh) -> train.Pool:
   arrays = (dataset.x_train, dataset.y_train)
-  arrays = (sharding.shard_rows(arrays, dataset.num_train, mesh) if shard_pool
-            else sharding.replicate(arrays, mesh))
+  arrays = (
+    sharding.shard_rows(arrays, dataset.num_train, mesh)
+    if shard_pool
+    else sharding.replicate(arrays, mesh)
+  )
   return train.Pool(*arrays, *sharding.replicate(normalization, mesh))
 
 
 def _score_summary(scores: np.ndarray) -> dict:
-  return {"min": float(np.min(scores)), "median": float(np.median(scores)),
-          "max": float(np.max(scores)), "mean": float(np.mean(scores))}
+  return {
+    "min": float(np.min(scores)),
+    "median": float(np.median(scores)),
+    "max": float(np.max(scores)),
+    "mean": float(np.mean(scores)),
+  }

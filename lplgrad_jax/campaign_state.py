@@ -25,27 +25,39 @@ FORMAT_VERSION = 2
 @dataclasses.dataclass
 class RoundRecord:
   """One round as results.json reports it."""
+
   round: int
   num_labeled: int
   test_accuracy: float | None
   per_class_accuracy: list[float] | None
   train_seconds: float
-  labeled_ids: list[int]          # the labeled set the round trained on, sorted
+  labeled_ids: list[int]  # the labeled set the round trained on, sorted
   query_seconds: float = 0.0
   queried_ids: list[int] = dataclasses.field(default_factory=list)  # best first
   query_scores: dict | None = None  # min / median / max / mean of the subset's scores
   skipped_ids: list[int] | None = None  # queried ids a person skipped
 
-  _ORDER = ("round", "num_labeled", "test_accuracy", "per_class_accuracy", "train_seconds",
-            "query_seconds", "labeled_ids", "queried_ids", "query_scores", "skipped_ids")
+  _ORDER = (
+    "round",
+    "num_labeled",
+    "test_accuracy",
+    "per_class_accuracy",
+    "train_seconds",
+    "query_seconds",
+    "labeled_ids",
+    "queried_ids",
+    "query_scores",
+    "skipped_ids",
+  )
 
   def to_json(self) -> dict:
     values = {name: getattr(self, name) for name in self._ORDER}
-    return {k: v for k, v in values.items()
-            if v is not None or k not in ("query_scores", "skipped_ids")}
+    return {
+      k: v for k, v in values.items() if v is not None or k not in ("query_scores", "skipped_ids")
+    }
 
   @classmethod
-  def from_json(cls, record: dict) -> "RoundRecord":
+  def from_json(cls, record: dict) -> RoundRecord:
     return cls(**{k: v for k, v in record.items() if k in cls._ORDER})
 
 
@@ -59,15 +71,15 @@ class CampaignState:
   config: dict
   round: int = 0
   phase: Phase = "train"
-  epoch: int = 0                  # the next epoch of a training round
-  step: int = 0                   # the next step of that epoch
-  train_seconds: float = 0.0      # spent on this round's training so far
-  epochs_logged: int = 0          # TensorBoard's epoch axis
+  epoch: int = 0  # the next epoch of a training round
+  step: int = 0  # the next step of that epoch
+  train_seconds: float = 0.0  # spent on this round's training so far
+  epochs_logged: int = 0  # TensorBoard's epoch axis
   rounds: list[RoundRecord] = dataclasses.field(default_factory=list)
-  skipped_ids: list[int] = dataclasses.field(default_factory=list)   # out of the pool for good
+  skipped_ids: list[int] = dataclasses.field(default_factory=list)  # out of the pool for good
   pending_ids: list[int] | None = None  # queried ids awaiting a person's labels
   human_labels: dict[int, int] = dataclasses.field(default_factory=dict)
-  pool_files: list[str] | None = None   # the labeling folder's files, by id
+  pool_files: list[str] | None = None  # the labeling folder's files, by id
 
   @property
   def labeled(self) -> np.ndarray:
@@ -118,10 +130,18 @@ class CampaignState:
 
   # The checkpoint's JSON item.
   def to_json(self) -> dict:
-    state = {"format_version": FORMAT_VERSION, "round": self.round, "phase": self.phase,
-             "epoch": self.epoch, "step": self.step, "train_seconds": self.train_seconds,
-             "epochs_logged": self.epochs_logged, "labeled_ids": self.labeled_ids,
-             "rounds": [r.to_json() for r in self.rounds], "config": self.config}
+    state = {
+      "format_version": FORMAT_VERSION,
+      "round": self.round,
+      "phase": self.phase,
+      "epoch": self.epoch,
+      "step": self.step,
+      "train_seconds": self.train_seconds,
+      "epochs_logged": self.epochs_logged,
+      "labeled_ids": self.labeled_ids,
+      "rounds": [r.to_json() for r in self.rounds],
+      "config": self.config,
+    }
     if self.skipped_ids:
       state["skipped_ids"] = self.skipped_ids
     if self.pending_ids is not None:
@@ -133,17 +153,26 @@ class CampaignState:
     return state
 
   @classmethod
-  def from_json(cls, state: dict, where: str) -> "CampaignState":
+  def from_json(cls, state: dict, where: str) -> CampaignState:
     version = state.get("format_version", 1)
     if version > FORMAT_VERSION:
-      raise ConfigError(f"{where} holds a campaign of checkpoint format {version}, newer than "
-                        f"this lplgrad_jax reads (format {FORMAT_VERSION}): upgrade "
-                        "lplgrad_jax, or pass --restart to discard the campaign")
+      raise ConfigError(
+        f"{where} holds a campaign of checkpoint format {version}, newer than "
+        f"this lplgrad_jax reads (format {FORMAT_VERSION}): upgrade "
+        "lplgrad_jax, or pass --restart to discard the campaign"
+      )
     return cls(
-        labeled_ids=_ids(state["labeled_ids"]), config=state["config"], round=state["round"],
-        phase=state["phase"], epoch=state["epoch"], step=state["step"],
-        train_seconds=state["train_seconds"], epochs_logged=state["epochs_logged"],
-        rounds=[RoundRecord.from_json(r) for r in state["rounds"]],
-        skipped_ids=_ids(state.get("skipped_ids", [])), pending_ids=state.get("pending_ids"),
-        human_labels={int(i): c for i, c in state.get("human_labels", {}).items()},
-        pool_files=state.get("pool_files"))
+      labeled_ids=_ids(state["labeled_ids"]),
+      config=state["config"],
+      round=state["round"],
+      phase=state["phase"],
+      epoch=state["epoch"],
+      step=state["step"],
+      train_seconds=state["train_seconds"],
+      epochs_logged=state["epochs_logged"],
+      rounds=[RoundRecord.from_json(r) for r in state["rounds"]],
+      skipped_ids=_ids(state.get("skipped_ids", [])),
+      pending_ids=state.get("pending_ids"),
+      human_labels={int(i): c for i, c in state.get("human_labels", {}).items()},
+      pool_files=state.get("pool_files"),
+    )

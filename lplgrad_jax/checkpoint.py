@@ -29,7 +29,6 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 class Checkpointer:
-
   def __init__(self, workdir: str, keep: int):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self._keep = keep
@@ -39,9 +38,10 @@ class Checkpointer:
   def manager(self) -> ocp.CheckpointManager:
     if self._manager is None:  # created lazily: a refused run leaves no directory behind
       self._manager = ocp.CheckpointManager(
-          self.directory,
-          # keep=0 (checkpoint.keep): every checkpoint is kept.
-          options=ocp.CheckpointManagerOptions(max_to_keep=self._keep or None, create=True))
+        self.directory,
+        # keep=0 (checkpoint.keep): every checkpoint is kept.
+        options=ocp.CheckpointManagerOptions(max_to_keep=self._keep or None, create=True),
+      )
     return self._manager
 
   def exists(self) -> bool:
@@ -55,8 +55,12 @@ class Checkpointer:
 
   def save(self, state, campaign: dict) -> int:
     step = (self.manager.latest_step() or 0) + 1
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), campaign=ocp.args.JsonSave(campaign)))
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), campaign=ocp.args.JsonSave(campaign)
+      ),
+    )
     return step
 
   def is_saving(self) -> bool:
@@ -68,8 +72,9 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         with _quiet_libraries():
-          return self.manager.restore(step, args=ocp.args.Composite(
-              campaign=ocp.args.JsonRestore())).campaign
+          return self.manager.restore(
+            step, args=ocp.args.Composite(campaign=ocp.args.JsonRestore())
+          ).campaign
       except Exception:  # noqa: BLE001 - judged again, with a warning, by restore()
         continue
     return None
@@ -89,21 +94,30 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         with _quiet_libraries():
-          restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract), campaign=ocp.args.JsonRestore()))
+          restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract), campaign=ocp.args.JsonRestore()
+            ),
+          )
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled alike
         reason = " ".join(str(e).split())[:160]
-        print(f"warning: checkpoint {step} in {self.directory} cannot be restored "
-              f"({type(e).__name__}: {reason}); trying the previous one",
-              file=sys.stderr, flush=True)
+        print(
+          f"warning: checkpoint {step} in {self.directory} cannot be restored "
+          f"({type(e).__name__}: {reason}); trying the previous one",
+          file=sys.stderr,
+          flush=True,
+        )
         corrupt.append(step)
         continue
       if delete_corrupt:
         for bad in corrupt:
           self.manager.delete(bad)
       return restored.state, restored.campaign
-    raise ConfigError(f"no checkpoint in {self.directory} can be restored (each is reported "
-                      "above; none was deleted): rerun with --restart to start the campaign over")
+    raise ConfigError(
+      f"no checkpoint in {self.directory} can be restored (each is reported "
+      "above; none was deleted): rerun with --restart to start the campaign over"
+    )
 
   def close(self) -> None:
     """Waits for pending asynchronous saves."""

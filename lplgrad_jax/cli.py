@@ -27,16 +27,19 @@ def start(argv) -> None:
 def _without_closed_loop_errors(unraisablehook):
   """`unraisablehook` less the "Event loop is closed" errors of TensorStore's late callbacks
   (hundreds of tracebacks) once a failed checkpoint restore has closed Orbax's event loop."""
+
   def hook(unraisable):
     value = unraisable.exc_value
     if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
       return
     unraisablehook(unraisable)
+
   return hook
 
 
 def run(main, *, parse_errors=(flags.Error,), report=errors.exit_with) -> None:
   """`app.run(main)`, a flag that cannot be parsed reported by `report` (no traceback)."""
+
   def parse(argv):
     try:
       return flags.FLAGS(argv)

@@ -15,7 +15,8 @@ from lplgrad_jax import models
 from lplgrad_jax import query
 from lplgrad_jax import strategies
 from lplgrad_jax import train
-from lplgrad_jax.errors import ConfigError, check_choice
+from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.errors import check_choice
 from lplgrad_jax.models import COMPUTE_DTYPES
 
 ORACLES = ("simulated", "human")
@@ -26,27 +27,49 @@ AUGMENTATIONS = ("crop_flip", "crop", "flip", "none")
 # sizes, the epoch loop), the number of rounds (to extend a campaign) and the learning
 # rate (to resume a diverged campaign from its last good checkpoint with a lower one).
 # Everything else must match.
-RESUMABLE_KEYS = ("log.", "checkpoint.", "distributed.", "data.shard_pool", "al.num_rounds",
-                  "train.eval_batch_size", "train.epoch_loop", "query.chunk_size",
-                  "train.learning_rate")
-_POSITIVE_INTS = ("al.initial_size", "al.query_size", "al.subset_size", "al.num_rounds",
-                  "train.epochs", "train.batch_size", "train.eval_batch_size",
-                  "query.chunk_size", "model.width")
+RESUMABLE_KEYS = (
+  "log.",
+  "checkpoint.",
+  "distributed.",
+  "data.shard_pool",
+  "al.num_rounds",
+  "train.eval_batch_size",
+  "train.epoch_loop",
+  "query.chunk_size",
+  "train.learning_rate",
+)
+_POSITIVE_INTS = (
+  "al.initial_size",
+  "al.query_size",
+  "al.subset_size",
+  "al.num_rounds",
+  "train.epochs",
+  "train.batch_size",
+  "train.eval_batch_size",
+  "query.chunk_size",
+  "model.width",
+)
 
 
 # Every other numeric key: (name, smallest, largest, integer); None = unbounded.
 _RANGES = (
-    ("seed", 0, None, True), ("data.image_size", 8, None, True),
-    ("model.loss_head_width", 1, None, True),
-    ("train.momentum", 0.0, 1.0, False), ("train.weight_decay", 0.0, None, False),
-    ("train.aux_weight", 0.0, None, False), ("train.margin", 0.0, None, False),
-    ("train.detach_features_epoch", 0, None, True), ("train.crop_padding", 0, None, True),
-    ("checkpoint.every_epochs", 0, None, True),  # 0: only at round ends and on signals
-    ("checkpoint.keep", 0, None, True),          # 0: keep every checkpoint
-    ("distributed.num_processes", 0, None, True), ("distributed.process_id", -1, None, True),
-    ("distributed.initialization_timeout_seconds", 1, None, True),
-    ("distributed.heartbeat_timeout_seconds", 1, None, True),
-    ("distributed.shutdown_timeout_seconds", 1, None, True))
+  ("seed", 0, None, True),
+  ("data.image_size", 8, None, True),
+  ("model.loss_head_width", 1, None, True),
+  ("train.momentum", 0.0, 1.0, False),
+  ("train.weight_decay", 0.0, None, False),
+  ("train.aux_weight", 0.0, None, False),
+  ("train.margin", 0.0, None, False),
+  ("train.detach_features_epoch", 0, None, True),
+  ("train.crop_padding", 0, None, True),
+  ("checkpoint.every_epochs", 0, None, True),  # 0: only at round ends and on signals
+  ("checkpoint.keep", 0, None, True),  # 0: keep every checkpoint
+  ("distributed.num_processes", 0, None, True),
+  ("distributed.process_id", -1, None, True),
+  ("distributed.initialization_timeout_seconds", 1, None, True),
+  ("distributed.heartbeat_timeout_seconds", 1, None, True),
+  ("distributed.shutdown_timeout_seconds", 1, None, True),
+)
 _POSITIVE_FLOATS = ("train.learning_rate", "train.lr_decay")
 
 
@@ -60,11 +83,16 @@ def _value(config, name: str):
 def _number(value, name: str, low, high, integer: bool):
   """`value` if it is a finite number (an int if `integer`) within [low, high]."""
   kinds = (int,) if integer else (int, float)
-  ok = (isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
-        and (low is None or value >= low) and (high is None or value <= high))
+  ok = (
+    isinstance(value, kinds)
+    and not isinstance(value, bool)
+    and math.isfinite(value)
+    and (low is None or value >= low)
+    and (high is None or value <= high)
+  )
   if not ok:
     kind = "an integer" if integer else "a number"
-    bounds = (f"between {low} and {high}" if high is not None else f">= {low}")
+    bounds = f"between {low} and {high}" if high is not None else f">= {low}"
     raise ConfigError(f"{name}={value!r}: expected {kind} {bounds}")
   return value
 
@@ -89,8 +117,10 @@ def validate_config(config) -> None:
   for milestone in config.train.lr_milestones:
     _number(milestone, "train.lr_milestones entry", 0, None, True)
   if config.al.subset_size < config.al.query_size:
-    raise ConfigError(f"al.subset_size={config.al.subset_size} is smaller than "
-                      f"al.query_size={config.al.query_size}: expected subset_size >= query_size")
+    raise ConfigError(
+      f"al.subset_size={config.al.subset_size} is smaller than "
+      f"al.query_size={config.al.query_size}: expected subset_size >= query_size"
+    )
   check_choice(config.query.reduction, query.REDUCTIONS, "query.reduction")
   check_choice(config.query.method, query.METHODS, "query.method")
   for name in ("train.compute_dtype", "query.compute_dtype"):
@@ -98,12 +128,16 @@ def validate_config(config) -> None:
   train.resolve_epoch_loop(config.train.epoch_loop)
   check_choice(config.oracle, ORACLES, "oracle")
   if config.oracle == "human" and config.data.shard_pool:
-    raise ConfigError("data.shard_pool=True with oracle 'human': the human oracle keeps the "
-                      "whole labeling folder on every process; expected data.shard_pool=False")
+    raise ConfigError(
+      "data.shard_pool=True with oracle 'human': the human oracle keeps the "
+      "whole labeling folder on every process; expected data.shard_pool=False"
+    )
   if config.oracle == "human" and config.data.source != "image_folder":
-    raise ConfigError(f"oracle 'human' reads an image folder, not data.source="
-                      f"{config.data.source!r}: set data.source='image_folder' and data.root "
-                      "to a folder with labeled/<class>/ and unlabeled/")
+    raise ConfigError(
+      f"oracle 'human' reads an image folder, not data.source="
+      f"{config.data.source!r}: set data.source='image_folder' and data.root "
+      "to a folder with labeled/<class>/ and unlabeled/"
+    )
   check_choice(config.train.augment, AUGMENTATIONS, "train.augment")
   # The recipe's choices (README: Fidelity to the authors' code).
   check_choice(config.model.init, models.INITS, "model.init")
@@ -115,8 +149,10 @@ def validate_config(config) -> None:
 
 def check_batch_split(batch_size: int, num_devices: int) -> None:
   if batch_size % num_devices:
-    raise ConfigError(f"train.batch_size={batch_size} does not split over "
-                      f"{num_devices} devices: expected a multiple of {num_devices}")
+    raise ConfigError(
+      f"train.batch_size={batch_size} does not split over "
+      f"{num_devices} devices: expected a multiple of {num_devices}"
+    )
 
 
 def check_budgets(al_config, pool_size: int, initial_size: int | None = None) -> int:
@@ -128,14 +164,16 @@ def check_budgets(al_config, pool_size: int, initial_size: int | None = None) ->
   initial_name = "al.initial_size" if initial_size is None else "the labeled images"
   initial_size = al_config.initial_size if initial_size is None else initial_size
   if initial_size > pool_size:
-    raise ConfigError(f"{initial_name}={initial_size} exceeds the pool of "
-                      f"{pool_size} training images")
+    raise ConfigError(
+      f"{initial_name}={initial_size} exceeds the pool of {pool_size} training images"
+    )
   final = initial_size + (al_config.num_rounds - 1) * al_config.query_size
   if final > pool_size:
     raise ConfigError(
-        f"{initial_name} + (al.num_rounds - 1) * al.query_size = {initial_size} + "
-        f"{al_config.num_rounds - 1} * {al_config.query_size} = {final} exceeds the pool of "
-        f"{pool_size} training images")
+      f"{initial_name} + (al.num_rounds - 1) * al.query_size = {initial_size} + "
+      f"{al_config.num_rounds - 1} * {al_config.query_size} = {final} exceeds the pool of "
+      f"{pool_size} training images"
+    )
   return final
 
 
@@ -152,12 +190,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def check_same_campaign(workdir: str, previous: dict, config_dict: dict) -> None:
   """Refuses to resume a campaign whose configuration differs in a key that matters."""
   old, new = _flatten(previous), _flatten(json.loads(json.dumps(config_dict)))
-  differing = sorted(k for k in set(old) | set(new)
-                     if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS))
+  differing = sorted(
+    k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)
+  )
   if differing:
-    raise ConfigError(f"workdir {workdir} holds a campaign with another configuration "
-                      f"(differing: {', '.join(differing)}): choose another --workdir, "
-                      "or pass --restart to discard it")
+    raise ConfigError(
+      f"workdir {workdir} holds a campaign with another configuration "
+      f"(differing: {', '.join(differing)}): choose another --workdir, "
+      "or pass --restart to discard it"
+    )
 
 
 def previous_config(workdir: str, checkpointer, results_file: str) -> dict | None:
@@ -173,4 +214,6 @@ def previous_config(workdir: str, checkpointer, results_file: str) -> dict | Non
     with open(path) as f:
       return json.load(f)["config"]
   except (OSError, ValueError, KeyError, TypeError):
-    raise ConfigError(f"{path} is not a results file of this tool: choose another --workdir") from None
+    raise ConfigError(
+      f"{path} is not a results file of this tool: choose another --workdir"
+    ) from None

@@ -36,16 +36,19 @@ def initialize(dist_config) -> None:
     return
   # CPU devices of different processes talk through gloo (accelerators use their own).
   jax.config.update("jax_cpu_collectives_implementation", dist_config.cpu_collectives)
-  where = (f"coordinator {dist_config.coordinator_address or '(from the environment)'}, "
-           f"process {dist_config.process_id if dist_config.process_id >= 0 else '(auto)'}")
+  where = (
+    f"coordinator {dist_config.coordinator_address or '(from the environment)'}, "
+    f"process {dist_config.process_id if dist_config.process_id >= 0 else '(auto)'}"
+  )
   try:
     jax.distributed.initialize(
-        coordinator_address=dist_config.coordinator_address or None,
-        num_processes=dist_config.num_processes or None,
-        process_id=dist_config.process_id if dist_config.process_id >= 0 else None,
-        initialization_timeout=dist_config.initialization_timeout_seconds,
-        heartbeat_timeout_seconds=dist_config.heartbeat_timeout_seconds,
-        shutdown_timeout_seconds=dist_config.shutdown_timeout_seconds)
+      coordinator_address=dist_config.coordinator_address or None,
+      num_processes=dist_config.num_processes or None,
+      process_id=dist_config.process_id if dist_config.process_id >= 0 else None,
+      initialization_timeout=dist_config.initialization_timeout_seconds,
+      heartbeat_timeout_seconds=dist_config.heartbeat_timeout_seconds,
+      shutdown_timeout_seconds=dist_config.shutdown_timeout_seconds,
+    )
   except (RuntimeError, ValueError) as e:
     reason = " ".join(str(e).split())[:300]
     raise ConfigError(f"cannot start jax.distributed ({where}): {reason}") from None
@@ -63,8 +66,10 @@ def device_summary() -> str:
   devices = jax.devices()
   kinds = collections.Counter(d.device_kind for d in devices)
   platform = devices[0].platform
-  text = ", ".join(f"{n} x {kind}" + ("" if kind.lower() == platform else f" ({platform})")
-                   for kind, n in kinds.items())
+  text = ", ".join(
+    f"{n} x {kind}" + ("" if kind.lower() == platform else f" ({platform})")
+    for kind, n in kinds.items()
+  )
   return text + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
 
 
@@ -89,5 +94,8 @@ def sum_over_processes(values: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return values
   raw = multihost_utils.process_allgather(np.frombuffer(values.tobytes(), np.uint8))
-  return np.frombuffer(np.ascontiguousarray(raw).tobytes(), np.float64).reshape(
-      (-1,) + values.shape).sum(0)
+  return (
+    np.frombuffer(np.ascontiguousarray(raw).tobytes(), np.float64)
+    .reshape((-1,) + values.shape)
+    .sum(0)
+  )

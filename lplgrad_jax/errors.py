@@ -1,7 +1,8 @@
 """The one error type for user mistakes, and how a command line reports them."""
 
 import sys
-from typing import Iterable, NoReturn
+from collections.abc import Iterable
+from typing import NoReturn
 
 
 class ConfigError(ValueError):
@@ -10,6 +11,7 @@ class ConfigError(ValueError):
   Its message is one line, unless `multi_line` (a summary line, then one line
   per problem, each readable alone).
   """
+
   multi_line = False
   exit_code = 2
 
@@ -20,6 +22,7 @@ class Diverged(RuntimeError):
   Nothing non-finite is saved: the workdir's newest checkpoint is the last
   good one. The campaign exits with status 3 (README: Reliability).
   """
+
   multi_line = False
   exit_code = 3
 
@@ -28,8 +31,9 @@ def check_choice(value, choices: Iterable, what: str):
   """`value` if it is one of `choices`; else ConfigError "unknown <what> ...: expected one of"."""
   choices = list(choices)
   if value not in choices:
-    raise ConfigError(f"unknown {what} {value!r}: expected one of "
-                      f"{', '.join(str(c) for c in choices)}")
+    raise ConfigError(
+      f"unknown {what} {value!r}: expected one of {', '.join(str(c) for c in choices)}"
+    )
   return value
 
 

@@ -46,50 +46,61 @@ from lplgrad_jax.errors import ConfigError
 
 RESULTS_FILE = reporting.RESULTS_FILE
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "label_page")
-ASSETS = {"/": ("index.html", "text/html; charset=utf-8"),
-          "/label.js": ("label.js", "text/javascript; charset=utf-8"),
-          "/label.css": ("label.css", "text/css; charset=utf-8")}
+ASSETS = {
+  "/": ("index.html", "text/html; charset=utf-8"),
+  "/label.js": ("label.js", "text/javascript; charset=utf-8"),
+  "/label.css": ("label.css", "text/css; charset=utf-8"),
+}
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")  # as urlsplit gives a Host header's name
 MAX_BODY = 1 << 16
 # The page runs only its own script and shows only its own images.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store"}
+  "Content-Security-Policy": "default-src 'self'; img-src 'self'; frame-ancestors 'none'",
+  "X-Content-Type-Options": "nosniff",
+  "Referrer-Policy": "no-referrer",
+  "Cache-Control": "no-store",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Query:
   """The pending query of a campaign: what the page shows and which answers it accepts."""
+
   workdir: str
   csv_path: str
-  round_number: int            # 1-based, as in round_<N>.csv
-  ids: tuple[int, ...]         # best score first
+  round_number: int  # 1-based, as in round_<N>.csv
+  ids: tuple[int, ...]  # best score first
   class_names: tuple[str, ...]
-  root: str                    # the photo folder (real path)
-  photos: dict                 # id -> real path of a servable photo, or None
-  names: dict                  # id -> file as shown on the page (relative to the folder)
-  command: str                 # the command that continues the campaign
+  root: str  # the photo folder (real path)
+  photos: dict  # id -> real path of a servable photo, or None
+  names: dict  # id -> file as shown on the page (relative to the folder)
+  command: str  # the command that continues the campaign
 
 
 def _read_results(workdir: str) -> dict:
   return reporting.read_results(
-      workdir, lambda r: (r["config"]["data"]["root"], r["data"]["class_names"], r["rounds"]),
-      of="a campaign run with --config.oracle=human")
+    workdir,
+    lambda r: (r["config"]["data"]["root"], r["data"]["class_names"], r["rounds"]),
+    of="a campaign run with --config.oracle=human",
+  )
 
 
 def _pending_round(workdir: str, results: dict) -> int:
   """The 1-based round whose query waits for labels; ConfigError if none does."""
   awaiting = results.get("awaiting_labels")
   if results["config"].get("oracle") != "human" or not awaiting:
-    raise ConfigError(f"no query of {workdir} waits for labels: expected a campaign run with "
-                      "--config.oracle=human that stopped for labels (its results.json names "
-                      "queries/round_<N>.csv in awaiting_labels)")
+    raise ConfigError(
+      f"no query of {workdir} waits for labels: expected a campaign run with "
+      "--config.oracle=human that stopped for labels (its results.json names "
+      "queries/round_<N>.csv in awaiting_labels)"
+    )
   for number in range(1, len(results["rounds"]) + 1):
     if os.path.basename(oracle.query_csv_path(workdir, number)) == os.path.basename(awaiting):
       return number
-  raise ConfigError(f"{os.path.join(workdir, RESULTS_FILE)} awaits labels in {awaiting}, "
-                    "which is not a query of its rounds")
+  raise ConfigError(
+    f"{os.path.join(workdir, RESULTS_FILE)} awaits labels in {awaiting}, "
+    "which is not a query of its rounds"
+  )
 
 
 def _servable(file: str, root: str) -> str | None:
@@ -97,8 +108,11 @@ def _servable(file: str, root: str) -> str | None:
   if not file:
     return None
   real = os.path.realpath(file)
-  if (os.path.commonpath([real, root]) != root or not os.path.isfile(real)
-      or not real.lower().endswith(IMAGE_SUFFIXES)):
+  if (
+    os.path.commonpath([real, root]) != root
+    or not os.path.isfile(real)
+    or not real.lower().endswith(IMAGE_SUFFIXES)
+  ):
     return None
   return real
 
@@ -109,51 +123,75 @@ def load_query(workdir: str) -> Query:
   number = _pending_round(workdir, results)
   root = os.path.realpath(os.path.expanduser(results["config"]["data"]["root"]))
   if not os.path.isdir(root):
-    raise ConfigError(f"data.root={results['config']['data']['root']!r} of this campaign is not "
-                      "a directory here: run from the directory the campaign ran in")
+    raise ConfigError(
+      f"data.root={results['config']['data']['root']!r} of this campaign is not "
+      "a directory here: run from the directory the campaign ran in"
+    )
   csv_path = oracle.query_csv_path(workdir, number)
   ids = tuple(int(i) for i in results["rounds"][number - 1]["queried_ids"])
   files = {row.id: row.file for row in oracle.query_rows(csv_path)}
   photos = {i: _servable(files.get(i, ""), root) for i in ids}
-  names = {i: os.path.relpath(photos[i], root) if photos[i] else files.get(i, "")
-           for i in ids}
-  return Query(workdir, csv_path, number, ids, tuple(results["data"]["class_names"]), root,
-               photos, names, continue_command(workdir, results["config"]))
+  names = {i: os.path.relpath(photos[i], root) if photos[i] else files.get(i, "") for i in ids}
+  return Query(
+    workdir,
+    csv_path,
+    number,
+    ids,
+    tuple(results["data"]["class_names"]),
+    root,
+    photos,
+    names,
+    continue_command(workdir, results["config"]),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
   """A predictor's output file, shown read-only, least confident first."""
+
   csv_path: str
-  root: str                    # the --images folder (real path)
-  rows: tuple                  # (file as shown, class, confidence), least confident first
-  photos: dict                 # row number -> real path of a servable photo, or None
+  root: str  # the --images folder (real path)
+  rows: tuple  # (file as shown, class, confidence), least confident first
+  photos: dict  # row number -> real path of a servable photo, or None
 
 
 def load_predictions(csv_path: str, images: str) -> Predictions:
   """The rows of `csv_path` (file,class,confidence as lplgrad_jax.predict writes them)."""
   root = os.path.realpath(os.path.expanduser(images))
   if not os.path.isdir(root):
-    raise ConfigError(f"--images={images} is not a directory: expected the folder the "
-                      "predictions were made for")
+    raise ConfigError(
+      f"--images={images} is not a directory: expected the folder the predictions were made for"
+    )
   try:
     with open(csv_path, encoding="utf-8-sig", newline="") as f:
       rows = [(r["file"], r["class"], float(r["confidence"])) for r in csv.DictReader(f)]
   except (OSError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-    raise ConfigError(f"--predictions={csv_path} is not a predictions file ({type(e).__name__}: "
-                      f"{e}): expected file,class,confidence as lplgrad_jax.predict writes "
-                      "them") from None
+    raise ConfigError(
+      f"--predictions={csv_path} is not a predictions file ({type(e).__name__}: "
+      f"{e}): expected file,class,confidence as lplgrad_jax.predict writes "
+      "them"
+    ) from None
   rows.sort(key=lambda row: row[2])
   photos = {k: _servable(file, root) for k, (file, _, _) in enumerate(rows)}
-  shown = tuple((os.path.relpath(photos[k], root) if photos[k] else file, name, confidence)
-                for k, (file, name, confidence) in enumerate(rows))
+  shown = tuple(
+    (os.path.relpath(photos[k], root) if photos[k] else file, name, confidence)
+    for k, (file, name, confidence) in enumerate(rows)
+  )
   return Predictions(csv_path, root, shown, photos)
 
 
 def predictions_state(view: Predictions) -> dict:
-  items = [{"id": k, "file": file, "label": name, "confidence": confidence, "valid": True,
-            "image": view.photos[k] is not None}
-           for k, (file, name, confidence) in enumerate(view.rows)]
+  items = [
+    {
+      "id": k,
+      "file": file,
+      "label": name,
+      "confidence": confidence,
+      "valid": True,
+      "image": view.photos[k] is not None,
+    }
+    for k, (file, name, confidence) in enumerate(view.rows)
+  ]
   return {"mode": "predictions", "csv": view.csv_path, "items": items, "total": len(items)}
 
 
@@ -180,8 +218,7 @@ def continue_command(workdir: str, config: dict) -> str:
   the config file of configs/ closest to it and overrides the keys that differ:
   the campaign accepts the command because its configuration is the same.
   """
-  configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "configs")
+  configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
   repo = os.path.dirname(configs_dir)
   if repo not in sys.path:  # configs/*.py import `configs.default`
     sys.path.append(repo)
@@ -192,8 +229,13 @@ def continue_command(workdir: str, config: dict) -> str:
     if not name.endswith(".py") or name.startswith("_"):
       continue
     try:
-      base = dict(_leaves(json.loads(json.dumps(
-          importlib.import_module(f"configs.{name[:-3]}").get_config().to_dict()))))
+      base = dict(
+        _leaves(
+          json.loads(
+            json.dumps(importlib.import_module(f"configs.{name[:-3]}").get_config().to_dict())
+          )
+        )
+      )
     except Exception:  # pylint: disable=broad-except; a config that cannot load is no candidate
       continue
     differing = [k for k in wanted if k in base and base[k] != wanted[k]]
@@ -220,17 +262,33 @@ def page_state(query: Query) -> dict:
     except KeyError:
       valid = False  # blank, or a typo from the spreadsheet route: shown as it is
     answered += valid
-    items.append({"id": i, "file": query.names[i], "label": label, "valid": valid,
-                  "image": query.photos[i] is not None})
+    items.append(
+      {
+        "id": i,
+        "file": query.names[i],
+        "label": label,
+        "valid": valid,
+        "image": query.photos[i] is not None,
+      }
+    )
   try:
     still_pending = _pending_round(query.workdir, _read_results(query.workdir)) == (
-        query.round_number)
+      query.round_number
+    )
   except ConfigError:
     still_pending = False
-  return {"mode": "label", "round": query.round_number, "csv": query.csv_path,
-          "classes": list(query.class_names), "skip": oracle.SKIP, "items": items,
-          "answered": answered, "total": len(items), "command": query.command,
-          "pending": still_pending}
+  return {
+    "mode": "label",
+    "round": query.round_number,
+    "csv": query.csv_path,
+    "classes": list(query.class_names),
+    "skip": oracle.SKIP,
+    "items": items,
+    "answered": answered,
+    "total": len(items),
+    "command": query.command,
+    "pending": still_pending,
+  }
 
 
 class LabelServer(http.server.ThreadingHTTPServer):
@@ -256,8 +314,9 @@ class LabelServer(http.server.ThreadingHTTPServer):
     directory, name = os.path.split(self.query.csv_path)
     with self.write_lock, open(os.path.join(directory, f".{name}.lock"), "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
-      oracle.set_label(self.query.csv_path, image_id, label,
-                       file=self.query.photos.get(image_id) or "")
+      oracle.set_label(
+        self.query.csv_path, image_id, label, file=self.query.photos.get(image_id) or ""
+      )
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -302,8 +361,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._send(200, f.read(), content_type)
     if path == "/api/state":
       return self._json(200, self.server.state())
-    if path.startswith("/photo/") and path[len("/photo/"):].isdigit():
-      return self._photo(int(path[len("/photo/"):]))
+    if path.startswith("/photo/") and path[len("/photo/") :].isdigit():
+      return self._photo(int(path[len("/photo/") :]))
     return self._error(404, "not found")
 
   do_HEAD = do_GET
@@ -354,8 +413,9 @@ def answer_problem(query: Query, image_id, label) -> str | None:
   if isinstance(image_id, bool) or not isinstance(image_id, int):
     return f"id {image_id!r} is not an integer: expected an id of this query"
   if not isinstance(label, str):
-    return (f"label {label!r} is not text: expected one of "
-            f"{', '.join([*query.class_names, oracle.SKIP])}")
+    return (
+      f"label {label!r} is not text: expected one of {', '.join([*query.class_names, oracle.SKIP])}"
+    )
   problem = oracle.foreign_id_problem(image_id, query.ids)
   if problem is None and label.strip():
     problem = oracle.unknown_label_problem(image_id, label.strip(), query.class_names)
@@ -367,23 +427,34 @@ def serve(view: Query | Predictions, host: str = "127.0.0.1", port: int = 8765) 
   try:
     return LabelServer((host, port), view)
   except OSError as e:
-    raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another "
-                      "--port or --host") from None
+    raise ConfigError(
+      f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host"
+    ) from None
 
 
 def _define_flags() -> None:
   """Defined only when run as a program, as in predict.py: lplgrad_jax.main defines --workdir
   too, and importing this module (tests, other tools) must not clash with it."""
-  flags.DEFINE_string("workdir", None, "The --workdir of a campaign that stopped for labels "
-                      "(config.oracle='human').")
-  flags.DEFINE_integer("port", 8765, "Port to listen on (0: any free port).", lower_bound=0,
-                       upper_bound=65535)
-  flags.DEFINE_string("host", "127.0.0.1", "Address to listen on. The default lets only this "
-                      "machine in; reach it from elsewhere through an SSH port forward.")
-  flags.DEFINE_string("predictions", None, "Instead of --workdir: a predictions file of "
-                      "lplgrad_jax.predict to look through (read-only).")
-  flags.DEFINE_string("images", None, "With --predictions: the folder it classified; only "
-                      "photos inside it are shown.")
+  flags.DEFINE_string(
+    "workdir", None, "The --workdir of a campaign that stopped for labels (config.oracle='human')."
+  )
+  flags.DEFINE_integer(
+    "port", 8765, "Port to listen on (0: any free port).", lower_bound=0, upper_bound=65535
+  )
+  flags.DEFINE_string(
+    "host",
+    "127.0.0.1",
+    "Address to listen on. The default lets only this "
+    "machine in; reach it from elsewhere through an SSH port forward.",
+  )
+  flags.DEFINE_string(
+    "predictions",
+    None,
+    "Instead of --workdir: a predictions file of lplgrad_jax.predict to look through (read-only).",
+  )
+  flags.DEFINE_string(
+    "images", None, "With --predictions: the folder it classified; only photos inside it are shown."
+  )
 
 
 def _parse_flags(argv):
@@ -399,21 +470,34 @@ def main(argv):
   options = flags.FLAGS
   try:
     if bool(options.workdir) == bool(options.predictions) or (
-        options.predictions and not options.images):
-      raise ConfigError("expected --workdir=<a campaign stopped for labels>, or "
-                        "--predictions=<file> with --images=<the folder it classified>")
-    view = (load_query(options.workdir) if options.workdir else
-            load_predictions(options.predictions, options.images))
+      options.predictions and not options.images
+    ):
+      raise ConfigError(
+        "expected --workdir=<a campaign stopped for labels>, or "
+        "--predictions=<file> with --images=<the folder it classified>"
+      )
+    view = (
+      load_query(options.workdir)
+      if options.workdir
+      else load_predictions(options.predictions, options.images)
+    )
     server = serve(view, options.host, options.port)
   except ConfigError as e:
     errors.exit_with(e)
   query = server.query
   host, port = server.server_address[:2]
   shown = f"[{host}]" if ":" in host else host
-  print(f"round {query.round_number}: {len(query.ids)} photos to label in {query.csv_path}"
-        if query else f"{len(view.rows)} predictions of {view.csv_path}", flush=True)
-  print(f"open http://{shown}:{port}/ (from another machine: ssh -L {port}:127.0.0.1:{port} "
-        f"this-host, then open http://127.0.0.1:{port}/); Ctrl-C stops", flush=True)
+  print(
+    f"round {query.round_number}: {len(query.ids)} photos to label in {query.csv_path}"
+    if query
+    else f"{len(view.rows)} predictions of {view.csv_path}",
+    flush=True,
+  )
+  print(
+    f"open http://{shown}:{port}/ (from another machine: ssh -L {port}:127.0.0.1:{port} "
+    f"this-host, then open http://127.0.0.1:{port}/); Ctrl-C stops",
+    flush=True,
+  )
   try:
     server.serve_forever()
   except KeyboardInterrupt:

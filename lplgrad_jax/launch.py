@@ -24,8 +24,9 @@ ACCELERATOR_FLOPS = 1e14
 
 def shipped_configs() -> list[str]:
   """Names of the config files shipped with the package (`cifar100`, `digits`, ...)."""
-  return sorted(f[:-3] for f in os.listdir(CONFIGS_DIR)
-                if f.endswith(".py") and f[:-3] not in _NOT_CONFIGS)
+  return sorted(
+    f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and f[:-3] not in _NOT_CONFIGS
+  )
 
 
 def resolve_config(value: str) -> tuple[str, str]:
@@ -44,8 +45,9 @@ def resolve_config(value: str) -> tuple[str, str]:
   if os.sep in path or "/" in path or path.endswith(".py"):
     raise ConfigError(f"--config={value}: no such file {path!r}: {expected}")
   if path not in shipped_configs():
-    raise ConfigError(f"--config={value}: {path!r} is neither a config file nor a shipped "
-                      f"config: {expected}")
+    raise ConfigError(
+      f"--config={value}: {path!r} is neither a config file nor a shipped config: {expected}"
+    )
   return os.path.join(CONFIGS_DIR, f"{path}.py") + sep + argument, name
 
 
@@ -81,11 +83,14 @@ def first_line(config, workdir: str, devices: str) -> str:
     budget = f"your labeled photos + {al.num_rounds - 1} queries of {al.query_size}"
   else:
     final = al.initial_size + (al.num_rounds - 1) * al.query_size
-    budget = (f"{al.initial_size} -> {final} labeled in {al.num_rounds} rounds "
-              f"(+{al.query_size} a round)")
+    budget = (
+      f"{al.initial_size} -> {final} labeled in {al.num_rounds} rounds (+{al.query_size} a round)"
+    )
   source = "" if name == data.source else f" ({data.source})"
-  return (f"{name}{source}, strategy {config.strategy}, {budget}; {devices}; "
-          f"workdir {workdir} ({_workdir_state(workdir)})")
+  return (
+    f"{name}{source}, strategy {config.strategy}, {budget}; {devices}; "
+    f"workdir {workdir} ({_workdir_state(workdir)})"
+  )
 
 
 def _workdir_state(workdir: str) -> str:
@@ -121,16 +126,22 @@ def accelerator_warning(config, platform: str, environ=os.environ) -> str | None
   if config.distributed.initialize:
     why = "config.distributed.initialize is set"
   elif (flops := training_flops(config)) > ACCELERATOR_FLOPS:
-    why = (f"this campaign (~{flops / 1e15:.1f} PFLOP of training) is sized for a GPU or TPU "
-           "(days on a CPU)")
+    why = (
+      f"this campaign (~{flops / 1e15:.1f} PFLOP of training) is sized for a GPU or TPU "
+      "(days on a CPU)"
+    )
   else:
     return None
   extra = detect_accelerator_extra()
-  fix = (f"this machine has {extra[1]}: install JAX for it with pip install -e '.[{extra[0]}]'"
-         if extra else "on a GPU/TPU machine install JAX for it with pip install -e '.[cuda12]' "
-         "('.[cuda13]' for NVIDIA driver >= 580, '.[tpu]' on a TPU VM)")
-  return (f"warning: JAX sees only the CPU, but {why}: {fix}; "
-          "see README, Install on a GPU or TPU machine")
+  fix = (
+    f"this machine has {extra[1]}: install JAX for it with pip install -e '.[{extra[0]}]'"
+    if extra
+    else "on a GPU/TPU machine install JAX for it with pip install -e '.[cuda12]' "
+    "('.[cuda13]' for NVIDIA driver >= 580, '.[tpu]' on a TPU VM)"
+  )
+  return (
+    f"warning: JAX sees only the CPU, but {why}: {fix}; see README, Install on a GPU or TPU machine"
+  )
 
 
 def detect_accelerator_extra() -> tuple[str, str] | None:

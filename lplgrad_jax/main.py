@@ -26,13 +26,23 @@ from lplgrad_jax import launch
 from lplgrad_jax.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for results, plots, logs and checkpoints (default: "
-    "runs/<config name>[_<budget>]/<strategy>/seed<seed>). Rerunning a command resumes it.")
-_RESTART = flags.DEFINE_bool("restart", False, "Discard the campaign already in --workdir "
-                             "(checkpoints and results) and start over.")
+  "workdir",
+  None,
+  "Directory for results, plots, logs and checkpoints (default: "
+  "runs/<config name>[_<budget>]/<strategy>/seed<seed>). Rerunning a command resumes it.",
+)
+_RESTART = flags.DEFINE_bool(
+  "restart",
+  False,
+  "Discard the campaign already in --workdir (checkpoints and results) and start over.",
+)
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Campaign configuration: a file (configs/cifar100.py) or the name of a shipped "
-    "one (cifar100), optionally with :<budget> (cifar10:low).", lock_config=True)
+  "config",
+  None,
+  "Campaign configuration: a file (configs/cifar100.py) or the name of a shipped "
+  "one (cifar100), optionally with :<budget> (cifar10:low).",
+  lock_config=True,
+)
 flags.mark_flags_as_required(["config"])
 _config_name = None  # of --config, set by _parse_flags: it names the default workdir
 
@@ -41,18 +51,29 @@ def _fail(error: Exception) -> None:
   """Reports a user mistake as `error:` line(s) on stderr and exits with status 2."""
   text = " ".join(str(error).split())
   if isinstance(error, SyntaxError):  # a config file that does not parse
-    errors.exit_with(ConfigError(f"config file {error.filename}, line {error.lineno}: "
-                                 f"SyntaxError: {error.msg}"))
+    errors.exit_with(
+      ConfigError(f"config file {error.filename}, line {error.lineno}: SyntaxError: {error.msg}")
+    )
   frame = _config_file_frame(error)
   if frame is not None:  # raised by the config file's own code
-    errors.exit_with(ConfigError(f"config file {frame.filename}, line {frame.lineno}: "
-                                 f"{type(error).__name__}: {text}"))
+    errors.exit_with(
+      ConfigError(
+        f"config file {frame.filename}, line {frame.lineno}: {type(error).__name__}: {text}"
+      )
+    )
   if "get_config() takes 0 positional arguments" in text:  # --config=file.py:budget
-    errors.exit_with(ConfigError(f"{text.split(': Error whilst')[0]}: this config takes no "
-                                 "':budget' suffix: expected --config=<file>.py alone"))
+    errors.exit_with(
+      ConfigError(
+        f"{text.split(': Error whilst')[0]}: this config takes no "
+        "':budget' suffix: expected --config=<file>.py alone"
+      )
+    )
   if isinstance(error, (AttributeError, KeyError)):  # --config.<key> the config lacks
-    errors.exit_with(ConfigError(f"unknown configuration key {_unknown_key(error)}: see "
-                                 "configs/default.py for the keys"))
+    errors.exit_with(
+      ConfigError(
+        f"unknown configuration key {_unknown_key(error)}: see configs/default.py for the keys"
+      )
+    )
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if len(lines) > 1 and ("Traceback" in lines[1] or "Attempted" in lines[1]):
     # A config file that failed to load: keep the flag and the final cause.
@@ -72,8 +93,9 @@ def _parse_flags(argv):
     if not isinstance(e, (AttributeError, KeyError)):
       for typed, used in zip(argv, resolved):  # name the config as the user did
         if typed != used:
-          e = ConfigError(str(e).replace(used.partition("=")[2] or used,
-                                         typed.partition("=")[2] or typed))
+          e = ConfigError(
+            str(e).replace(used.partition("=")[2] or used, typed.partition("=")[2] or typed)
+          )
     _fail(e)
 
 
@@ -101,9 +123,11 @@ def _unknown_key(error: Exception) -> str:
 def _config_file_frame(error: Exception):
   """The innermost traceback frame in user code (the config files), not in a library."""
   library = (os.path.dirname(os.__file__), os.path.dirname(os.path.abspath(__file__)))
-  frames = [f for f in traceback.extract_tb(error.__traceback__)
-            if not f.filename.startswith(("<", *library))
-            and "-packages" + os.sep not in f.filename]
+  frames = [
+    f
+    for f in traceback.extract_tb(error.__traceback__)
+    if not f.filename.startswith(("<", *library)) and "-packages" + os.sep not in f.filename
+  ]
   return frames[-1] if frames else None
 
 

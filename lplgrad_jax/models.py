@@ -13,13 +13,15 @@ import contextlib
 import dataclasses
 import importlib
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lplgrad_jax.errors import ConfigError, check_choice
+from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.errors import check_choice
 
 # Activations and matmul inputs; parameters and BatchNorm statistics stay float32.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -40,13 +42,13 @@ _HE_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def _pytorch_bias_init(fan_in: int):
   bound = 1.0 / fan_in**0.5
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
-                                                                  bound)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 @dataclasses.dataclass(frozen=True)
 class Layers:
   """Builds conv, dense and BatchNorm layers with one initialisation and running-variance rule."""
+
   init: str = "pytorch"
   bn_running_var: str = "unbiased"
 
@@ -57,19 +59,31 @@ class Layers:
   def conv(self, cin: int, cout: int, size: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
     pad = (size - 1) // 2
     return nnx.Conv(
-        cin, cout, kernel_size=(size, size), strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)), use_bias=False,
-        kernel_init=_PYTORCH_KERNEL_INIT if self.init == "pytorch" else _HE_CONV_INIT, rngs=rngs)
+      cin,
+      cout,
+      kernel_size=(size, size),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=False,
+      kernel_init=_PYTORCH_KERNEL_INIT if self.init == "pytorch" else _HE_CONV_INIT,
+      rngs=rngs,
+    )
 
   def dense(self, cin: int, cout: int, rngs: nnx.Rngs) -> nnx.Linear:
     if self.init == "he":
       return nnx.Linear(cin, cout, rngs=rngs)
-    return nnx.Linear(cin, cout, kernel_init=_PYTORCH_KERNEL_INIT,
-                      bias_init=_pytorch_bias_init(cin), rngs=rngs)
+    return nnx.Linear(
+      cin, cout, kernel_init=_PYTORCH_KERNEL_INIT, bias_init=_pytorch_bias_init(cin), rngs=rngs
+    )
 
-  def batch_norm(self, features: int, rngs: nnx.Rngs) -> "BatchNorm":
-    return BatchNorm(features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                     unbiased_running_var=self.bn_running_var == "unbiased", rngs=rngs)
+  def batch_norm(self, features: int, rngs: nnx.Rngs) -> BatchNorm:
+    return BatchNorm(
+      features,
+      momentum=_BN_MOMENTUM,
+      epsilon=_BN_EPSILON,
+      unbiased_running_var=self.bn_running_var == "unbiased",
+      rngs=rngs,
+    )
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -88,8 +102,9 @@ class BatchNorm(nnx.BatchNorm):
   def __call__(self, x, use_running_average=None, *, mask=None):
     previous = self.var[...]
     y = super().__call__(x, use_running_average, mask=mask)
-    training = not (self.use_running_average if use_running_average is None
-                    else use_running_average)
+    training = not (
+      self.use_running_average if use_running_average is None else use_running_average
+    )
     if training and self.unbiased_running_var:
       x = x.astype(jnp.float32)
       axes = tuple(range(x.ndim - 1))
@@ -97,10 +112,10 @@ class BatchNorm(nnx.BatchNorm):
       # The batch variance as Flax's BatchNorm computes it (E[x^2] - E[x]^2).
       mean = jnp.mean(x, axes, where=where)
       var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axes, where=where) - jnp.square(mean))
-      n = (x[..., 0].size if mask is None
-           else jnp.sum(where[..., 0].astype(jnp.float32)))
+      n = x[..., 0].size if mask is None else jnp.sum(where[..., 0].astype(jnp.float32))
       self.var[...] = jax.lax.stop_gradient(
-          self.momentum * previous + (1 - self.momentum) * var * (n / jnp.maximum(n - 1, 1)))
+        self.momentum * previous + (1 - self.momentum) * var * (n / jnp.maximum(n - 1, 1))
+      )
     return y
 
 
@@ -153,14 +168,23 @@ class ResNet18(nnx.Module):
   block = BasicBlock
   expansion = 1  # block output channels / block width
 
-  def __init__(self, num_classes: int, *, width: int = 64, stem: str = "cifar",
-               in_channels: int = 3, layers: Layers = Layers(), rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_classes: int,
+    *,
+    width: int = 64,
+    stem: str = "cifar",
+    in_channels: int = 3,
+    layers: Layers = Layers(),
+    rngs: nnx.Rngs,
+  ):
     if stem not in ("cifar", "imagenet"):
       raise ConfigError(f"unknown model stem {stem!r}: expected 'cifar' or 'imagenet'")
     self.stem = stem
     self.stage_channels = tuple(width * 2**i * self.expansion for i in range(4))
-    self.stem_conv = layers.conv(in_channels, width, 3 if stem == "cifar" else 7,
-                                 1 if stem == "cifar" else 2, rngs)
+    self.stem_conv = layers.conv(
+      in_channels, width, 3 if stem == "cifar" else 7, 1 if stem == "cifar" else 2, rngs
+    )
     self.stem_bn = layers.batch_norm(width, rngs)
     blocks = []
     cin = width
@@ -198,8 +222,14 @@ def pool_feature(feature: jax.Array) -> jax.Array:
 class LossPredictionModule(nnx.Module):
   """Yoo & Kweon's loss-prediction head: per stage GAP -> Dense -> ReLU, concat -> Dense(1)."""
 
-  def __init__(self, stage_channels: Sequence[int], *, hidden: int = 128,
-               layers: Layers = Layers(), rngs: nnx.Rngs):
+  def __init__(
+    self,
+    stage_channels: Sequence[int],
+    *,
+    hidden: int = 128,
+    layers: Layers = Layers(),
+    rngs: nnx.Rngs,
+  ):
     self.stage_dense = nnx.List([layers.dense(c, hidden, rngs) for c in stage_channels])
     self.out = layers.dense(hidden * len(stage_channels), 1, rngs)
 
@@ -251,8 +281,7 @@ class WideBlock(nnx.Module):
   def __init__(self, cin: int, cout: int, stride: int, *, layers: Layers, rngs: nnx.Rngs):
     self.bn1, self.conv1 = layers.batch_norm(cin, rngs), layers.conv(cin, cout, 3, stride, rngs)
     self.bn2, self.conv2 = layers.batch_norm(cout, rngs), layers.conv(cout, cout, 3, 1, rngs)
-    self.shortcut = (layers.conv(cin, cout, 1, stride, rngs) if stride != 1 or cin != cout
-                     else None)
+    self.shortcut = layers.conv(cin, cout, 1, stride, rngs) if stride != 1 or cin != cout else None
 
   def __call__(self, x):
     activated = nnx.relu(self.bn1(x))
@@ -263,18 +292,32 @@ class WideBlock(nnx.Module):
 class WideResNet(nnx.Module):
   """WRN-depth-k (3 groups of (depth - 4) / 6 blocks, widths 16k, 32k, 64k) for 32x32 inputs."""
 
-  def __init__(self, num_classes: int, *, depth: int = 28, widen: int = 10,
-               in_channels: int = 3, layers: Layers = Layers(), rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_classes: int,
+    *,
+    depth: int = 28,
+    widen: int = 10,
+    in_channels: int = 3,
+    layers: Layers = Layers(),
+    rngs: nnx.Rngs,
+  ):
     if (depth - 4) % 6:
       raise ConfigError(f"WideResNet depth={depth}: expected 6n + 4 (e.g. 28)")
     self.stage_channels = tuple(16 * widen * 2**i for i in range(3))
     self.stem = layers.conv(in_channels, 16, 3, 1, rngs)
     cin, groups = 16, []
     for i, cout in enumerate(self.stage_channels):
-      groups.append(nnx.List([WideBlock(cin if j == 0 else cout, cout,
-                                        2 if i > 0 and j == 0 else 1, layers=layers,
-                                        rngs=rngs)
-                              for j in range((depth - 4) // 6)]))
+      groups.append(
+        nnx.List(
+          [
+            WideBlock(
+              cin if j == 0 else cout, cout, 2 if i > 0 and j == 0 else 1, layers=layers, rngs=rngs
+            )
+            for j in range((depth - 4) // 6)
+          ]
+        )
+      )
       cin = cout
     self.groups = nnx.List(groups)
     self.bn = layers.batch_norm(cin, rngs)
@@ -308,14 +351,27 @@ class ViTBlock(nnx.Module):
 class ViT(nnx.Module):
   """A small Vision Transformer: patch-embedding conv, class token, learned positions."""
 
-  def __init__(self, num_classes: int, *, width: int = 64, depth: int = 6, heads: int = 4,
-               patch: int = 4, image_size: int = 32, in_channels: int = 3, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_classes: int,
+    *,
+    width: int = 64,
+    depth: int = 6,
+    heads: int = 4,
+    patch: int = 4,
+    image_size: int = 32,
+    in_channels: int = 3,
+    rngs: nnx.Rngs,
+  ):
     if image_size % patch or width % heads:
-      raise ConfigError(f"ViT: image size {image_size} must be a multiple of patch {patch} and "
-                        f"width {width} a multiple of heads {heads}")
+      raise ConfigError(
+        f"ViT: image size {image_size} must be a multiple of patch {patch} and "
+        f"width {width} a multiple of heads {heads}"
+      )
     self.stage_channels = (width,) * depth
-    self.patch = nnx.Conv(in_channels, width, (patch, patch), strides=patch, padding="VALID",
-                          rngs=rngs)
+    self.patch = nnx.Conv(
+      in_channels, width, (patch, patch), strides=patch, padding="VALID", rngs=rngs
+    )
     self.cls_token = nnx.Param(jnp.zeros((1, 1, width)))
     tokens = (image_size // patch) ** 2 + 1
     self.positions = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, tokens, width)))
@@ -370,15 +426,20 @@ class Backbone(nnx.Module):
     self.net = net
     example = jax.ShapeDtypeStruct((2, image_size, image_size, in_channels), jnp.float32)
     try:
-      logits, features = jax.eval_shape(lambda x: nnx.view(
-          net, use_running_average=True, raise_if_not_found=False)(x), example)
+      logits, features = jax.eval_shape(
+        lambda x: nnx.view(net, use_running_average=True, raise_if_not_found=False)(x), example
+      )
     except (TypeError, ValueError) as e:
-      raise ConfigError(f"model {type(net).__name__} on a {example.shape} batch: expected it "
-                        f"to return (logits, features) ({type(e).__name__}: {e})") from None
+      raise ConfigError(
+        f"model {type(net).__name__} on a {example.shape} batch: expected it "
+        f"to return (logits, features) ({type(e).__name__}: {e})"
+      ) from None
     if logits.ndim != 2 or not isinstance(features, (tuple, list)) or not features:
-      raise ConfigError(f"model {type(net).__name__} returned logits {logits.shape} and "
-                        f"{type(features).__name__} features: expected (N, classes) logits and "
-                        "a non-empty tuple of stage outputs")
+      raise ConfigError(
+        f"model {type(net).__name__} returned logits {logits.shape} and "
+        f"{type(features).__name__} features: expected (N, classes) logits and "
+        "a non-empty tuple of stage outputs"
+      )
     self.stage_channels = tuple(int(f.shape[-1]) for f in features)
 
   def __call__(self, x, mask=None):
@@ -403,18 +464,27 @@ def register_model(name: str, builder: ModelBuilder) -> None:
 
 def _resnet(cls):
   return lambda c, num_classes, image_size, layers, rngs: cls(
-      num_classes, width=c.width, stem=c.stem, layers=layers, rngs=rngs)
+    num_classes, width=c.width, stem=c.stem, layers=layers, rngs=rngs
+  )
 
 
 register_model("resnet18", _resnet(ResNet18))
 register_model("resnet34", _resnet(ResNet34))
 register_model("resnet50", _resnet(ResNet50))
-register_model("wide_resnet28", lambda c, num_classes, image_size, layers, rngs: Backbone(
-    WideResNet(num_classes, depth=28, widen=c.width, layers=layers, rngs=rngs), image_size))
+register_model(
+  "wide_resnet28",
+  lambda c, num_classes, image_size, layers, rngs: Backbone(
+    WideResNet(num_classes, depth=28, widen=c.width, layers=layers, rngs=rngs), image_size
+  ),
+)
 # Not a model of the authors' code: Flax's default initialisers (model.init is for the CNNs).
-register_model("vit", lambda c, num_classes, image_size, layers, rngs: Backbone(
-    ViT(num_classes, width=c.width, depth=c.depth, heads=c.heads, image_size=image_size,
-        rngs=rngs), image_size))
+register_model(
+  "vit",
+  lambda c, num_classes, image_size, layers, rngs: Backbone(
+    ViT(num_classes, width=c.width, depth=c.depth, heads=c.heads, image_size=image_size, rngs=rngs),
+    image_size,
+  ),
+)
 
 
 def _user_model(spec: str, num_classes: int, image_size: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -425,16 +495,19 @@ def _user_model(spec: str, num_classes: int, image_size: int, rngs: nnx.Rngs) ->
   try:
     factory = getattr(importlib.import_module(parts[1]), parts[2])
   except (ImportError, AttributeError) as e:
-    raise ConfigError(f"model {spec!r}: cannot load {parts[2]!r} from {parts[1]!r} "
-                      f"({type(e).__name__}: {e})") from None
+    raise ConfigError(
+      f"model {spec!r}: cannot load {parts[2]!r} from {parts[1]!r} ({type(e).__name__}: {e})"
+    ) from None
   try:
     net = factory(num_classes, rngs)
   except TypeError as e:
-    raise ConfigError(f"model {spec!r}: expected factory(num_classes, rngs) -> nnx.Module "
-                      f"({e})") from None
+    raise ConfigError(
+      f"model {spec!r}: expected factory(num_classes, rngs) -> nnx.Module ({e})"
+    ) from None
   if not isinstance(net, nnx.Module):
-    raise ConfigError(f"model {spec!r}: the factory returned {type(net).__name__}, "
-                      "expected an nnx.Module")
+    raise ConfigError(
+      f"model {spec!r}: the factory returned {type(net).__name__}, expected an nnx.Module"
+    )
   return Backbone(net, image_size)
 
 
@@ -455,22 +528,32 @@ def with_compute_dtype(module: nnx.Module, dtype: str) -> nnx.Module:
   return copy
 
 
-def create_learner(model_config, num_classes: int, *, use_aux: bool, key: jax.Array,
-                   image_size: int = 32) -> ActiveLearner:
+def create_learner(
+  model_config, num_classes: int, *, use_aux: bool, key: jax.Array, image_size: int = 32
+) -> ActiveLearner:
   """Builds the main model (chosen by `model_config.name`) and its loss head."""
   name = model_config.name
   if not name.startswith("module:") and name not in _MODELS:
-    raise ConfigError(f"unknown model {name!r}: expected one of {', '.join(sorted(_MODELS))} "
-                      "or 'module:package.module:factory'")
+    raise ConfigError(
+      f"unknown model {name!r}: expected one of {', '.join(sorted(_MODELS))} "
+      "or 'module:package.module:factory'"
+    )
   if model_config.width < 1:
     raise ConfigError(f"model.width={model_config.width} must be a positive integer")
-  layers = Layers(model_config.get("init", "pytorch"),
-                  model_config.get("bn_running_var", "unbiased"))
+  layers = Layers(
+    model_config.get("init", "pytorch"), model_config.get("bn_running_var", "unbiased")
+  )
   rngs = nnx.Rngs(params=key)
-  classifier = (_user_model(name, num_classes, image_size, rngs) if name.startswith("module:")
-                else _MODELS[name](model_config, num_classes, image_size, layers, rngs))
-  loss_head = (LossPredictionModule(classifier.stage_channels,
-                                    hidden=model_config.loss_head_width, layers=layers,
-                                    rngs=rngs)
-               if use_aux else None)
+  classifier = (
+    _user_model(name, num_classes, image_size, rngs)
+    if name.startswith("module:")
+    else _MODELS[name](model_config, num_classes, image_size, layers, rngs)
+  )
+  loss_head = (
+    LossPredictionModule(
+      classifier.stage_channels, hidden=model_config.loss_head_width, layers=layers, rngs=rngs
+    )
+    if use_aux
+    else None
+  )
   return ActiveLearner(classifier, loss_head)

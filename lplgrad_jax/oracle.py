@@ -42,9 +42,9 @@ SKIP = "skip"  # the label for an image that is unusable or fits no class
 QUERIES_DIR = "queries"
 COLUMNS = ("id", "file", "score", "label")
 
-THUMB = 96     # thumbnail side on the contact sheet, pixels
-PAD = 8        # space around thumbnails
-CAPTION = 14   # height of the id line under a thumbnail
+THUMB = 96  # thumbnail side on the contact sheet, pixels
+PAD = 8  # space around thumbnails
+CAPTION = 14  # height of the id line under a thumbnail
 COLUMNS_PER_ROW = 10
 _MAX_LISTED = 20  # ids named in one line about missing rows
 
@@ -74,8 +74,9 @@ def contact_sheet_path(workdir: str, round_number: int) -> str:
   return os.path.join(workdir, QUERIES_DIR, f"round_{round_number}.png")
 
 
-def write_query(workdir: str, round_number: int, ids, files, scores, images,
-                class_names) -> tuple[str, str]:
+def write_query(
+  workdir: str, round_number: int, ids, files, scores, images, class_names
+) -> tuple[str, str]:
   """Writes the query file and its contact sheet; returns (csv path, png path).
 
   `ids`, `files` (original file of each image), `scores` (None: the strategy
@@ -86,15 +87,24 @@ def write_query(workdir: str, round_number: int, ids, files, scores, images,
   """
   scores = [None] * len(ids) if scores is None else list(scores)
   if not len(ids) == len(files) == len(scores) == len(images):
-    raise ValueError(f"write_query: {len(ids)} ids, {len(files)} files, {len(scores)} scores "
-                     f"and {len(images)} images: expected one of each per queried image")
+    raise ValueError(
+      f"write_query: {len(ids)} ids, {len(files)} files, {len(scores)} scores "
+      f"and {len(images)} images: expected one of each per queried image"
+    )
   csv_path = query_csv_path(workdir, round_number)
   png_path = contact_sheet_path(workdir, round_number)
-  reporting.write_csv(csv_path, COLUMNS, [
+  reporting.write_csv(
+    csv_path,
+    COLUMNS,
+    [
       [int(i), file, "" if score is None else f"{float(score):.6g}", ""]
-      for i, file, score in zip(ids, files, scores)])
-  header = (f"round {round_number}: write a label for each id in the label column of "
-            f"{os.path.basename(csv_path)}. Labels: {', '.join([*class_names, SKIP])}")
+      for i, file, score in zip(ids, files, scores)
+    ],
+  )
+  header = (
+    f"round {round_number}: write a label for each id in the label column of "
+    f"{os.path.basename(csv_path)}. Labels: {', '.join([*class_names, SKIP])}"
+  )
   sheet = _contact_sheet([int(i) for i in ids], files, images, header)
   reporting.write_atomic(png_path, lambda f: sheet.save(f, format="PNG"), mode="wb")
   return csv_path, png_path
@@ -124,8 +134,10 @@ def _read_text(csv_path: str) -> str:
     with open(csv_path, encoding="utf-8-sig", newline="") as f:
       return f.read()
   except FileNotFoundError:
-    raise ConfigError(f"query file {csv_path} is missing: expected the file the campaign "
-                      "wrote when it stopped for labels") from None
+    raise ConfigError(
+      f"query file {csv_path} is missing: expected the file the campaign "
+      "wrote when it stopped for labels"
+    ) from None
   except UnicodeDecodeError:
     raise ConfigError(f"{csv_path} is not UTF-8 text: save it as CSV (UTF-8)") from None
 
@@ -133,8 +145,10 @@ def _read_text(csv_path: str) -> str:
 def _columns(csv_path: str, header: list[str]) -> tuple[int, int]:
   absent = [column for column in ("id", "label") if column not in header]
   if absent:
-    raise ConfigError(f"{os.path.basename(csv_path)} line 1: no {' and no '.join(absent)} "
-                      f"column: expected the header {','.join(COLUMNS)}")
+    raise ConfigError(
+      f"{os.path.basename(csv_path)} line 1: no {' and no '.join(absent)} "
+      f"column: expected the header {','.join(COLUMNS)}"
+    )
   return header.index("id"), header.index("label")
 
 
@@ -178,8 +192,9 @@ def set_label(csv_path: str, image_id: int, label: str, file: str = "") -> None:
     values = {"id": str(image_id), "file": file, "label": label}
     rows.append([values.get(column, "") for column in header])
   out = io.StringIO()
-  csv.writer(out, delimiter=delimiter,
-             lineterminator="\r\n" if "\r\n" in text else "\n").writerows(rows)
+  csv.writer(out, delimiter=delimiter, lineterminator="\r\n" if "\r\n" in text else "\n").writerows(
+    rows
+  )
   data = (codecs.BOM_UTF8 if bom else b"") + out.getvalue().encode("utf-8")
   reporting.write_atomic(csv_path, lambda f: f.write(data), mode="wb")
 
@@ -216,7 +231,9 @@ def _thumbnail(path: str, image: np.ndarray):
   The original is far more legible than the model-size copy (often 32x32);
   images smaller than THUMB are enlarged with NEAREST, so pixels stay crisp.
   """
-  from PIL import Image, ImageOps
+  from PIL import Image
+  from PIL import ImageOps
+
   try:
     with Image.open(path) as im:
       im.thumbnail((THUMB, THUMB))  # shrinks only; decodes JPEGs at a reduced scale
@@ -228,7 +245,10 @@ def _thumbnail(path: str, image: np.ndarray):
 
 def _contact_sheet(ids: list[int], files, images, header: str):
   """A grid of captioned thumbnails, COLUMNS_PER_ROW wide, under a wrapped header."""
-  from PIL import Image, ImageDraw, ImageFont
+  from PIL import Image
+  from PIL import ImageDraw
+  from PIL import ImageFont
+
   font = ImageFont.load_default()
   columns = max(1, min(COLUMNS_PER_ROW, len(ids)))
   rows = ceil_div(len(ids), columns)
@@ -248,8 +268,12 @@ def _contact_sheet(ids: list[int], files, images, header: str):
     draw.rectangle((x - 1, y - 1, x + THUMB, y + THUMB), outline=(190, 190, 190))  # white images
     sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
     caption = str(i)
-    draw.text((x + (THUMB - draw.textlength(caption, font=font)) / 2, y + THUMB + 1), caption,
-              fill="black", font=font)
+    draw.text(
+      (x + (THUMB - draw.textlength(caption, font=font)) / 2, y + THUMB + 1),
+      caption,
+      fill="black",
+      font=font,
+    )
   return sheet
 
 
@@ -282,8 +306,10 @@ def unknown_label_problem(image_id: int, label: str, class_names) -> str | None:
   try:
     _class_index(label, list(class_names))
   except KeyError:
-    return (f"unknown label {label!r} for id {image_id}: expected one of "
-            f"{', '.join([*class_names, SKIP])}")
+    return (
+      f"unknown label {label!r} for id {image_id}: expected one of "
+      f"{', '.join([*class_names, SKIP])}"
+    )
   return None
 
 
@@ -309,15 +335,22 @@ def read_labels(csv_path: str, expected_ids, class_names) -> dict[int, int | Non
     with open(csv_path, encoding="utf-8-sig", newline="") as f:
       text = f.read()
   except FileNotFoundError:
-    raise ConfigError(f"label file {csv_path} is missing: expected this round's query file "
-                      f"with its label column filled in ({valid})") from None
+    raise ConfigError(
+      f"label file {csv_path} is missing: expected this round's query file "
+      f"with its label column filled in ({valid})"
+    ) from None
   except UnicodeDecodeError:
     raise ConfigError(f"{csv_path} is not UTF-8 text: save it as CSV (UTF-8)") from None
   header, reader = _table(text)
   absent = [column for column in ("id", "label") if column not in header]
   if absent:
-    raise LabelFileError(csv_path, [f"{name} line 1: no {' and no '.join(absent)} column: "
-                                    f"expected the header {','.join(COLUMNS)}"])
+    raise LabelFileError(
+      csv_path,
+      [
+        f"{name} line 1: no {' and no '.join(absent)} column: "
+        f"expected the header {','.join(COLUMNS)}"
+      ],
+    )
   id_column, label_column = header.index("id"), header.index("label")
   expected = {int(i) for i in expected_ids}
   labels, seen_on, problems = {}, {}, []
@@ -330,20 +363,21 @@ def read_labels(csv_path: str, expected_ids, class_names) -> dict[int, int | Non
     try:
       image_id = int(raw_id)
     except ValueError:
-      problems.append(f"{name} line {line}: id {raw_id!r} is not an integer: expected an id "
-                      "of this query")
+      problems.append(
+        f"{name} line {line}: id {raw_id!r} is not an integer: expected an id of this query"
+      )
       continue
     if (problem := foreign_id_problem(image_id, expected)) is not None:
       problems.append(f"{name} line {line}: {problem}")
       continue
     if image_id in seen_on:
-      problems.append(f"{name} line {line}: id {image_id} is listed again (first on line "
-                      f"{seen_on[image_id]})")
+      problems.append(
+        f"{name} line {line}: id {image_id} is listed again (first on line {seen_on[image_id]})"
+      )
       continue
     seen_on[image_id] = line
     if not label:
-      problems.append(f"{name} line {line}: blank label for id {image_id}: expected one of "
-                      f"{valid}")
+      problems.append(f"{name} line {line}: blank label for id {image_id}: expected one of {valid}")
       continue
     try:
       labels[image_id] = _class_index(label, class_names)
@@ -353,8 +387,10 @@ def read_labels(csv_path: str, expected_ids, class_names) -> dict[int, int | Non
   if missing:
     listed = ", ".join(str(i) for i in missing[:_MAX_LISTED])
     more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
-    problems.append(f"{name}: {len(missing)} id{'s' if len(missing) > 1 else ''} of this query "
-                    f"missing from the file ({listed}{more}): put their rows back")
+    problems.append(
+      f"{name}: {len(missing)} id{'s' if len(missing) > 1 else ''} of this query "
+      f"missing from the file ({listed}{more}): put their rows back"
+    )
   if problems:
     raise LabelFileError(csv_path, problems)
   return labels
@@ -387,12 +423,14 @@ class SimulatedOracle(Oracle):
 @dataclasses.dataclass
 class HumanOracle(Oracle):
   """Asks a person: writes the query files, then the campaign stops until they are filled in."""
+
   workdir: str
-  root: str   # the labeling folder (config.data.root)
+  root: str  # the labeling folder (config.data.root)
   dataset: Dataset | None = None
 
   def start(self, state, dataset):
     from lplgrad_jax.distributed import say  # JAX: the labeling page imports this module alone
+
     self._check_same_photos(state, dataset)
     if state.phase == "labels":  # a query was filled in: its labels start the next round
       r = state.round
@@ -407,7 +445,9 @@ class HumanOracle(Oracle):
     return self.dataset
 
   def label(self, state, ids, scores):
-    from lplgrad_jax.distributed import is_main_process, say
+    from lplgrad_jax.distributed import is_main_process
+    from lplgrad_jax.distributed import say
+
     path = query_csv_path(self.workdir, state.round + 1)
     filled = filled_ids(path)
     if filled == {int(i) for i in ids}:
@@ -416,8 +456,15 @@ class HumanOracle(Oracle):
       if filled is not None:  # labels of another query: set aside, never wiped
         os.replace(path, f"{path}.{int(time.time())}.bak")
       d = self.dataset
-      write_query(self.workdir, state.round + 1, ids, [d.train_files[i] for i in ids], scores,
-                  d.x_train[ids], d.class_names)
+      write_query(
+        self.workdir,
+        state.round + 1,
+        ids,
+        [d.train_files[i] for i in ids],
+        scores,
+        d.x_train[ids],
+        d.class_names,
+      )
     state.await_labels(ids)
     return False
 
@@ -426,12 +473,14 @@ class HumanOracle(Oracle):
 
   def instructions(self, state) -> str:
     n = state.round + 1
-    return (f"round {n}: {len(state.pending_ids)} images to label. Write a class name "
-            f"({', '.join(self.dataset.class_names)}) or {SKIP!r} in the label column of every "
-            f"row of {query_csv_path(self.workdir, n)} (thumbnails: "
-            f"{contact_sheet_path(self.workdir, n)}), or label them in the browser with "
-            f"python -m lplgrad_jax.label --workdir={shlex.quote(self.workdir)}; then rerun "
-            "the same command (without --restart) to continue")
+    return (
+      f"round {n}: {len(state.pending_ids)} images to label. Write a class name "
+      f"({', '.join(self.dataset.class_names)}) or {SKIP!r} in the label column of every "
+      f"row of {query_csv_path(self.workdir, n)} (thumbnails: "
+      f"{contact_sheet_path(self.workdir, n)}), or label them in the browser with "
+      f"python -m lplgrad_jax.label --workdir={shlex.quote(self.workdir)}; then rerun "
+      "the same command (without --restart) to continue"
+    )
 
   def _check_same_photos(self, state, dataset) -> None:
     """Refuses a labeling folder whose photos changed since the campaign started.
@@ -446,12 +495,18 @@ class HumanOracle(Oracle):
     before = state.pool_files
     if before != files:
       added, removed = sorted(set(files) - set(before)), sorted(set(before) - set(files))
-      change = (f"{added[0]} was added" if added else f"{removed[0]} was removed" if removed
-                else "the photos were renamed or reordered")
+      change = (
+        f"{added[0]} was added"
+        if added
+        else f"{removed[0]} was removed"
+        if removed
+        else "the photos were renamed or reordered"
+      )
       raise ConfigError(
-          f"{root} changed since this campaign started ({change}; {len(added)} added, "
-          f"{len(removed)} removed): ids follow the photos' order, so the labels given so far "
-          "would attach to other photos; restore the folder, or start a new --workdir")
+        f"{root} changed since this campaign started ({change}; {len(added)} added, "
+        f"{len(removed)} removed): ids follow the photos' order, so the labels given so far "
+        "would attach to other photos; restore the folder, or start a new --workdir"
+      )
 
 
 def make_oracle(config, workdir: str) -> Oracle:

@@ -49,18 +49,28 @@ import itertools
 import logging
 import math
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.extend import core as jex_core
 from flax.nnx.nn import linear as nnx_linear
+from jax.extend import core as jex_core
 
 REDUCTIONS = ("layer_sum", "frobenius")
-INTERCEPTED = (nnx.Conv, nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed, nnx.BatchNorm,
-               nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm)
+INTERCEPTED = (
+  nnx.Conv,
+  nnx.Linear,
+  nnx.LinearGeneral,
+  nnx.Einsum,
+  nnx.Embed,
+  nnx.BatchNorm,
+  nnx.LayerNorm,
+  nnx.GroupNorm,
+  nnx.RMSNorm,
+)
 _ORIGINAL_CALLS = {cls: cls.__call__ for cls in INTERCEPTED}
 _LOCK = threading.RLock()
 _STATE = threading.local()
@@ -70,8 +80,7 @@ Path = tuple
 
 def inference_view(model: nnx.Module) -> nnx.Module:
   """`model` with BatchNorm running averages and dropout off (shares its arrays)."""
-  return nnx.view(model, use_running_average=True, deterministic=True,
-                  raise_if_not_found=False)
+  return nnx.view(model, use_running_average=True, deterministic=True, raise_if_not_found=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,10 +90,11 @@ def inference_view(model: nnx.Module) -> nnx.Module:
 @dataclasses.dataclass
 class _Call:
   """One intercepted layer call: which layer, which class's call ran, its static arguments."""
+
   module_path: Path
   base: type
-  args_tree: Any            # treedef of (args, kwargs)
-  static_leaves: tuple      # the non-array leaves (None, flags), in order; arrays are None
+  args_tree: Any  # treedef of (args, kwargs)
+  static_leaves: tuple  # the non-array leaves (None, flags), in order; arrays are None
   out_shape: jax.ShapeDtypeStruct
 
 
@@ -92,8 +102,9 @@ class _Recorder:
   """Collects calls during one trace; `perturbations` (or shadowing) applied to outputs."""
 
   def __init__(self, model: nnx.Module, perturbations=None, shadow: bool = False):
-    self.module_paths = {id(node): path for path, node in nnx.iter_graph(model)
-                         if isinstance(node, nnx.Module)}
+    self.module_paths = {
+      id(node): path for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)
+    }
     self.perturbations = None if perturbations is None else iter(perturbations)
     self.shadow = shadow
     self.calls: list[_Call] = []
@@ -110,9 +121,15 @@ class _Recorder:
         out = call(module, *args, **kwargs)
     else:
       out = call(module, *args, **kwargs)
-    self.calls.append(_Call(self.module_paths.get(id(module)), base, tree,
-                            tuple(None if a else x for a, x in zip(is_array, leaves)),
-                            jax.ShapeDtypeStruct(out.shape, out.dtype)))
+    self.calls.append(
+      _Call(
+        self.module_paths.get(id(module)),
+        base,
+        tree,
+        tuple(None if a else x for a, x in zip(is_array, leaves)),
+        jax.ShapeDtypeStruct(out.shape, out.dtype),
+      )
+    )
     self.arrays.append([x for a, x in zip(is_array, leaves) if a])
     if self.perturbations is not None:
       out = out + next(self.perturbations)
@@ -148,6 +165,7 @@ def _make_wrapper(base):
       return recorder(base, self, args, kwargs)
     finally:
       _STATE.recorder = recorder
+
   return wrapper
 
 
@@ -175,9 +193,9 @@ def _intercept(recorder: _Recorder):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  calls: tuple            # _Call per intercepted layer call, in call order
-  tapped: frozenset       # parameter paths whose norms come from the layer calls
-  leftovers: tuple        # (path, reason) of the parameters differentiated directly
+  calls: tuple  # _Call per intercepted layer call, in call order
+  tapped: frozenset  # parameter paths whose norms come from the layer calls
+  leftovers: tuple  # (path, reason) of the parameters differentiated directly
 
 
 def _param_paths(model) -> dict[int, Path]:
@@ -197,6 +215,7 @@ def make_plan(graphdef, params, rest, example, apply_fn) -> Plan:
 
   `apply_fn(model, x)` is the scalar loss of one example `x` (a batch of one).
   """
+
   def shadowed(p, x):
     model = nnx.merge(graphdef, p, rest)
     with _intercept(_Recorder(model, shadow=True)) as recorder:
@@ -209,7 +228,7 @@ def make_plan(graphdef, params, rest, example, apply_fn) -> Plan:
   closed = jax.make_jaxpr(shadowed)(params, example)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   used = _used_invars(closed.jaxpr)
-  used_outside = {i for i, v in enumerate(closed.jaxpr.invars[:len(flat)]) if v in used}
+  used_outside = {i for i, v in enumerate(closed.jaxpr.invars[: len(flat)]) if v in used}
   paths = [path for path, _ in nnx.to_flat_state(params)]
   model, calls = holder["model"], holder["calls"]
   modules = dict(_modules(model))
@@ -245,15 +264,21 @@ def _modules(model):
   return ((path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module))
 
 
-def report(plan: Plan, log=logging.getLogger(__name__)) -> None:
+_LOG = logging.getLogger(__name__)
+
+
+def report(plan: Plan, log: logging.Logger = _LOG) -> None:
   """Logs the leftover parameters once per distinct set."""
   if not plan.leftovers:
     return
   text = "; ".join(f"{'/'.join(map(str, path))} ({reason})" for path, reason in plan.leftovers)
   if text not in _REPORTED:
     _REPORTED.add(text)
-    log.warning("per-example gradients taken directly (no closed form) for %d parameter "
-                "tensor(s): %s", len(plan.leftovers), text)
+    log.warning(
+      "per-example gradients taken directly (no closed form) for %d parameter tensor(s): %s",
+      len(plan.leftovers),
+      text,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +291,7 @@ class _Outer:
 
   `shifted`: per kernel offset k, (T, groups, p) inputs; `grads`: (T, groups, o).
   """
+
   shifted: list
   grads: jax.Array
   shape: tuple
@@ -273,7 +299,7 @@ class _Outer:
 
 @dataclasses.dataclass
 class _Lookup:
-  ids: jax.Array    # (T,)
+  ids: jax.Array  # (T,)
   grads: jax.Array  # (T, D)
   shape: tuple
 
@@ -282,7 +308,7 @@ def _dense_rule(module, x, g, axes):
   """Linear / LinearGeneral: tokens are the non-contracted axes."""
   axes = tuple(a % x.ndim for a in axes)
   x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
-  p = math.prod(x.shape[x.ndim - len(axes):])
+  p = math.prod(x.shape[x.ndim - len(axes) :])
   a = x.reshape(-1, 1, p).astype(g.dtype)
   g = g.reshape(a.shape[0], 1, -1)
   out = {"kernel": _Outer([a], g, module.kernel.shape)}
@@ -297,7 +323,7 @@ def _conv_padding(module, x, kernel_size, dilation, strides):
     return [(0, 0)] * len(kernel_size)
   if padding == "SAME":
     effective = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
-    return jax.lax.padtype_to_pads(x.shape[-len(kernel_size) - 1:-1], effective, strides, "SAME")
+    return jax.lax.padtype_to_pads(x.shape[-len(kernel_size) - 1 : -1], effective, strides, "SAME")
   return None if isinstance(padding, str) else [tuple(p) for p in padding]
 
 
@@ -313,16 +339,19 @@ def _conv_rule(module, x, g):
   padding = _conv_padding(module, x, module.kernel_size, dilation, strides)
   if padding is None:
     return None
-  x = x.reshape((-1,) + x.shape[-rank - 1:])
+  x = x.reshape((-1,) + x.shape[-rank - 1 :])
   x = jnp.pad(x, [(0, 0)] + list(padding) + [(0, 0)])
-  out_sizes = g.shape[-rank - 1:-1]
+  out_sizes = g.shape[-rank - 1 : -1]
   groups = module.feature_group_count
   shifted = []
   for offset in itertools.product(*(range(k) for k in module.kernel_size)):
-    index = tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
-                  for o, d, s, n in zip(offset, dilation, strides, out_sizes))
-    shifted.append(x[(slice(None),) + index].reshape(-1, groups, x.shape[-1] // groups)
-                   .astype(g.dtype))
+    index = tuple(
+      slice(o * d, o * d + s * (n - 1) + 1, s)
+      for o, d, s, n in zip(offset, dilation, strides, out_sizes)
+    )
+    shifted.append(
+      x[(slice(None),) + index].reshape(-1, groups, x.shape[-1] // groups).astype(g.dtype)
+    )
   grads = g.reshape(-1, groups, g.shape[-1] // groups)
   out = {"kernel": _Outer(shifted, grads, module.kernel.shape)}
   if module.bias is not None:
@@ -354,20 +383,31 @@ def _closed_form(module, base, args, kwargs, g):
   x = args[0]
   if base is nnx.Linear and module.dot_general is jax.lax.dot_general:
     return _dense_rule(module, x, g, (-1,))
-  if (base is nnx.LinearGeneral and not module.batch_axis and module.dot_general is None
-      and module.dot_general_cls is None):
-    return _dense_rule(module, x, g, module.axis if isinstance(module.axis, tuple)
-                       else (module.axis,))
-  if (base is nnx.Conv and module.mask is None
-      and module.conv_general_dilated is jax.lax.conv_general_dilated
-      and all(d == 1 for d in np.atleast_1d(module.input_dilation or 1))):
+  if (
+    base is nnx.LinearGeneral
+    and not module.batch_axis
+    and module.dot_general is None
+    and module.dot_general_cls is None
+  ):
+    return _dense_rule(
+      module, x, g, module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    )
+  if (
+    base is nnx.Conv
+    and module.mask is None
+    and module.conv_general_dilated is jax.lax.conv_general_dilated
+    and all(d == 1 for d in np.atleast_1d(module.input_dilation or 1))
+  ):
     return _conv_rule(module, x, g)
-  if (base is nnx.BatchNorm and module.use_running_average and module.axis in (-1, x.ndim - 1)
-      and module.axis_name is None):
+  if (
+    base is nnx.BatchNorm
+    and module.use_running_average
+    and module.axis in (-1, x.ndim - 1)
+    and module.axis_name is None
+  ):
     return _batch_norm_rule(module, x, g)
   if base is nnx.Embed and module.num_embeddings > 1:
-    return {"embedding": _Lookup(x.reshape(-1), g.reshape(-1, g.shape[-1]),
-                                 module.embedding.shape)}
+    return {"embedding": _Lookup(x.reshape(-1), g.reshape(-1, g.shape[-1]), module.embedding.shape)}
   return None
 
 
@@ -389,8 +429,10 @@ def _is_own_param(path, node) -> bool:
 
 def _materialise(part) -> jax.Array:
   if isinstance(part, _Outer):
-    per_offset = [jnp.einsum("tgp,tgo->pgo", a, part.grads, preferred_element_type=jnp.float32)
-                  for a in part.shifted]
+    per_offset = [
+      jnp.einsum("tgp,tgo->pgo", a, part.grads, preferred_element_type=jnp.float32)
+      for a in part.shifted
+    ]
     return jnp.stack([k.reshape(k.shape[0], -1) for k in per_offset]).reshape(part.shape)
   if isinstance(part, _Lookup):
     return jnp.zeros(part.shape, jnp.float32).at[part.ids].add(part.grads.astype(jnp.float32))
@@ -399,8 +441,9 @@ def _materialise(part) -> jax.Array:
 
 def _squared_norm(parts: list) -> jax.Array:
   """||sum of the parts||^2 for one parameter tensor of one example."""
-  dot = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST,
-                          preferred_element_type=jnp.float32)
+  dot = functools.partial(
+    jnp.einsum, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+  )
   if all(isinstance(p, _Outer) for p in parts):
     shifted = [jnp.concatenate(s) for s in zip(*(p.shifted for p in parts))]
     g = jnp.concatenate([p.grads for p in parts])
@@ -431,6 +474,7 @@ def _squared_norm(parts: list) -> jax.Array:
 def _example_loss(loss_fn):
   def apply(model, x):
     return loss_fn(model(x[None]))[0]
+
   return apply
 
 
@@ -443,7 +487,7 @@ def squared_norms(graphdef, params, rest, inputs, loss_fn: Callable) -> jax.Arra
   plan = make_plan(graphdef, params, rest, inputs[0], apply)
   report(plan)
   model = nnx.merge(graphdef, params, rest)
-  grads = (_batched_grads(model, plan, inputs, loss_fn) if not plan.leftovers else None)
+  grads = _batched_grads(model, plan, inputs, loss_fn) if not plan.leftovers else None
   if grads is None:
     grads = _vmapped_grads(model, plan, inputs, apply)
   return _norms_from_grads(model, plan, *grads)
@@ -463,8 +507,8 @@ def _vmapped_grads(model, plan: Plan, inputs, apply):
 
   zeros = [jnp.zeros(c.out_shape.shape, c.out_shape.dtype) for c in plan.calls]
   (out_grads, left_grads), arrays = jax.vmap(
-      jax.grad(example, argnums=(0, 1), has_aux=True), in_axes=(None, None, 0))(
-          zeros, leftover, inputs)
+    jax.grad(example, argnums=(0, 1), has_aux=True), in_axes=(None, None, 0)
+  )(zeros, leftover, inputs)
   return arrays, out_grads, left_grads
 
 
@@ -493,8 +537,11 @@ def _batched_grads(model, plan: Plan, inputs, loss_fn):
   if len(out_shapes) != len(plan.calls):
     return None
   for call, out, arr in zip(plan.calls, out_shapes, recorder.arrays):
-    if (call.out_shape.shape[:1] != (1,) or out.shape != (n,) + call.out_shape.shape[1:]
-        or any(a.shape[:1] != (n,) for a in arr)):
+    if (
+      call.out_shape.shape[:1] != (1,)
+      or out.shape != (n,) + call.out_shape.shape[1:]
+      or any(a.shape[:1] != (n,) for a in arr)
+    ):
       return None
   zeros = [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
   out_grads, arrays = jax.grad(total, has_aux=True)(zeros)
@@ -513,7 +560,8 @@ def _norms_from_grads(model, plan: Plan, arrays, out_grads, left_grads):
       module = modules[call.module_path]
       leaves = iter(arr)
       args, kwargs = jax.tree.unflatten(
-          call.args_tree, [next(leaves) if s is None else s for s in call.static_leaves])
+        call.args_tree, [next(leaves) if s is None else s for s in call.static_leaves]
+      )
       rule = _closed_form(module, call.base, args, kwargs, g)
       if rule is None:
         rule = _local_rule(module, call.base, args, kwargs, g)
@@ -536,8 +584,9 @@ def reduce(squared: jax.Array, reduction: str) -> jax.Array:
   return jnp.sqrt(jnp.sum(squared, axis=1))
 
 
-def per_example_grad_norms(model: nnx.Module, loss_fn: Callable, inputs, *,
-                           reduction: str = "layer_sum") -> jax.Array:
+def per_example_grad_norms(
+  model: nnx.Module, loss_fn: Callable, inputs, *, reduction: str = "layer_sum"
+) -> jax.Array:
   """||d loss_fn(model(x))_i / d params|| for every example i of `inputs`, exactly.
 
   Args:
@@ -556,5 +605,8 @@ def per_example_grad_norms(model: nnx.Module, loss_fn: Callable, inputs, *,
 
 @functools.lru_cache(maxsize=32)
 def _jitted_norms(graphdef, loss_fn, reduction):
-  return jax.jit(lambda params, rest, inputs: reduce(
-      squared_norms(graphdef, params, rest, inputs, loss_fn), reduction))
+  return jax.jit(
+    lambda params, rest, inputs: reduce(
+      squared_norms(graphdef, params, rest, inputs, loss_fn), reduction
+    )
+  )

@@ -28,7 +28,9 @@ from lplgrad_jax import query
 from lplgrad_jax import reporting
 from lplgrad_jax import train
 from lplgrad_jax.checkpoint import Checkpointer
-from lplgrad_jax.data import IMAGE_SUFFIXES, image_files, read_image
+from lplgrad_jax.data import IMAGE_SUFFIXES
+from lplgrad_jax.data import image_files
+from lplgrad_jax.data import read_image
 from lplgrad_jax.errors import ConfigError
 
 PREDICTIONS_FILE = "predictions.csv"
@@ -45,9 +47,15 @@ class Model:
 
 def load_model(workdir: str) -> Model:
   """The learner of the newest checkpoint in `workdir`, and how to feed it images."""
-  results = reporting.read_results(workdir, lambda r: (
-      r["config"]["checkpoint"]["keep"], r["config"]["model"], r["use_aux"],
-      [r["data"][k] for k in ("class_names", "image_size", "normalization")]))
+  results = reporting.read_results(
+    workdir,
+    lambda r: (
+      r["config"]["checkpoint"]["keep"],
+      r["config"]["model"],
+      r["use_aux"],
+      [r["data"][k] for k in ("class_names", "image_size", "normalization")],
+    ),
+  )
   config, data = results["config"], results["data"]
   class_names = tuple(data["class_names"])
   image_size = int(data["image_size"])
@@ -55,14 +63,22 @@ def load_model(workdir: str) -> Model:
   use_aux, keep = bool(results["use_aux"]), config["checkpoint"]["keep"]
   checkpointer = Checkpointer(workdir, keep=keep)
   if not checkpointer.exists():
-    raise ConfigError(f"{checkpointer.directory} holds no checkpoint: expected the workdir of "
-                      "a campaign that has trained at least one round")
+    raise ConfigError(
+      f"{checkpointer.directory} holds no checkpoint: expected the workdir of "
+      "a campaign that has trained at least one round"
+    )
   # The restore target: same structure as the saved state. max_labeled only
   # sizes training buffers, which prediction has none of.
-  learner = models.create_learner(ml_collections.ConfigDict(config["model"]), len(class_names),
-                                  use_aux=use_aux, key=jax.random.key(0), image_size=image_size)
-  step_config = train.StepConfig.from_config(ml_collections.ConfigDict(config["train"]),
-                                             max_labeled=1, use_aux=use_aux)
+  learner = models.create_learner(
+    ml_collections.ConfigDict(config["model"]),
+    len(class_names),
+    use_aux=use_aux,
+    key=jax.random.key(0),
+    image_size=image_size,
+  )
+  step_config = train.StepConfig.from_config(
+    ml_collections.ConfigDict(config["train"]), max_labeled=1, use_aux=use_aux
+  )
   _, state = train.create_train_state(learner, step_config)
   try:
     state, position = checkpointer.restore(state, delete_corrupt=False)
@@ -78,8 +94,9 @@ def image_paths(path: str) -> list[str]:
   if os.path.isfile(path):
     return [path]
   if not os.path.isdir(path):
-    raise ConfigError(f"--images={path} does not exist: expected an image file or a folder "
-                      "of images")
+    raise ConfigError(
+      f"--images={path} does not exist: expected an image file or a folder of images"
+    )
   paths = [os.path.join(path, f) for f in image_files(path)]
   if not paths:
     raise ConfigError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -98,7 +115,7 @@ def classify(model: Model, paths: list[str], batch_size: int) -> list[tuple[str,
   rows = []
   for start in range(0, len(paths), batch_size):
     files, images = [], []
-    for path in paths[start:start + batch_size]:
+    for path in paths[start : start + batch_size]:
       try:
         images.append(read_image(path, model.image_size))
         files.append(path)
@@ -106,8 +123,9 @@ def classify(model: Model, paths: list[str], batch_size: int) -> list[tuple[str,
         print(f"warning: {e}; skipped", file=sys.stderr, flush=True)
     if not images:
       continue
-    logits = query.model_outputs(model.learner, np.stack(images), model.normalization,
-                                 batch_size)["logits"]
+    logits = query.model_outputs(model.learner, np.stack(images), model.normalization, batch_size)[
+      "logits"
+    ]
     probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
     for file, p in zip(files, probabilities):
       k = int(np.argmax(p))
@@ -118,25 +136,34 @@ def classify(model: Model, paths: list[str], batch_size: int) -> list[tuple[str,
 
 
 def predict(workdir: str, paths: list[str], batch_size: int = 256) -> list[tuple[str, str, float]]:
-  """(file, class name, confidence) of each readable image of `paths` by `workdir`'s newest model."""
+  """(file, class name, confidence) of each readable image of `paths`, by `workdir`'s
+  newest model."""
   return classify(load_model(workdir), paths, batch_size)
 
 
 def write_predictions(path: str, rows: list[tuple[str, str, float]]) -> None:
-  reporting.write_csv(path, ("file", "class", "confidence"),
-                      [(file, name, f"{confidence:.4f}") for file, name, confidence in rows])
+  reporting.write_csv(
+    path,
+    ("file", "class", "confidence"),
+    [(file, name, f"{confidence:.4f}") for file, name, confidence in rows],
+  )
 
 
 def _define_flags() -> None:
   """Defined only when run as a program: `lplgrad_jax.main` defines --workdir as well, and
   importing this module for `predict()` must not clash with it."""
-  flags.DEFINE_string("workdir", None, "Workdir of a campaign (holds results.json and "
-                      "checkpoints/); its newest checkpoint is used.")
-  flags.DEFINE_string("images", None, "An image file, or a folder searched recursively for "
-                      f"images ({', '.join(IMAGE_SUFFIXES)}).")
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Workdir of a campaign (holds results.json and checkpoints/); its newest checkpoint is used.",
+  )
+  flags.DEFINE_string(
+    "images",
+    None,
+    f"An image file, or a folder searched recursively for images ({', '.join(IMAGE_SUFFIXES)}).",
+  )
   flags.DEFINE_string("out", None, f"CSV to write (default: WORKDIR/{PREDICTIONS_FILE}).")
-  flags.DEFINE_integer("batch_size", 256, "Images read and classified at a time.",
-                       lower_bound=1)
+  flags.DEFINE_integer("batch_size", 256, "Images read and classified at a time.", lower_bound=1)
   flags.mark_flags_as_required(["workdir", "images"])
 
 
@@ -151,8 +178,10 @@ def main(argv):
     write_predictions(out, rows)
   except ConfigError as e:
     errors.exit_with(e)
-  print(f"{len(rows)} of {len(paths)} files classified by the model after "
-        f"{model.rounds_trained} trained round(s): {out}")
+  print(
+    f"{len(rows)} of {len(paths)} files classified by the model after "
+    f"{model.rounds_trained} trained round(s): {out}"
+  )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from lplgrad_jax import pergrad
 from lplgrad_jax import sharding
 from lplgrad_jax.errors import check_choice
 from lplgrad_jax.train import normalize
-from lplgrad_jax.utils import ceil_div, round_up
+from lplgrad_jax.utils import ceil_div
+from lplgrad_jax.utils import round_up
 
 REDUCTIONS = ("layer_sum", "frobenius")
 METHODS = ("fast", "vmap")
@@ -67,7 +68,7 @@ def max_probability(logits: jax.Array) -> jax.Array:
 def _padded_chunks(images: np.ndarray, chunk_size: int):
   """Yields (chunk padded to chunk_size, number of real images) so one shape compiles."""
   for start in range(0, len(images), chunk_size):
-    chunk = images[start:start + chunk_size]
+    chunk = images[start : start + chunk_size]
     real = len(chunk)
     if real < chunk_size:
       chunk = np.concatenate([chunk, np.zeros((chunk_size - real,) + chunk.shape[1:], chunk.dtype)])
@@ -79,20 +80,24 @@ def _outputs_batch(graphdef, params, rest, images_uint8, mean, std):
   learner = nnx.merge(graphdef, params, rest)
   logits, features = learner.classifier(normalize(images_uint8, mean, std))
   embedding = models.pool_feature(features[-1])
-  predicted_loss = (learner.loss_head(features) if learner.loss_head is not None
-                    else jnp.zeros(logits.shape[:1]))
+  predicted_loss = (
+    learner.loss_head(features) if learner.loss_head is not None else jnp.zeros(logits.shape[:1])
+  )
   return logits, embedding, predicted_loss
 
 
-def model_outputs(learner: nnx.Module, images: np.ndarray, normalization,
-                  batch_size: int) -> dict[str, np.ndarray]:
+def model_outputs(
+  learner: nnx.Module, images: np.ndarray, normalization, batch_size: int
+) -> dict[str, np.ndarray]:
   """Inference-mode logits, penultimate `embedding` and `predicted_loss` of uint8 images."""
   graphdef, params, rest = _split_for_inference(learner)
   mean, std = (np.asarray(a, np.float32) for a in normalization)
-  parts = [jax.device_get(_outputs_batch(graphdef, params, rest, chunk, mean, std))
-           + (real,) for chunk, real in _padded_chunks(np.asarray(images), batch_size)]
+  parts = [
+    jax.device_get(_outputs_batch(graphdef, params, rest, chunk, mean, std)) + (real,)
+    for chunk, real in _padded_chunks(np.asarray(images), batch_size)
+  ]
   names = ("logits", "embedding", "predicted_loss")
-  return {name: np.concatenate([p[i][:p[-1]] for p in parts]) for i, name in enumerate(names)}
+  return {name: np.concatenate([p[i][: p[-1]] for p in parts]) for i, name in enumerate(names)}
 
 
 def evaluate(learner: nnx.Module, dataset, normalization, batch_size: int) -> dict:
@@ -104,8 +109,10 @@ def evaluate(learner: nnx.Module, dataset, normalization, batch_size: int) -> di
     return {"accuracy": None, "per_class_accuracy": None}
   logits = model_outputs(learner, dataset.x_test, normalization, batch_size)["logits"]
   correct = np.argmax(logits, -1) == dataset.y_test
-  per_class = [float(correct[dataset.y_test == c].mean()) if np.any(dataset.y_test == c) else 0.0
-               for c in range(dataset.num_classes)]
+  per_class = [
+    float(correct[dataset.y_test == c].mean()) if np.any(dataset.y_test == c) else 0.0
+    for c in range(dataset.num_classes)
+  ]
   return {"accuracy": float(correct.mean()), "per_class_accuracy": per_class}
 
 
@@ -114,8 +121,7 @@ def _squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("k", "center_chunk"))
-def k_center_greedy(candidates: jax.Array, centers: jax.Array, k: int,
-                    center_chunk: int = 1024):
+def k_center_greedy(candidates: jax.Array, centers: jax.Array, k: int, center_chunk: int = 1024):
   """Sener & Savarese's greedy k-center: repeatedly take the candidate farthest from all centers.
 
   Returns (indices of the k picks in order, covering radius before each pick).
@@ -133,8 +139,10 @@ def k_center_greedy(candidates: jax.Array, centers: jax.Array, k: int,
     return jnp.minimum(min_d, jnp.min(d, axis=1)), None
 
   min_d, _ = jax.lax.scan(
-      reduce_chunk, jnp.full((n,), jnp.inf),
-      (padded.reshape(-1, center_chunk, centers.shape[1]), valid.reshape(-1, center_chunk)))
+    reduce_chunk,
+    jnp.full((n,), jnp.inf),
+    (padded.reshape(-1, center_chunk, centers.shape[1]), valid.reshape(-1, center_chunk)),
+  )
 
   def pick(i, carry):
     min_d, picks, radii = carry
@@ -144,7 +152,8 @@ def k_center_greedy(candidates: jax.Array, centers: jax.Array, k: int,
     return jnp.minimum(min_d, d).at[j].set(-1.0), picks.at[i].set(j), radii
 
   _, picks, radii = jax.lax.fori_loop(
-      0, k, pick, (min_d, jnp.zeros((k,), jnp.int32), jnp.zeros((k,))))
+    0, k, pick, (min_d, jnp.zeros((k,), jnp.int32), jnp.zeros((k,)))
+  )
   return picks, radii
 
 
@@ -189,8 +198,9 @@ def _fast_scores(graphdef, params, rest, images, mean, std, reduction):
   """Exact per-example gradient norms from one batched backward pass (`pergrad`)."""
   if images.dtype == jnp.uint8:
     images = normalize(images, mean, std)
-  return pergrad.reduce(pergrad.squared_norms(graphdef, params, rest, images, output_entropy),
-                        reduction)
+  return pergrad.reduce(
+    pergrad.squared_norms(graphdef, params, rest, images, output_entropy), reduction
+  )
 
 
 def _image_entropy(params, graphdef, rest, image):
@@ -202,9 +212,9 @@ def _vmap_grad_scores(graphdef, params, rest, images, mean, std, reduction):
   if images.dtype == jnp.uint8:
     images = normalize(images, mean, std)
   grads = jax.vmap(jax.grad(_image_entropy), in_axes=(None, None, None, 0))(
-      params, graphdef, rest, images)
-  squared = [jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
-             for g in jax.tree.leaves(grads)]
+    params, graphdef, rest, images
+  )
+  squared = [jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in jax.tree.leaves(grads)]
   return reduce_tensor_norms(squared, reduction)
 
 
@@ -218,6 +228,7 @@ def _chunk_scorer(graphdef, reduction: str, method: str, mesh):
   Cached per model structure: the jitted function then takes arrays alone, so
   a chunk's dispatch does not hash the graphdef (milliseconds for a ResNet).
   """
+
   def score_shard(params, rest, images, mean, std):
     return _SCORERS[method](graphdef, params, rest, images, mean, std, reduction)
 
@@ -225,10 +236,16 @@ def _chunk_scorer(graphdef, reduction: str, method: str, mesh):
   # check_vma=False: differentiating w.r.t. the replicated parameters must give each
   # device its own examples' gradients; with VMA checks JAX would sum them over devices.
   # Scores leave replicated: every process (of a multi-host run) reads all of them.
-  return jax.jit(jax.shard_map(score_shard, mesh=mesh,
-                               in_specs=(replicated, replicated, split, replicated, replicated),
-                               out_specs=split, check_vma=False),
-                 out_shardings=sharding.replicated(mesh))
+  return jax.jit(
+    jax.shard_map(
+      score_shard,
+      mesh=mesh,
+      in_specs=(replicated, replicated, split, replicated, replicated),
+      out_specs=split,
+      check_vma=False,
+    ),
+    out_shardings=sharding.replicated(mesh),
+  )
 
 
 def _split_for_inference(model: nnx.Module, compute_dtype: str = "float32"):
@@ -237,10 +254,18 @@ def _split_for_inference(model: nnx.Module, compute_dtype: str = "float32"):
   return nnx.split(models.with_compute_dtype(view, compute_dtype), nnx.Param, ...)
 
 
-def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum",
-                       method: str = "fast", chunk_size: int = 64, normalization=None,
-                       progress: bool = False, mesh=None,
-                       compute_dtype: str = "float32") -> np.ndarray:
+def entropy_grad_norms(
+  model: nnx.Module,
+  images,
+  *,
+  reduction: str = "layer_sum",
+  method: str = "fast",
+  chunk_size: int = 64,
+  normalization=None,
+  progress: bool = False,
+  mesh=None,
+  compute_dtype: str = "float32",
+) -> np.ndarray:
   """One score per image: ||d entropy(softmax(model(x))) / d params||.
 
   Args:
@@ -264,15 +289,23 @@ def entropy_grad_norms(model: nnx.Module, images, *, reduction: str = "layer_sum
   images = np.asarray(images)
   if images.dtype == np.uint8 and normalization is None:
     raise ValueError("uint8 images need normalization=(mean, std)")
-  mean, std = (np.zeros(3, np.float32), np.ones(3, np.float32)) if normalization is None \
-      else (np.asarray(normalization[0], np.float32), np.asarray(normalization[1], np.float32))
+  mean, std = (
+    (np.zeros(3, np.float32), np.ones(3, np.float32))
+    if normalization is None
+    else (np.asarray(normalization[0], np.float32), np.asarray(normalization[1], np.float32))
+  )
   graphdef, params, rest = _split_for_inference(model, compute_dtype)
   params, rest = sharding.replicate((params, rest), mesh)
   score = _chunk_scorer(graphdef, reduction, method, mesh)
   pending = []
-  for chunk, real in tqdm(_padded_chunks(images, chunk_size), desc="query", unit="chunk",
-                          total=ceil_div(len(images), chunk_size), disable=not progress,
-                          leave=False):
+  for chunk, real in tqdm(
+    _padded_chunks(images, chunk_size),
+    desc="query",
+    unit="chunk",
+    total=ceil_div(len(images), chunk_size),
+    disable=not progress,
+    leave=False,
+  ):
     pending.append((score(params, rest, sharding.split_batch(chunk, mesh), mean, std), real))
     if len(pending) > 2:  # two chunks in flight: the device never waits for the host
       pending[-3][0].block_until_ready()

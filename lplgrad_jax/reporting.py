@@ -17,7 +17,9 @@ TENSORBOARD_DIR = "tensorboard"
 def write_atomic(path: str, write_fn, mode: str = "w") -> None:
   """Writes through a temporary file in the same directory, then renames it over `path`."""
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(
+    dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
+  )
   try:
     with os.fdopen(fd, mode) as f:
       write_fn(f)
@@ -47,18 +49,22 @@ def read_results(workdir: str, needed, *, of: str = "a campaign") -> dict:
   `of` says what kind of campaign the caller expects in the message.
   """
   from lplgrad_jax.errors import ConfigError
+
   path = os.path.join(workdir, RESULTS_FILE)
   if not os.path.isfile(path):
-    raise ConfigError(f"{path} is missing: expected the --workdir of {of} "
-                      "(python -m lplgrad_jax.main)")
+    raise ConfigError(
+      f"{path} is missing: expected the --workdir of {of} (python -m lplgrad_jax.main)"
+    )
   try:
     with open(path) as f:
       results = json.load(f)
     needed(results)
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise ConfigError(f"{path} is not a results file this tool can use ({type(e).__name__}: "
-                      f"{e}): expected one written by lplgrad_jax.main of this version "
-                      "(resuming the campaign rewrites it)") from None
+    raise ConfigError(
+      f"{path} is not a results file this tool can use ({type(e).__name__}: "
+      f"{e}): expected one written by lplgrad_jax.main of this version "
+      "(resuming the campaign rewrites it)"
+    ) from None
   return results
 
 
@@ -70,12 +76,15 @@ def write_results(path: str, results: dict) -> None:
 def plot_accuracy(path: str, rounds: list[dict], title: str) -> None:
   """Test accuracy against the number of labeled images, one point per round."""
   import matplotlib
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
+
   rounds = [r for r in rounds if r["test_accuracy"] is not None]  # None: no test split
   fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot([r["num_labeled"] for r in rounds], [100 * r["test_accuracy"] for r in rounds],
-          marker="o")
+  ax.plot(
+    [r["num_labeled"] for r in rounds], [100 * r["test_accuracy"] for r in rounds], marker="o"
+  )
   ax.set_xlabel("labeled images")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
@@ -90,8 +99,10 @@ def summary_table(rounds: list[dict]) -> str:
   lines = [header, "-" * len(header)]
   for r in rounds:
     accuracy = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}%"
-    lines.append(f"{r['round'] + 1:>5}  {r['num_labeled']:>8}  {accuracy:>8}"
-                 f"  {r['train_seconds']:>8.1f}  {r['query_seconds']:>8.1f}")
+    lines.append(
+      f"{r['round'] + 1:>5}  {r['num_labeled']:>8}  {accuracy:>8}"
+      f"  {r['train_seconds']:>8.1f}  {r['query_seconds']:>8.1f}"
+    )
   return "\n".join(lines)
 
 
@@ -102,6 +113,7 @@ class MetricsLogger:
     self.writer = None
     if enabled:
       from tensorboardX import SummaryWriter
+
       self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
     self.epochs_done = epochs_done
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.utils import round_up
@@ -29,8 +32,7 @@ DATA_AXIS = "data"
 def data_mesh(devices=None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   # Auto axes: shardings are hints to XLA's partitioner, not part of array types.
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-                       devices=devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -67,15 +69,21 @@ def _padded_rows(num_rows: int, mesh: Mesh) -> int:
 def process_rows(mesh: Mesh):
   """The pool rows this process's devices hold when the pool is split by rows: a
   function of the pool's size N giving (first row, end row), end clipped to N."""
+
   def rows(num_rows: int) -> tuple[int, int]:
     shape = (_padded_rows(num_rows, mesh),)
-    held = [index[0] for index in batch_sharded(mesh).addressable_devices_indices_map(shape).values()]
+    held = [
+      index[0] for index in batch_sharded(mesh).addressable_devices_indices_map(shape).values()
+    ]
     start, end = min(s.start for s in held), max(s.stop for s in held)
     if sum(s.stop - s.start for s in held) != end - start:
-      raise ConfigError("data.shard_pool=True needs each process's devices to hold one block of "
-                        "rows, but the device mesh interleaves processes (e.g. a TPU topology "
-                        "order): expected data.shard_pool=False here")
+      raise ConfigError(
+        "data.shard_pool=True needs each process's devices to hold one block of "
+        "rows, but the device mesh interleaves processes (e.g. a TPU topology "
+        "order): expected data.shard_pool=False here"
+      )
     return min(start, num_rows), min(end, num_rows)
+
   return rows
 
 
@@ -89,7 +97,9 @@ def shard_rows(tree, num_rows: int, mesh: Mesh):
     local = np.asarray(local)
     filler = np.zeros((end - start - len(local),) + local.shape[1:], local.dtype)
     return jax.make_array_from_process_local_data(
-        batch_sharded(mesh), np.concatenate([local, filler]), (padded,) + local.shape[1:])
+      batch_sharded(mesh), np.concatenate([local, filler]), (padded,) + local.shape[1:]
+    )
+
   return jax.tree.map(put, tree)
 
 
@@ -99,6 +109,7 @@ def gather_rows(tree, ids, mesh: Mesh):
   Each device takes the requested rows it holds (zeros for the others) and one
   all-reduce adds them up: the cost is the gathered rows, never the pool.
   """
+
   def local(shard, ids):
     offset = ids - jax.lax.axis_index(DATA_AXIS) * shard.shape[0]
     held = (offset >= 0) & (offset < shard.shape[0])
@@ -106,6 +117,11 @@ def gather_rows(tree, ids, mesh: Mesh):
     held = held.reshape(held.shape + (1,) * (picked.ndim - 1))
     return jax.lax.psum(jnp.where(held, picked, jnp.zeros((), picked.dtype)), DATA_AXIS)
 
-  gather = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(DATA_AXIS), PartitionSpec()),
-                         out_specs=PartitionSpec(), check_vma=False)
+  gather = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(PartitionSpec(DATA_AXIS), PartitionSpec()),
+    out_specs=PartitionSpec(),
+    check_vma=False,
+  )
   return jax.tree.map(lambda x: gather(x, ids), tree)

@@ -48,8 +48,9 @@ class StopRequest:
       os.set_blocking(write_end, False)
       self._pipe = (read_end, write_end)
       self._previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-      threading.Thread(target=self._watch, args=(read_end,), daemon=True,
-                       name="stop-request-watcher").start()
+      threading.Thread(
+        target=self._watch, args=(read_end,), daemon=True, name="stop-request-watcher"
+      ).start()
     return self
 
   def _handle(self, signum, frame):
@@ -81,11 +82,14 @@ class StopRequest:
     while time.monotonic() < deadline and _safely(self.is_saving):
       time.sleep(0.05)
     name = signal.Signals(signum).name
-    message = (f"stopped at once by a second {name}: the newest complete checkpoint is kept; "
-               "rerun the same command to resume from it\n")
+    message = (
+      f"stopped at once by a second {name}: the newest complete checkpoint is kept; "
+      "rerun the same command to resume from it\n"
+    )
     # Flushed by a helper thread: a main thread blocked inside a write holds the stream's lock.
-    flusher = threading.Thread(target=lambda: [_safely(s.flush) for s in (sys.stdout, sys.stderr)],
-                               daemon=True)
+    flusher = threading.Thread(
+      target=lambda: [_safely(s.flush) for s in (sys.stdout, sys.stderr)], daemon=True
+    )
     flusher.start()
     flusher.join(timeout=1.0)
     os.write(2, message.encode())

@@ -16,7 +16,7 @@ Learning Loss cannot query without its module.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -25,18 +25,19 @@ from flax import nnx
 from lplgrad_jax import query
 from lplgrad_jax import sharding
 from lplgrad_jax.data import Dataset
-from lplgrad_jax.errors import ConfigError, check_choice
+from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.errors import check_choice
 
 
 @dataclasses.dataclass
 class QueryContext:
-  learner: nnx.Module          # ActiveLearner: .classifier and optional .loss_head
+  learner: nnx.Module  # ActiveLearner: .classifier and optional .loss_head
   dataset: Dataset
-  subset_ids: np.ndarray       # the random subset R of the unlabeled pool
-  query_size: int              # B'
-  key: jax.Array               # randomness for this round's query
+  subset_ids: np.ndarray  # the random subset R of the unlabeled pool
+  query_size: int  # B'
+  key: jax.Array  # randomness for this round's query
   normalization: tuple[np.ndarray, np.ndarray]
-  query_config: object         # config.query
+  query_config: object  # config.query
   labeled_ids: np.ndarray | None = None  # the labeled set (Coreset's initial centers)
   progress: bool = False
   sharded_pool: tuple | None = None  # (images, labels) split by rows over `mesh`, if so
@@ -50,8 +51,9 @@ class QueryContext:
     return np.asarray(_gather_rows(self.sharded_pool[0], np.asarray(ids, np.int32), self.mesh))
 
   def outputs(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-    return query.model_outputs(self.learner, self.images(ids), self.normalization,
-                               self.query_config.chunk_size)
+    return query.model_outputs(
+      self.learner, self.images(ids), self.normalization, self.query_config.chunk_size
+    )
 
 
 _gather_rows = jax.jit(sharding.gather_rows, static_argnames="mesh")
@@ -59,15 +61,15 @@ _gather_rows = jax.jit(sharding.gather_rows, static_argnames="mesh")
 
 @dataclasses.dataclass
 class Selection:
-  ids: np.ndarray                    # selected ids, best first
-  scores: np.ndarray | None = None   # the scores of the whole subset, if any
+  ids: np.ndarray  # selected ids, best first
+  scores: np.ndarray | None = None  # the scores of the whole subset, if any
 
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
   select: Callable[[QueryContext], Selection]
-  trains_aux: bool = False      # default of config.train.use_aux
-  needs_aux: bool = False       # the query reads the loss head
+  trains_aux: bool = False  # default of config.train.use_aux
+  needs_aux: bool = False  # the query reads the loss head
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -80,6 +82,7 @@ def register(name: str, *, trains_aux: bool = False, needs_aux: bool = False):
   def decorator(fn):
     STRATEGIES[name] = Strategy(fn, trains_aux=trains_aux or needs_aux, needs_aux=needs_aux)
     return fn
+
   return decorator
 
 
@@ -94,21 +97,24 @@ def uses_aux(config) -> bool:
   if use_aux is None:
     return strategy.trains_aux
   if strategy.needs_aux and not use_aux:
-    raise ConfigError(f"strategy {config.strategy!r} queries with the loss-prediction module: "
-                      "expected train.use_aux=True (or unset)")
+    raise ConfigError(
+      f"strategy {config.strategy!r} queries with the loss-prediction module: "
+      "expected train.use_aux=True (or unset)"
+    )
   return bool(use_aux)
 
 
 def top_scores(ctx: QueryContext, scores: np.ndarray) -> Selection:
   """The B' highest-scoring ids of the subset; ties keep subset order."""
-  order = np.argsort(-scores, kind="stable")[:ctx.query_size]
+  order = np.argsort(-scores, kind="stable")[: ctx.query_size]
   return Selection(ctx.subset_ids[order], scores)
 
 
 def _register_output_score(name: str, score_fn, *, needs_aux: bool = False):
   """A strategy that labels the top scores of one function of the model outputs."""
   register(name, needs_aux=needs_aux)(
-      lambda ctx: top_scores(ctx, np.asarray(score_fn(ctx.outputs(ctx.subset_ids)))))
+    lambda ctx: top_scores(ctx, np.asarray(score_fn(ctx.outputs(ctx.subset_ids))))
+  )
 
 
 _register_output_score("entropy", lambda out: query.entropy(out["logits"]))
@@ -125,10 +131,15 @@ def random_query(ctx: QueryContext) -> Selection:
 
 def _entropy_grad_norm_query(ctx: QueryContext) -> Selection:
   scores = query.entropy_grad_norms(
-      ctx.learner.classifier, ctx.images(ctx.subset_ids),
-      reduction=ctx.query_config.reduction, method=ctx.query_config.method,
-      chunk_size=ctx.query_config.chunk_size, compute_dtype=ctx.query_config.compute_dtype,
-      normalization=ctx.normalization, progress=ctx.progress)
+    ctx.learner.classifier,
+    ctx.images(ctx.subset_ids),
+    reduction=ctx.query_config.reduction,
+    method=ctx.query_config.method,
+    chunk_size=ctx.query_config.chunk_size,
+    compute_dtype=ctx.query_config.compute_dtype,
+    normalization=ctx.normalization,
+    progress=ctx.progress,
+  )
   return top_scores(ctx, scores)
 
 

@@ -26,24 +26,26 @@ from lplgrad_jax.utils import ceil_div
 
 
 class TrainState(NamedTuple):
-  params: nnx.State       # nnx.Param leaves of classifier (+ loss_head)
+  params: nnx.State  # nnx.Param leaves of classifier (+ loss_head)
   batch_stats: nnx.State  # nnx.BatchStat leaves (BatchNorm running statistics)
   opt_state: optax.OptState
 
 
 class Pool(NamedTuple):
   """The training pool on the devices, and how its images are normalised."""
+
   images: jax.Array  # (N, H, W, 3) uint8, replicated or split by rows (data.shard_pool)
   labels: jax.Array  # (N,) int32; -1 where unknown (a human oracle's unlabeled images)
-  mean: jax.Array    # (3,) per-channel mean, [0, 1] units
-  std: jax.Array     # (3,) per-channel std
+  mean: jax.Array  # (3,) per-channel mean, [0, 1] units
+  std: jax.Array  # (3,) per-channel std
 
 
 class EpochPlan(NamedTuple):
   """What one epoch's steps share: the batch order and the epoch's settings."""
-  order: jax.Array         # labeled ids in this epoch's order, padded to a whole number of batches
-  num_labeled: jax.Array   # how many ids of `order` are real
-  key: jax.Array           # the epoch's randomness (augmentation of step i: fold_in(key, i + 1))
+
+  order: jax.Array  # labeled ids in this epoch's order, padded to a whole number of batches
+  num_labeled: jax.Array  # how many ids of `order` are real
+  key: jax.Array  # the epoch's randomness (augmentation of step i: fold_in(key, i + 1))
   learning_rate: jax.Array
   detach_features: jax.Array  # stop the loss head's gradient into the main model
 
@@ -51,14 +53,15 @@ class EpochPlan(NamedTuple):
 class Batch(NamedTuple):
   images: jax.Array  # normalised float images
   labels: jax.Array
-  mask: jax.Array    # 1.0 for real examples, 0.0 for padding
+  mask: jax.Array  # 1.0 for real examples, 0.0 for padding
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """The static (hashable) settings a compiled epoch depends on."""
+
   batch_size: int
-  steps_per_epoch: int      # ceil(largest labeled set / batch_size): sizes the id buffer
+  steps_per_epoch: int  # ceil(largest labeled set / batch_size): sizes the id buffer
   momentum: float = 0.9
   weight_decay: float = 5e-4
   use_aux: bool = True
@@ -72,19 +75,30 @@ class StepConfig:
   mesh: Mesh | None = None  # data-parallel over its "data" axis when set
 
   @classmethod
-  def from_config(cls, train_config, max_labeled: int, use_aux: bool,
-                  mesh: Mesh | None = None, pool_sharded: bool = False) -> "StepConfig":
+  def from_config(
+    cls,
+    train_config,
+    max_labeled: int,
+    use_aux: bool,
+    mesh: Mesh | None = None,
+    pool_sharded: bool = False,
+  ) -> StepConfig:
     augment = train_config.augment
     return cls(
-        batch_size=train_config.batch_size,
-        steps_per_epoch=ceil_div(max_labeled, train_config.batch_size),
-        momentum=train_config.momentum, weight_decay=train_config.weight_decay,
-        use_aux=use_aux, aux_weight=train_config.aux_weight,
-        margin=train_config.margin,
-        crop_padding=train_config.crop_padding if "crop" in augment else 0,
-        flip="flip" in augment, compute_dtype=train_config.compute_dtype,
-        epoch_loop=resolve_epoch_loop(train_config.epoch_loop), pool_sharded=pool_sharded,
-        mesh=mesh)
+      batch_size=train_config.batch_size,
+      steps_per_epoch=ceil_div(max_labeled, train_config.batch_size),
+      momentum=train_config.momentum,
+      weight_decay=train_config.weight_decay,
+      use_aux=use_aux,
+      aux_weight=train_config.aux_weight,
+      margin=train_config.margin,
+      crop_padding=train_config.crop_padding if "crop" in augment else 0,
+      flip="flip" in augment,
+      compute_dtype=train_config.compute_dtype,
+      epoch_loop=resolve_epoch_loop(train_config.epoch_loop),
+      pool_sharded=pool_sharded,
+      mesh=mesh,
+    )
 
 
 EPOCH_LOOPS = ("host", "scan")
@@ -101,6 +115,7 @@ def resolve_epoch_loop(epoch_loop: str) -> str:
 
 class LearningRates(NamedTuple):
   """The step sizes of the main model's and the loss-prediction module's parameters."""
+
   main: float
   aux: float
 
@@ -113,14 +128,19 @@ def _scale_by_learning_rates(learning_rate) -> optax.GradientTransformation:
   """-learning_rate times the updates; a `LearningRates` scales the `loss_head` subtree by
   its `aux` rate. Stateless (EmptyState, as optax.sgd's own scaling): checkpoints of the
   single-rate optimizer restore unchanged."""
-  rates = (learning_rate if isinstance(learning_rate, LearningRates)
-           else LearningRates(learning_rate, learning_rate))
+  rates = (
+    learning_rate
+    if isinstance(learning_rate, LearningRates)
+    else LearningRates(learning_rate, learning_rate)
+  )
 
   def update_fn(updates, state, params=None):
     del params
+
     def scale(path, u):
       is_aux = getattr(path[0], "key", None) == "loss_head"
       return -(rates.aux if is_aux else rates.main) * u
+
     return jax.tree_util.tree_map_with_path(scale, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
@@ -132,16 +152,18 @@ def make_optimizer(learning_rate, cfg: StepConfig) -> optax.GradientTransformati
   `learning_rate`: one rate for all parameters, or `LearningRates` (the authors' two
   optimizers, one per model, share everything but the schedule of the rate).
   """
-  return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                     optax.chain(optax.trace(decay=cfg.momentum),
-                                 _scale_by_learning_rates(learning_rate)))
+  return optax.chain(
+    optax.add_decayed_weights(cfg.weight_decay),
+    optax.chain(optax.trace(decay=cfg.momentum), _scale_by_learning_rates(learning_rate)),
+  )
 
 
 def create_train_state(learner: nnx.Module, cfg: StepConfig):
   """Splits a learner (in training mode) into its graphdef and a fresh TrainState."""
   learner.train()
   graphdef, params, batch_stats = nnx.split(
-      models.with_compute_dtype(learner, cfg.compute_dtype), nnx.Param, nnx.BatchStat)
+    models.with_compute_dtype(learner, cfg.compute_dtype), nnx.Param, nnx.BatchStat
+  )
   opt_state = make_optimizer(0.0, cfg).init(params)
   return graphdef, TrainState(params, batch_stats, opt_state)
 
@@ -155,7 +177,7 @@ def learning_rate_at(train_config, epoch: int) -> LearningRates:
   schedule = train_config.get("aux_lr_schedule", "constant")
   check_choice(schedule, AUX_LR_SCHEDULES, "train.aux_lr_schedule")
   passed = sum(epoch >= m for m in train_config.lr_milestones)
-  main = float(train_config.learning_rate * train_config.lr_decay ** passed)
+  main = float(train_config.learning_rate * train_config.lr_decay**passed)
   return LearningRates(main, main if schedule == "decay" else float(train_config.learning_rate))
 
 
@@ -176,12 +198,17 @@ def detach_features_at(train_config, epoch: int) -> bool:
 def recipe_summary(config) -> str:
   """One line naming the choices where the authors' code and the alternatives differ."""
   data, model, tc = config.data, config.model, config.train
-  norm = (f"fixed mean {tuple(data.mean)} std {tuple(data.std)}"
-          if data.normalization == "fixed" else "pool statistics")
-  return (f"recipe: init {model.init}, BatchNorm running variance {model.bn_running_var}, "
-          f"normalisation {norm}; lr {tc.learning_rate} x{tc.lr_decay} at epochs "
-          f"{tuple(tc.lr_milestones)}, loss-head lr {tc.aux_lr_schedule}, features detached "
-          f"{'after' if tc.detach_rule == 'after' else 'from'} epoch {tc.detach_features_epoch}")
+  norm = (
+    f"fixed mean {tuple(data.mean)} std {tuple(data.std)}"
+    if data.normalization == "fixed"
+    else "pool statistics"
+  )
+  return (
+    f"recipe: init {model.init}, BatchNorm running variance {model.bn_running_var}, "
+    f"normalisation {norm}; lr {tc.learning_rate} x{tc.lr_decay} at epochs "
+    f"{tuple(tc.lr_milestones)}, loss-head lr {tc.aux_lr_schedule}, features detached "
+    f"{'after' if tc.detach_rule == 'after' else 'from'} epoch {tc.detach_features_epoch}"
+  )
 
 
 def normalize(images_uint8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
@@ -196,16 +223,18 @@ def augment(key: jax.Array, images: jax.Array, crop_padding: int, flip: bool) ->
     p = crop_padding
     padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
     offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
-    images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(
-        im, (o[0], o[1], 0), (h, w, im.shape[-1])))(padded, offsets)
+    images = jax.vmap(
+      lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))
+    )(padded, offsets)
   if flip:
     do_flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
     images = jnp.where(do_flip, images[:, :, ::-1], images)
   return images
 
 
-def margin_ranking_loss(predicted: jax.Array, target: jax.Array, margin: float,
-                        num_valid: jax.Array | int | None = None) -> jax.Array:
+def margin_ranking_loss(
+  predicted: jax.Array, target: jax.Array, margin: float, num_valid: jax.Array | int | None = None
+) -> jax.Array:
   """Learning Loss's pairwise ranking loss over pairs (i, n-1-i), i < n // 2.
 
   mean_i max(0, margin - s_i (p_i - p_j)), s_i = +1 if l_i > l_j else -1; the
@@ -236,24 +265,33 @@ def _loss_fn(params, graphdef, batch_stats, batch: Batch, detach_features, cfg):
     # Past `detach_features_epoch` only the loss head learns from its loss.
     features = tuple(jnp.where(detach_features, jax.lax.stop_gradient(f), f) for f in features)
     predicted = learner.loss_head(features)
-    aux_loss = margin_ranking_loss(predicted, per_example, cfg.margin,
-                                   num_valid.astype(jnp.int32))
+    aux_loss = margin_ranking_loss(predicted, per_example, cfg.margin, num_valid.astype(jnp.int32))
     loss = main_loss + cfg.aux_weight * aux_loss
   correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
   new_stats = nnx.state(learner, nnx.BatchStat)
   # Sums over the batch, so that sums over an epoch divide by its example count.
-  return loss, (new_stats, {"loss": loss * num_valid, "main_loss": main_loss * num_valid,
-                            "aux_loss": aux_loss * num_valid, "correct": correct,
-                            "count": num_valid})
+  return loss, (
+    new_stats,
+    {
+      "loss": loss * num_valid,
+      "main_loss": main_loss * num_valid,
+      "aux_loss": aux_loss * num_valid,
+      "correct": correct,
+      "count": num_valid,
+    },
+  )
 
 
-def train_step(graphdef, cfg: StepConfig, state: TrainState, batch: Batch,
-               learning_rate, detach_features):
+def train_step(
+  graphdef, cfg: StepConfig, state: TrainState, batch: Batch, learning_rate, detach_features
+):
   """One SGD step on a (masked) batch of normalised images."""
   grads, (new_stats, metrics) = jax.grad(_loss_fn, has_aux=True)(
-      state.params, graphdef, state.batch_stats, batch, detach_features, cfg)
+    state.params, graphdef, state.batch_stats, batch, detach_features, cfg
+  )
   updates, opt_state = make_optimizer(learning_rate, cfg).update(
-      grads, state.opt_state, state.params)
+    grads, state.opt_state, state.params
+  )
   params = optax.apply_updates(state.params, updates)
   return TrainState(params, new_stats, opt_state), metrics
 
@@ -266,21 +304,24 @@ def epoch_order(key, labeled_ids, num_labeled, capacity: int):
   return labeled_ids[jnp.argsort(sort_keys)]
 
 
-def plan_epoch(cfg: StepConfig, labeled_ids, num_labeled: int, key, learning_rate,
-               detach_features) -> EpochPlan:
+def plan_epoch(
+  cfg: StepConfig, labeled_ids, num_labeled: int, key, learning_rate, detach_features
+) -> EpochPlan:
   """An epoch over the labeled set in the order `key` draws.
 
   `labeled_ids` is padded to `cfg.steps_per_epoch * cfg.batch_size` ids; only
   the first `num_labeled` are real. The order depends only on `key`, so an
   epoch resumed at a later step continues the interrupted one exactly.
   """
-  order = epoch_order(jax.random.fold_in(key, 0), labeled_ids, num_labeled,
-                      cfg.steps_per_epoch * cfg.batch_size)
+  order = epoch_order(
+    jax.random.fold_in(key, 0), labeled_ids, num_labeled, cfg.steps_per_epoch * cfg.batch_size
+  )
   return EpochPlan(order, num_labeled, key, learning_rate, detach_features)
 
 
-def _train_batch(graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: EpochPlan,
-                 step_index):
+def _train_batch(
+  graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: EpochPlan, step_index
+):
   """Gathers batch `step_index` of the epoch `plan` from the pool, augments it, steps.
 
   Every batch of every round has the same shapes (the last one of an epoch is
@@ -296,10 +337,11 @@ def _train_batch(graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan:
   # Padding rows may point at unlabeled images (label -1): give them a valid class.
   labels = jnp.where(mask > 0, labels, 0)
   if cfg.mesh is not None:  # split the batch over devices; parameters stay replicated
-    images, labels, mask = (jax.lax.with_sharding_constraint(a, sharding.batch_sharded(cfg.mesh))
-                            for a in (images, labels, mask))
-  images = augment(jax.random.fold_in(plan.key, step_index + 1), images, cfg.crop_padding,
-                   cfg.flip)
+    images, labels, mask = (
+      jax.lax.with_sharding_constraint(a, sharding.batch_sharded(cfg.mesh))
+      for a in (images, labels, mask)
+    )
+  images = augment(jax.random.fold_in(plan.key, step_index + 1), images, cfg.crop_padding, cfg.flip)
   batch = Batch(normalize(images, pool.mean, pool.std), labels, mask)
   return train_step(graphdef, cfg, state, batch, plan.learning_rate, plan.detach_features)
 
@@ -319,13 +361,15 @@ NONFINITE_STEP = "nonfinite_step"
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
-def train_steps(graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: EpochPlan,
-                first_step):
+def train_steps(
+  graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: EpochPlan, first_step
+):
   """Steps `first_step`.. of an epoch in one call: a device-side loop over `_train_batch`.
 
   The trip count follows `plan.num_labeled` at run time (a while loop), so one
   compilation still serves every round.
   """
+
   def step(step_index, carry):
     state, totals = carry
     state, metrics = _train_batch(graphdef, cfg, state, pool, plan, step_index)
@@ -346,8 +390,16 @@ def _first_nonfinite(losses, first_step):
   return jnp.where(jnp.any(bad), first_step + jnp.argmax(bad), -1).astype(jnp.int32)
 
 
-def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: EpochPlan, *,
-                first_step: int = 0, should_stop=lambda: False):
+def train_epoch(
+  graphdef,
+  cfg: StepConfig,
+  state: TrainState,
+  pool: Pool,
+  plan: EpochPlan,
+  *,
+  first_step: int = 0,
+  should_stop=lambda: False,
+):
   """Steps `first_step`.. of the epoch `plan` over the labeled set.
 
   Returns (state, metrics summed over the examples seen and `NONFINITE_STEP`, next step index);
@@ -381,8 +433,9 @@ def train_epoch(graphdef, cfg: StepConfig, state: TrainState, pool: Pool, plan: 
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 

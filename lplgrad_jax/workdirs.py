@@ -31,8 +31,10 @@ def _directory(workdir: str) -> str:
   """The workdir's absolute path, created if missing; ConfigError if that is impossible."""
   path = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(path) and not os.path.isdir(path):
-    raise ConfigError(f"--workdir={workdir} is a file, not a directory: expected a directory "
-                      "(it is created if missing)")
+    raise ConfigError(
+      f"--workdir={workdir} is a file, not a directory: expected a directory "
+      "(it is created if missing)"
+    )
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
@@ -41,9 +43,11 @@ def _directory(workdir: str) -> str:
 
 
 def _not_writable(workdir: str, error: OSError) -> ConfigError:
-  return ConfigError(f"--workdir={workdir} is not a writable directory "
-                     f"({error.strerror or error}): expected a directory this user can write, "
-                     "on a disk")
+  return ConfigError(
+    f"--workdir={workdir} is not a writable directory "
+    f"({error.strerror or error}): expected a directory this user can write, "
+    "on a disk"
+  )
 
 
 def check_workdir(workdir: str) -> str:
@@ -58,8 +62,10 @@ def check_workdir(workdir: str) -> str:
   stats = os.statvfs(path)
   free = stats.f_bavail * stats.f_frsize
   if free < MIN_FREE_BYTES:
-    raise ConfigError(f"--workdir={workdir} has {free / 2**20:.1f} MiB free: expected at "
-                      f"least {MIN_FREE_BYTES // 2**20} MiB for checkpoints and results")
+    raise ConfigError(
+      f"--workdir={workdir} has {free / 2**20:.1f} MiB free: expected at "
+      f"least {MIN_FREE_BYTES // 2**20} MiB for checkpoints and results"
+    )
   return path
 
 
@@ -98,11 +104,14 @@ class WorkdirLock:
       holder = os.read(fd, 1000).decode("utf-8", "replace").strip()
       os.close(fd)
       if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise ConfigError(f"cannot lock {self.path} ({e.strerror}): expected a file "
-                          "system with locks (flock)") from None
-      raise ConfigError(f"workdir {self.workdir} is in use by a running campaign "
-                        f"({holder or 'holder unknown'}): wait for it to end or stop it, "
-                        "or choose another --workdir") from None
+        raise ConfigError(
+          f"cannot lock {self.path} ({e.strerror}): expected a file system with locks (flock)"
+        ) from None
+      raise ConfigError(
+        f"workdir {self.workdir} is in use by a running campaign "
+        f"({holder or 'holder unknown'}): wait for it to end or stop it, "
+        "or choose another --workdir"
+      ) from None
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     os.ftruncate(fd, 0)
     os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode())
@@ -119,7 +128,8 @@ def _agree(error: ConfigError | None) -> None:
   if jax.process_count() > 1:
     failed = multihost_utils.process_allgather(np.array([error is not None]))
     if error is None and bool(np.any(failed)):
-      error = ConfigError("another process of this campaign refused the workdir "
-                          "(see its error line)")
+      error = ConfigError(
+        "another process of this campaign refused the workdir (see its error line)"
+      )
   if error is not None:
     raise error

@@ -19,8 +19,11 @@ import urllib.request
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # key -> (code, Windows virtual key code) of the keys the tests press
-_KEYS = {"ArrowLeft": ("ArrowLeft", 37), "ArrowRight": ("ArrowRight", 39),
-         "Backspace": ("Backspace", 8)}
+_KEYS = {
+  "ArrowLeft": ("ArrowLeft", 37),
+  "ArrowRight": ("ArrowRight", 39),
+  "Backspace": ("Backspace", 8),
+}
 
 
 def find_browser() -> str | None:
@@ -36,20 +39,34 @@ class Browser:
 
   def __init__(self, executable: str, width: int = 1280, height: int = 900):
     import websocket  # websocket-client
+
     self._profile = tempfile.mkdtemp(prefix="chromium-")
     self._process = subprocess.Popen(
-        [executable, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--no-default-browser-check", "--disable-extensions", "--remote-debugging-port=0",
-         f"--user-data-dir={self._profile}", f"--window-size={width},{height}",
-         "--hide-scrollbars", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+      [
+        executable,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-extensions",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={self._profile}",
+        f"--window-size={width},{height}",
+        "--hide-scrollbars",
+        "about:blank",
+      ],
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+    )
     self._ids = itertools.count(1)
     try:
       port = self._devtools_port()
       with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
         page = next(t for t in json.load(r) if t["type"] == "page")
-      self._socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30,
-                                                 suppress_origin=True)
+      self._socket = websocket.create_connection(
+        page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True
+      )
       self.send("Page.enable")
       self.send("Runtime.enable")
     except BaseException:
@@ -63,9 +80,8 @@ class Browser:
     while time.monotonic() < deadline:
       if self._process.poll() is not None:
         raise RuntimeError(f"chromium exited with status {self._process.returncode}")
-      with contextlib.suppress(OSError, ValueError, IndexError):
-        with open(path) as f:
-          return int(f.read().split()[0])
+      with contextlib.suppress(OSError, ValueError, IndexError), open(path) as f:
+        return int(f.read().split()[0])
       time.sleep(0.05)
     raise TimeoutError("chromium did not open its DevTools port")
 
@@ -80,8 +96,9 @@ class Browser:
         return message.get("result", {})
 
   def evaluate(self, expression: str):
-    result = self.send("Runtime.evaluate", expression=expression, returnByValue=True,
-                       awaitPromise=True)
+    result = self.send(
+      "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+    )
     if "exceptionDetails" in result:
       raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
     return result["result"].get("value")
@@ -92,7 +109,8 @@ class Browser:
     deadline = time.monotonic() + timeout
     while True:
       value = self.evaluate(
-          f"(() => {{ try {{ return {expression}; }} catch (e) {{ return null; }} }})()")
+        f"(() => {{ try {{ return {expression}; }} catch (e) {{ return null; }} }})()"
+      )
       if value:
         return value
       if time.monotonic() > deadline:
@@ -112,10 +130,17 @@ class Browser:
     else:  # a letter or a digit
       code = f"Key{key.upper()}" if key.isalpha() else f"Digit{key}"
       virtual, text = ord(key.upper()), {"text": key}
-    self.send("Input.dispatchKeyEvent", type="keyDown", key=key, code=code,
-              windowsVirtualKeyCode=virtual, **text)
-    self.send("Input.dispatchKeyEvent", type="keyUp", key=key, code=code,
-              windowsVirtualKeyCode=virtual)
+    self.send(
+      "Input.dispatchKeyEvent",
+      type="keyDown",
+      key=key,
+      code=code,
+      windowsVirtualKeyCode=virtual,
+      **text,
+    )
+    self.send(
+      "Input.dispatchKeyEvent", type="keyUp", key=key, code=code, windowsVirtualKeyCode=virtual
+    )
 
   def click(self, selector: str) -> None:
     """A mouse click in the middle of the first element `selector` matches."""
@@ -125,15 +150,21 @@ class Browser:
         const r = e.getBoundingClientRect();
         return [r.x + r.width / 2, r.y + r.height / 2]; }})()""")
     for kind in ("mousePressed", "mouseReleased"):
-      self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left",
-                clickCount=1)
+      self.send(
+        "Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1
+      )
 
   def screenshot(self, path: str) -> None:
     """A PNG of the whole page, also what lies below the window."""
-    width, height = self.evaluate("[document.documentElement.scrollWidth, "
-                                  "document.documentElement.scrollHeight]")
-    data = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                     clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1})["data"]
+    width, height = self.evaluate(
+      "[document.documentElement.scrollWidth, document.documentElement.scrollHeight]"
+    )
+    data = self.send(
+      "Page.captureScreenshot",
+      format="png",
+      captureBeyondViewport=True,
+      clip={"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
+    )["data"]
     with open(path, "wb") as f:
       f.write(base64.b64decode(data))
 

@@ -18,6 +18,7 @@ sys.path.insert(0, REPO_ROOT)  # `configs` is imported from the repo root, as th
 def tiny_config(**overrides):
   """The digits demo configuration shrunk to seconds: width 4, 2 epochs, 3 rounds."""
   from configs import digits
+
   config = digits.get_config()
   config.model.width = 4
   config.model.loss_head_width = 8
@@ -46,6 +47,7 @@ def tiny_config(**overrides):
 def tiny_campaign(tmp_path_factory):
   """(config, workdir, results) of one tiny LPLgrad campaign on digits."""
   from lplgrad_jax import campaign
+
   config = tiny_config()
   workdir = str(tmp_path_factory.mktemp("campaign"))
   return config, workdir, campaign.run(config, workdir)

@@ -7,13 +7,22 @@ import shutil
 import threading
 
 from conftest import tiny_config
-from lplgrad_jax import campaign, label, oracle
+
+from lplgrad_jax import campaign
+from lplgrad_jax import label
+from lplgrad_jax import oracle
 
 
 def stopped_campaign(photo_root: str, workdir: str):
   """(config, results) of a 2-round human campaign, run until it stops for round 1's labels."""
-  config = tiny_config(**{"oracle": "human", "data.source": "image_folder",
-                          "data.root": photo_root, "al.num_rounds": 2})
+  config = tiny_config(
+    **{
+      "oracle": "human",
+      "data.source": "image_folder",
+      "data.root": photo_root,
+      "al.num_rounds": 2,
+    }
+  )
   return config, campaign.run(config, workdir)
 
 

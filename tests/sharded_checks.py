@@ -6,10 +6,14 @@ import sys
 
 import jax
 import numpy as np
+from conftest import tiny_config
 from flax import nnx
 
-from conftest import tiny_config
-from lplgrad_jax import campaign, models, query, sharding, train
+from lplgrad_jax import campaign
+from lplgrad_jax import models
+from lplgrad_jax import query
+from lplgrad_jax import sharding
+from lplgrad_jax import train
 
 
 def query_scores():
@@ -17,10 +21,13 @@ def query_scores():
   model(jax.random.normal(jax.random.key(5), (32, 16, 16, 3)))
   images = np.asarray(jax.random.normal(jax.random.key(7), (10, 16, 16, 3)), np.float32)
   one = sharding.data_mesh(jax.devices()[:1])
-  return {method: [query.entropy_grad_norms(model, images, method=method, chunk_size=8).tolist(),
-                   query.entropy_grad_norms(model, images, method=method, chunk_size=8,
-                                            mesh=one).tolist()]
-          for method in query.METHODS}
+  return {
+    method: [
+      query.entropy_grad_norms(model, images, method=method, chunk_size=8).tolist(),
+      query.entropy_grad_norms(model, images, method=method, chunk_size=8, mesh=one).tolist(),
+    ]
+    for method in query.METHODS
+  }
 
 
 def train_params():
@@ -35,8 +42,9 @@ def train_params():
     graphdef, state = train.create_train_state(learner, cfg)
     state = sharding.replicate(state, mesh)
     ids = sharding.replicate(np.arange(64, dtype=np.int32), mesh)
-    device_pool = train.Pool(*sharding.replicate(
-        (pool, labels, np.zeros(3, np.float32), np.ones(3, np.float32)), mesh))
+    device_pool = train.Pool(
+      *sharding.replicate((pool, labels, np.zeros(3, np.float32), np.ones(3, np.float32)), mesh)
+    )
     plan = train.plan_epoch(cfg, ids, 48, jax.random.key(3), 0.1, False)
     state, _, _ = train.train_epoch(graphdef, cfg, state, device_pool, plan)
     out.append([np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state)])
@@ -49,7 +57,8 @@ def gather_rows():
   pool = np.arange(10 * 3, dtype=np.uint8).reshape(10, 3)  # 10 rows: padded to 12
   ids = np.array([9, 0, 4, 4, 7, 2], np.int32)
   gathered = jax.jit(sharding.gather_rows, static_argnames="mesh")(
-      sharding.shard_rows(pool, 10, mesh), ids, mesh)
+    sharding.shard_rows(pool, 10, mesh), ids, mesh
+  )
   return np.asarray(gathered).tolist(), pool[ids].tolist()
 
 
@@ -59,12 +68,24 @@ def campaigns(workdir):
   for shard_pool in (False, True):
     config = tiny_config(**{"al.num_rounds": 2, "data.shard_pool": shard_pool})
     results = campaign.run(config, os.path.join(workdir, str(shard_pool)))
-    outcome[str(shard_pool)] = {"num_devices": results["num_devices"], "rounds": [
-        (r["labeled_ids"], r["queried_ids"], r["test_accuracy"]) for r in results["rounds"]]}
+    outcome[str(shard_pool)] = {
+      "num_devices": results["num_devices"],
+      "rounds": [
+        (r["labeled_ids"], r["queried_ids"], r["test_accuracy"]) for r in results["rounds"]
+      ],
+    }
   return outcome
 
 
 if __name__ == "__main__":
   assert jax.device_count() == 4, jax.devices()
-  print(json.dumps({"query": query_scores(), "train": train_params(), "gather": gather_rows(),
-                    "campaigns": campaigns(sys.argv[1])}))
+  print(
+    json.dumps(
+      {
+        "query": query_scores(),
+        "train": train_params(),
+        "gather": gather_rows(),
+        "campaigns": campaigns(sys.argv[1]),
+      }
+    )
+  )

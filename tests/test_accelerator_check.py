@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
@@ -16,16 +15,23 @@ import accelerator_report  # noqa: E402
 
 SCRIPT = os.path.join(REPO_ROOT, "experiments", "accelerator_check.py")
 # The GPU machines have no TensorFlow nor TFDS: the check runs with both made unimportable.
-WITHOUT_TF = ("import runpy, sys; sys.modules['tensorflow'] = None; "
-              "sys.modules['tensorflow_datasets'] = None; sys.argv = sys.argv[1:]; "
-              "runpy.run_path(sys.argv[0], run_name='__main__')")
+WITHOUT_TF = (
+  "import runpy, sys; sys.modules['tensorflow'] = None; "
+  "sys.modules['tensorflow_datasets'] = None; sys.argv = sys.argv[1:]; "
+  "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 TARGETS = {"query_R25k", "train_bf16", "train_vs_torch", "fast_vs_vmap", "campaign_cifar10_high"}
 
 
 def _run(*args, timeout=900):
-  return subprocess.run([sys.executable, "-c", WITHOUT_TF, SCRIPT, *args], cwd=REPO_ROOT,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-c", WITHOUT_TF, SCRIPT, *args],
+    cwd=REPO_ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def _numbers(tree):
@@ -50,15 +56,21 @@ def smoke(tmp_path_factory):
 def test_smoke_measures_every_section_into_strict_json(smoke):
   out, result = smoke
   assert sorted(os.listdir(out)) == ["accelerator_cpu.json", "accelerator_cpu.md"]
-  report = json.loads((out / "accelerator_cpu.json").read_text(),
-                      parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+  report = json.loads(
+    (out / "accelerator_cpu.json").read_text(),
+    parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"),
+  )
   assert all(math.isfinite(x) for x in _numbers(report))
   assert report["header"]["mode"] == "smoke" and report["header"]["device_count"] >= 1
   assert report["skipped"] == [] and report["failed"] == []
   assert report["tensorflow_modules_loaded"] == []
   rows = report["query"]["rows"]
   assert {(r["kind"], r["dtype"]) for r in rows} == {
-      ("floor", "float32"), ("fast", "float32"), ("fast", "bfloat16"), ("vmap", "float32")}
+    ("floor", "float32"),
+    ("fast", "float32"),
+    ("fast", "bfloat16"),
+    ("vmap", "float32"),
+  }
   timed = rows + report["train"]["steps"] + report["train"]["epochs"]
   assert [e["loop"] for e in report["train"]["epochs"]] == ["host"]
   for row in timed:
@@ -80,14 +92,16 @@ def test_smoke_campaign_phases_and_targets(smoke):
   phases = campaign["phases_s"]
   assert all(v >= 0 for v in phases.values()) and phases["checkpoint"] > 0
   assert sum(v for k, v in phases.items() if not k.startswith("process")) == pytest.approx(
-      campaign["wall_s"])
+    campaign["wall_s"]
+  )
   assert campaign["probes_missing"] == []
   assert set(campaign["phase_calls"]) <= set(phases)
   assert campaign["phase_calls"]["data load"] == 1 and campaign["phase_calls"]["eval"] == 2
   error = campaign["bf16_error"]
   assert -1 <= error["spearman"] <= 1 and 0 <= error["top_k_overlap"] <= 1
-  assert (error["relative_error_median"] <= error["relative_error_p99"]
-          <= error["relative_error_max"])
+  assert (
+    error["relative_error_median"] <= error["relative_error_p99"] <= error["relative_error_max"]
+  )
   targets = {t["name"]: t for t in report["targets"]}
   assert set(targets) == TARGETS
   for name in ("query_R25k", "fast_vs_vmap", "campaign_cifar10_high"):
@@ -95,8 +109,15 @@ def test_smoke_campaign_phases_and_targets(smoke):
   if not report["torch"]["available"]:
     assert targets["train_vs_torch"]["met"] is None
   markdown = (out / "accelerator_cpu.md").read_text()
-  for heading in ("## Targets", "## Query", "## Training", "## PyTorch reference",
-                  "## Short campaign", "## Recommendations", "## Skipped and failed"):
+  for heading in (
+    "## Targets",
+    "## Query",
+    "## Training",
+    "## PyTorch reference",
+    "## Short campaign",
+    "## Recommendations",
+    "## Skipped and failed",
+  ):
     assert heading in markdown
   assert all(t["description"] in markdown for t in report["targets"])
   assert "TensorFlow modules loaded: none" in markdown
@@ -109,39 +130,95 @@ def test_refuses_a_cpu_without_force_and_bad_values(tmp_path):
   assert refused.stderr.startswith("error: no accelerator: JAX sees only CPU devices")
   bad = _run("--smoke", "--chunks=0,16", f"--out={tmp_path}", timeout=300)
   assert bad.returncode == 2
-  assert bad.stderr.strip() == ("error: --chunks='0,16': expected positive integers separated "
-                                "by commas")
+  assert bad.stderr.strip() == (
+    "error: --chunks='0,16': expected positive integers separated by commas"
+  )
   assert os.listdir(tmp_path) == []
 
 
 def test_watchdog_writes_what_was_measured_and_exits_3(tmp_path):
   result = _run("--smoke", "--budget_s=0.5", "--grace_s=0.5", f"--out={tmp_path}", timeout=300)
   assert result.returncode == 3, result.stderr[-2000:]
-  report = json.loads((tmp_path / "accelerator_cpu.json").read_text(),
-                      parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+  report = json.loads(
+    (tmp_path / "accelerator_cpu.json").read_text(),
+    parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"),
+  )
   assert [f["name"] for f in report["failed"]][-1] == "hard time limit"
   assert "hard time limit" in (tmp_path / "accelerator_cpu.md").read_text()
 
 
 def _hand_made_report():
-  query = [{"kind": "fast", "dtype": "float32", "chunk": 1024, "images_per_s": 100_000.0,
-            "seconds_for_R": 0.25, "R": 25_000, "R_measured": True, "compile_s": 3.0},
-           {"kind": "floor", "dtype": "float32", "chunk": 1024, "images_per_s": 200_000.0,
-            "seconds_for_R": 0.125, "R": 25_000, "R_measured": False, "compile_s": 1.0},
-           {"kind": "vmap", "dtype": "float32", "chunk": 256, "images_per_s": 10_000.0,
-            "seconds_for_R": 2.5, "R": 25_000, "R_measured": False, "compile_s": 1.0}]
-  steps = [{"dtype": "bfloat16", "batch": 128, "images_per_s": 40_000.0, "compile_s": 2.0},
-           {"dtype": "float32", "batch": 128, "images_per_s": 20_000.0, "compile_s": 2.0}]
-  epochs = [{"loop": "host", "dtype": "float32", "batch": 128, "steps": 10, "seconds": 1.0,
-             "images_per_s": 1280.0, "compile_s": 4.0},
-            {"loop": "scan", "dtype": "float32", "batch": 128, "steps": 10, "seconds": 0.5,
-             "images_per_s": 2560.0, "compile_s": 6.0}]
-  torch = {"available": True, "rows": [
-      {"name": "train_eager", "dtype": "bfloat16", "images_per_s": 32_000.0}]}
-  return {"header": {"platform": "gpu", "startup_s": 5.0, "sizes": {"batches": [128]},
-                     "defaults": {"query.chunk_size": 64, "train.epoch_loop": "host"}},
-          "query": {"rows": query}, "train": {"steps": steps, "epochs": epochs},
-          "torch": torch}
+  query = [
+    {
+      "kind": "fast",
+      "dtype": "float32",
+      "chunk": 1024,
+      "images_per_s": 100_000.0,
+      "seconds_for_R": 0.25,
+      "R": 25_000,
+      "R_measured": True,
+      "compile_s": 3.0,
+    },
+    {
+      "kind": "floor",
+      "dtype": "float32",
+      "chunk": 1024,
+      "images_per_s": 200_000.0,
+      "seconds_for_R": 0.125,
+      "R": 25_000,
+      "R_measured": False,
+      "compile_s": 1.0,
+    },
+    {
+      "kind": "vmap",
+      "dtype": "float32",
+      "chunk": 256,
+      "images_per_s": 10_000.0,
+      "seconds_for_R": 2.5,
+      "R": 25_000,
+      "R_measured": False,
+      "compile_s": 1.0,
+    },
+  ]
+  steps = [
+    {"dtype": "bfloat16", "batch": 128, "images_per_s": 40_000.0, "compile_s": 2.0},
+    {"dtype": "float32", "batch": 128, "images_per_s": 20_000.0, "compile_s": 2.0},
+  ]
+  epochs = [
+    {
+      "loop": "host",
+      "dtype": "float32",
+      "batch": 128,
+      "steps": 10,
+      "seconds": 1.0,
+      "images_per_s": 1280.0,
+      "compile_s": 4.0,
+    },
+    {
+      "loop": "scan",
+      "dtype": "float32",
+      "batch": 128,
+      "steps": 10,
+      "seconds": 0.5,
+      "images_per_s": 2560.0,
+      "compile_s": 6.0,
+    },
+  ]
+  torch = {
+    "available": True,
+    "rows": [{"name": "train_eager", "dtype": "bfloat16", "images_per_s": 32_000.0}],
+  }
+  return {
+    "header": {
+      "platform": "gpu",
+      "startup_s": 5.0,
+      "sizes": {"batches": [128]},
+      "defaults": {"query.chunk_size": 64, "train.epoch_loop": "host"},
+    },
+    "query": {"rows": query},
+    "train": {"steps": steps, "epochs": epochs},
+    "torch": torch,
+  }
 
 
 def test_targets_and_extrapolation_are_exact_on_a_hand_made_report():
@@ -161,5 +238,7 @@ def test_targets_and_extrapolation_are_exact_on_a_hand_made_report():
   assert once == pytest.approx(5.0 + 6.0 + 3.0)  # start-up, scan and fast compiles
   assert targets["campaign_cifar10_high"]["met"] is False
   assert any("'scan' (now 'host')" in r and "2.00x" in r for r in report["recommendations"])
-  assert any("query.chunk_size=1024" in r and "0.50x the fwd+bwd floor" in r
-             for r in report["recommendations"])
+  assert any(
+    "query.chunk_size=1024" in r and "0.50x the fwd+bwd floor" in r
+    for r in report["recommendations"]
+  )

@@ -5,12 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 from flax import nnx
 
 from configs import default
-from lplgrad_jax import campaign, models
+from lplgrad_jax import campaign
+from lplgrad_jax import models
 from lplgrad_jax.errors import ConfigError
-from conftest import tiny_config
 
 OWN_MODEL = "module:examples.own_model:small_cnn"
 
@@ -31,11 +32,12 @@ def test_registry_refuses_duplicates_and_unknown_names():
     models.register_model("resnet18", lambda *a: None)
   with pytest.raises(ConfigError, match="unknown model 'resnet19'"):
     models.create_learner(_model_config("resnet19"), 3, use_aux=False, key=jax.random.key(0))
-  for spec, why in (("module:nope", "expected 'module:package.module:factory'"),
-                    ("module:examples.own_model:missing", "cannot load 'missing'"),
-                    ("module:json:dumps", r"expected factory\(num_classes, rngs\)"),
-                    ("module:test_backbones:logits_only",
-                     "expected it to return \\(logits, features\\)")):
+  for spec, why in (
+    ("module:nope", "expected 'module:package.module:factory'"),
+    ("module:examples.own_model:missing", "cannot load 'missing'"),
+    ("module:json:dumps", r"expected factory\(num_classes, rngs\)"),
+    ("module:test_backbones:logits_only", "expected it to return \\(logits, features\\)"),
+  ):
     with pytest.raises(ConfigError, match=why):
       models.create_learner(_model_config(spec), 3, use_aux=False, key=jax.random.key(0))
 
@@ -43,8 +45,9 @@ def test_registry_refuses_duplicates_and_unknown_names():
 def test_user_model_batch_norm_ignores_padded_rows():
   # The padded rows of a training batch must not move BatchNorm statistics: a batch with
   # garbage padding gives the same outputs and statistics as the real rows alone.
-  learner = models.create_learner(_model_config(OWN_MODEL), 4, use_aux=True,
-                                  key=jax.random.key(0), image_size=8)
+  learner = models.create_learner(
+    _model_config(OWN_MODEL), 4, use_aux=True, key=jax.random.key(0), image_size=8
+  )
   assert learner.classifier.stage_channels == (16, 32)
   real = jax.random.normal(jax.random.key(1), (3, 8, 8, 3))
   padded = jnp.concatenate([real, 100.0 * jnp.ones((2, 8, 8, 3))])
@@ -54,18 +57,29 @@ def test_user_model_batch_norm_ignores_padded_rows():
   logits, _ = alone(real)
   logits_padded, _ = with_pad(padded, mask=mask)
   np.testing.assert_allclose(logits_padded[:3], logits, rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(nnx.state(alone, nnx.BatchStat)),
-                  jax.tree.leaves(nnx.state(with_pad, nnx.BatchStat))):
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(alone, nnx.BatchStat)),
+    jax.tree.leaves(nnx.state(with_pad, nnx.BatchStat)),
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert nnx.BatchNorm.__call__ is original_call  # the masking is undone after the call
 
 
-@pytest.mark.parametrize("name,width", [("resnet34", 2), ("resnet50", 1), ("wide_resnet28", 1),
-                                        ("vit", 8), (OWN_MODEL, 1)])
+@pytest.mark.parametrize(
+  "name,width", [("resnet34", 2), ("resnet50", 1), ("wide_resnet28", 1), ("vit", 8), (OWN_MODEL, 1)]
+)
 def test_campaign_runs_with_each_backbone(name, width, tmp_path):
-  config = tiny_config(**{"model.name": name, "model.width": width, "model.depth": 1,
-                          "model.heads": 2, "al.num_rounds": 2, "train.epochs": 1,
-                          "train.lr_milestones": ()})
+  config = tiny_config(
+    **{
+      "model.name": name,
+      "model.width": width,
+      "model.depth": 1,
+      "model.heads": 2,
+      "al.num_rounds": 2,
+      "train.epochs": 1,
+      "train.lr_milestones": (),
+    }
+  )
   results = campaign.run(config, str(tmp_path))
   rounds = results["rounds"]
   assert [r["num_labeled"] for r in rounds] == [20, 30]

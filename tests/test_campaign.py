@@ -3,8 +3,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from lplgrad_jax import campaign
 from lplgrad_jax.errors import ConfigError
 
@@ -20,8 +20,15 @@ def test_results_file_is_what_run_returned(tiny_campaign):
   assert saved["config"]["strategy"] == "lplgrad" and saved["config"]["model"]["width"] == 4
   assert os.path.getsize(os.path.join(workdir, "accuracy.png")) > 0
   for record in saved["rounds"]:
-    assert set(record) >= {"round", "num_labeled", "test_accuracy", "per_class_accuracy",
-                           "train_seconds", "query_seconds", "labeled_ids"}
+    assert set(record) >= {
+      "round",
+      "num_labeled",
+      "test_accuracy",
+      "per_class_accuracy",
+      "train_seconds",
+      "query_seconds",
+      "labeled_ids",
+    }
     assert len(record["per_class_accuracy"]) == 10
     assert 0.0 <= record["test_accuracy"] <= 1.0
 
@@ -30,7 +37,7 @@ def test_labeled_set_invariants(tiny_campaign):
   config, _, results = tiny_campaign
   rounds = results["rounds"]
   assert [r["round"] for r in rounds] == [0, 1, 2]
-  previous = None
+  previous, previous_record = None, None
   for record in rounds:
     labeled = np.asarray(record["labeled_ids"])
     assert len(labeled) == record["num_labeled"]
@@ -59,19 +66,30 @@ def test_query_subset_is_drawn_from_the_unlabeled_pool(tiny_campaign):
 
 def test_lplgrad_selects_the_top_entropy_gradient_norms():
   import jax
-  from lplgrad_jax import models, query, strategies
+
+  from lplgrad_jax import models
+  from lplgrad_jax import query
+  from lplgrad_jax import strategies
   from lplgrad_jax.data import load_dataset
+
   config = tiny_config()
   dataset = load_dataset(config.data)
   learner = models.create_learner(config.model, 10, use_aux=True, key=jax.random.key(0))
   subset = np.arange(100, 140)
   normalization = dataset.channel_stats()
   context = strategies.QueryContext(
-      learner=learner, dataset=dataset, subset_ids=subset, query_size=10,
-      key=jax.random.key(1), normalization=normalization, query_config=config.query)
+    learner=learner,
+    dataset=dataset,
+    subset_ids=subset,
+    query_size=10,
+    key=jax.random.key(1),
+    normalization=normalization,
+    query_config=config.query,
+  )
   selection = strategies.get_strategy("lplgrad").select(context)
-  scores = query.entropy_grad_norms(learner.classifier, dataset.x_train[subset],
-                                    normalization=normalization, chunk_size=20)
+  scores = query.entropy_grad_norms(
+    learner.classifier, dataset.x_train[subset], normalization=normalization, chunk_size=20
+  )
   np.testing.assert_array_equal(selection.ids, subset[np.argsort(-scores)[:10]])
   assert scores[selection.ids - 100].min() >= np.sort(scores)[-10]
 
@@ -79,23 +97,32 @@ def test_lplgrad_selects_the_top_entropy_gradient_norms():
 def test_same_seed_same_selections_other_seed_others(tiny_campaign, tmp_path):
   config, _, results = tiny_campaign
   again = campaign.run(tiny_config(), str(tmp_path / "again"))
-  assert [r["labeled_ids"] for r in again["rounds"]] == [r["labeled_ids"] for r in results["rounds"]]
-  assert [r["test_accuracy"] for r in again["rounds"]] == [r["test_accuracy"] for r in results["rounds"]]
+  assert [r["labeled_ids"] for r in again["rounds"]] == [
+    r["labeled_ids"] for r in results["rounds"]
+  ]
+  assert [r["test_accuracy"] for r in again["rounds"]] == [
+    r["test_accuracy"] for r in results["rounds"]
+  ]
   other = campaign.initial_labeled_set(1, POOL, config.al.initial_size)
   assert set(other) != set(results["rounds"][0]["labeled_ids"])
 
 
 def test_random_strategy_and_reinit(tmp_path):
-  results = campaign.run(tiny_config(strategy="random", **{"al.num_rounds": 2,
-                                                            "train.reinit_each_round": True,
-                                                            "train.use_aux": False}),
-                         str(tmp_path))
+  results = campaign.run(
+    tiny_config(
+      strategy="random",
+      **{"al.num_rounds": 2, "train.reinit_each_round": True, "train.use_aux": False},
+    ),
+    str(tmp_path),
+  )
   first, second = results["rounds"]
   assert len(second["labeled_ids"]) == len(first["labeled_ids"]) + 10
   assert set(first["queried_ids"]) == set(second["labeled_ids"]) - set(first["labeled_ids"])
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     ({"strategy": "bald"}, "unknown strategy 'bald'"),
     ({"al.initial_size": 5000}, "al.initial_size=5000 exceeds the pool of 1438"),
     ({"al.num_rounds": 200}, "= 2010 exceeds the pool of 1438"),
@@ -103,7 +130,8 @@ def test_random_strategy_and_reinit(tmp_path):
     ({"al.query_size": 0}, "al.query_size=0: expected a positive integer"),
     ({"query.reduction": "max"}, "unknown query.reduction 'max'"),
     ({"data.source": "image_folder", "data.root": "/nonexistent/cdd"}, "is not a directory"),
-])
+  ],
+)
 def test_bad_configs_are_refused(overrides, message, tmp_path):
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("*", r"\*")):
     campaign.run(tiny_config(**overrides), str(tmp_path / "w"))

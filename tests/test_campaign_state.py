@@ -5,13 +5,21 @@ import json
 import pytest
 
 from lplgrad_jax import strategies
-from lplgrad_jax.campaign_state import FORMAT_VERSION, CampaignState, RoundRecord
+from lplgrad_jax.campaign_state import FORMAT_VERSION
+from lplgrad_jax.campaign_state import CampaignState
+from lplgrad_jax.campaign_state import RoundRecord
 from lplgrad_jax.errors import ConfigError
 
 
 def _record(round_index, labeled):
-  return RoundRecord(round=round_index, num_labeled=len(labeled), test_accuracy=0.5,
-                     per_class_accuracy=[0.5, 0.5], train_seconds=1.0, labeled_ids=labeled)
+  return RoundRecord(
+    round=round_index,
+    num_labeled=len(labeled),
+    test_accuracy=0.5,
+    per_class_accuracy=[0.5, 0.5],
+    train_seconds=1.0,
+    labeled_ids=labeled,
+  )
 
 
 def test_simulated_round_trip_of_phases():
@@ -54,15 +62,26 @@ def test_json_round_trip_is_exact():
 
 def test_format_1_resumes_and_a_newer_format_is_refused():
   # What checkpoints held before the typed state: the same keys, no format_version.
-  version_1 = {"round": 1, "phase": "query", "epoch": 0, "step": 0, "train_seconds": 0.0,
-               "epochs_logged": 4, "labeled_ids": [1, 2], "config": {"seed": 3},
-               "rounds": [_record(0, [1]).to_json(), _record(1, [1, 2]).to_json()],
-               "human_labels": {"2": 1}, "skipped_ids": [9]}
+  version_1 = {
+    "round": 1,
+    "phase": "query",
+    "epoch": 0,
+    "step": 0,
+    "train_seconds": 0.0,
+    "epochs_logged": 4,
+    "labeled_ids": [1, 2],
+    "config": {"seed": 3},
+    "rounds": [_record(0, [1]).to_json(), _record(1, [1, 2]).to_json()],
+    "human_labels": {"2": 1},
+    "skipped_ids": [9],
+  }
   state = CampaignState.from_json(version_1, "ckpt")
   assert state.round == 1 and state.phase == "query" and state.human_labels == {2: 1}
   assert [r.num_labeled for r in state.rounds] == [1, 2]
-  with pytest.raises(ConfigError, match=f"checkpoint format 99, newer than this lplgrad_jax "
-                                        f"reads \\(format {FORMAT_VERSION}\\)"):
+  with pytest.raises(
+    ConfigError,
+    match=f"checkpoint format 99, newer than this lplgrad_jax reads \\(format {FORMAT_VERSION}\\)",
+  ):
     CampaignState.from_json({**version_1, "format_version": 99}, "ckpt")
 
 

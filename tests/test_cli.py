@@ -6,23 +6,34 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 
 def _run_cli(*args, timeout=600):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "-m", "lplgrad_jax.main", *args], cwd=REPO_ROOT,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "lplgrad_jax.main", *args],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def test_cli_campaign_on_digits_learns(tmp_path):
   workdir = tmp_path / "demo"
-  proc = _run_cli("--config=configs/digits.py", f"--workdir={workdir}",
-                  "--config.model.width=8", "--config.train.epochs=10",
-                  "--config.train.lr_milestones=(8,)", "--config.train.detach_features_epoch=6",
-                  "--config.al.num_rounds=3", "--config.al.subset_size=150",
-                  "--config.log.progress=False")
+  proc = _run_cli(
+    "--config=configs/digits.py",
+    f"--workdir={workdir}",
+    "--config.model.width=8",
+    "--config.train.epochs=10",
+    "--config.train.lr_milestones=(8,)",
+    "--config.train.detach_features_epoch=6",
+    "--config.al.num_rounds=3",
+    "--config.al.subset_size=150",
+    "--config.log.progress=False",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((workdir / "results.json").read_text())
   accuracies = [r["test_accuracy"] for r in results["rounds"]]
@@ -33,18 +44,27 @@ def test_cli_campaign_on_digits_learns(tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--config=configs/digits.py", "--config.strategy=bald"], "unknown strategy 'bald'"),
     (["--config=configs/digits.py", "--config.data.source=csv"], "unknown data source 'csv'"),
     (["--config=configs/digits.py", "--config.al.initial_size=99999"], "exceeds the pool"),
     (["--config=configs/digits.py", "--config.al.subset_size=10"], "is smaller than al.query_size"),
     (["--config=configs/cdd.py", "--config.data.root=/nonexistent/cdd"], "is not a directory"),
-    (["--config=configs/cifar10.py", "--config.data.data_dir=/nonexistent/tfds",
-      "--config.data.download=False"], "does not exist"),
+    (
+      [
+        "--config=configs/cifar10.py",
+        "--config.data.data_dir=/nonexistent/tfds",
+        "--config.data.download=False",
+      ],
+      "does not exist",
+    ),
     (["--config=configs/cifar10.py:medium"], "unknown budget 'medium'"),
     (["--config=cifar10:medium"], "--config=cifar10:medium: ValueError: unknown budget 'medium'"),
     (["--config=configs/digits.py", "--config.nonsense=1"], "unknown configuration key 'nonsense'"),
-])
+  ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
   proc = _run_cli(*args, f"--workdir={tmp_path / 'w'}", timeout=120)
   assert proc.returncode == 2
@@ -55,12 +75,20 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
 
 # --- The command as a new user types it: shipped configs by name, the default workdir ---
 
-TINY_DIGITS = ["--config.model.width=4", "--config.model.loss_head_width=8",
-               "--config.train.epochs=2", "--config.train.batch_size=16",
-               "--config.train.lr_milestones=(1,)", "--config.train.detach_features_epoch=1",
-               "--config.al.initial_size=20", "--config.al.query_size=10",
-               "--config.al.subset_size=40", "--config.al.num_rounds=3",
-               "--config.query.chunk_size=20", "--config.log.progress=False"]
+TINY_DIGITS = [
+  "--config.model.width=4",
+  "--config.model.loss_head_width=8",
+  "--config.train.epochs=2",
+  "--config.train.batch_size=16",
+  "--config.train.lr_milestones=(1,)",
+  "--config.train.detach_features_epoch=1",
+  "--config.al.initial_size=20",
+  "--config.al.query_size=10",
+  "--config.al.subset_size=40",
+  "--config.al.num_rounds=3",
+  "--config.query.chunk_size=20",
+  "--config.log.progress=False",
+]
 
 
 def _run_elsewhere(cwd, *args, timeout=600, without_tensorflow=False):
@@ -77,8 +105,14 @@ def _run_elsewhere(cwd, *args, timeout=600, without_tensorflow=False):
       with open(os.path.join(path[0], package, "__init__.py"), "w") as f:
         f.write(f"raise ImportError('{package} is not installed (test)')\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
-  return subprocess.run([sys.executable, "-m", "lplgrad_jax.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "lplgrad_jax.main", *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def test_default_workdir_from_any_directory_and_rerun_finishes_at_once(tmp_path):
@@ -86,8 +120,10 @@ def test_default_workdir_from_any_directory_and_rerun_finishes_at_once(tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stderr == ""  # no TensorFlow / absl / XLA start-up noise
   first = proc.stdout.splitlines()[0]
-  assert first == ("digits, strategy lplgrad, 20 -> 40 labeled in 3 rounds (+10 a round); "
-                   "1 x cpu; workdir runs/digits/lplgrad/seed0 (new)")
+  assert first == (
+    "digits, strategy lplgrad, 20 -> 40 labeled in 3 rounds (+10 a round); "
+    "1 x cpu; workdir runs/digits/lplgrad/seed0 (new)"
+  )
   results_file = tmp_path / "runs" / "digits" / "lplgrad" / "seed0" / "results.json"
   results = json.loads(results_file.read_text())
   assert [r["num_labeled"] for r in results["rounds"]] == [20, 30, 40]
@@ -95,7 +131,8 @@ def test_default_workdir_from_any_directory_and_rerun_finishes_at_once(tmp_path)
   again = _run_elsewhere(tmp_path, "--config=digits", *TINY_DIGITS)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.splitlines()[0].endswith(
-      "workdir runs/digits/lplgrad/seed0 (complete: 3 of 3 rounds done, nothing to train)")
+    "workdir runs/digits/lplgrad/seed0 (complete: 3 of 3 rounds done, nothing to train)"
+  )
   assert "labeled, test accuracy" not in again.stdout  # no round trained again
   assert json.loads(results_file.read_text())["rounds"] == results["rounds"]
 
@@ -103,8 +140,10 @@ def test_default_workdir_from_any_directory_and_rerun_finishes_at_once(tmp_path)
 def test_config_names_resolve_to_shipped_files(tmp_path):
   from lplgrad_jax import launch
   from lplgrad_jax.errors import ConfigError
+
   assert {"cifar10", "cifar100", "svhn", "caltech101", "cdd", "digits"} <= set(
-      launch.shipped_configs())
+    launch.shipped_configs()
+  )
   assert "default" not in launch.shipped_configs()
   path, name = launch.resolve_config("cifar10:low")
   assert name == "cifar10_low" and path.endswith(os.path.join("configs", "cifar10.py") + ":low")
@@ -112,21 +151,29 @@ def test_config_names_resolve_to_shipped_files(tmp_path):
   mine = tmp_path / "my_setup.py"
   mine.write_text("")
   assert launch.resolve_config(f"{mine}:3") == (f"{mine}:3", "my_setup_3")
-  with pytest.raises(ConfigError, match=r"'cifar1000' is neither a config file nor a shipped "
-                                        r"config: expected a config file or one of caltech101, "
-                                        r"cdd, cifar10, cifar100, cifar10_subset, digits, svhn"):
+  with pytest.raises(
+    ConfigError,
+    match=r"'cifar1000' is neither a config file nor a shipped "
+    r"config: expected a config file or one of caltech101, "
+    r"cdd, cifar10, cifar100, cifar10_subset, digits, svhn",
+  ):
     launch.resolve_config("cifar1000")
-  with pytest.raises(ConfigError, match=r"--config=configs/nope.py: no such file "
-                                        r"'configs/nope.py': expected a config file or one of"):
+  with pytest.raises(
+    ConfigError,
+    match=r"--config=configs/nope.py: no such file "
+    r"'configs/nope.py': expected a config file or one of",
+  ):
     launch.resolve_config("configs/nope.py")
   argv, name = launch.rewrite_config_argv(["prog", "--config", "svhn:low", "--config.seed=1"])
   assert argv[1:] == ["--config", launch.resolve_config("svhn:low")[0], "--config.seed=1"]
   assert name == "svhn_low"
   from lplgrad_jax.configs import cifar10
+
   config = cifar10.get_config("low")
   config.seed, config.strategy = 3, "entropy"
   assert launch.default_workdir("cifar10_low", config) == os.path.join(
-      "runs", "cifar10_low", "entropy", "seed3")
+    "runs", "cifar10_low", "entropy", "seed3"
+  )
   # A wrong name is one error line, exit 2.
   proc = _run_elsewhere(tmp_path, "--config=cifar1000", timeout=120)
   assert proc.returncode == 2 and proc.stderr.startswith("error: --config=cifar1000: ")
@@ -135,7 +182,9 @@ def test_config_names_resolve_to_shipped_files(tmp_path):
 
 def test_accelerator_warning():
   from lplgrad_jax import launch
-  from lplgrad_jax.configs import cifar100, digits
+  from lplgrad_jax.configs import cifar100
+  from lplgrad_jax.configs import digits
+
   paper = cifar100.get_config()
   # 200 epochs over 2500 + 5000 + ... + 20000 images, 1.68 GFLOP each: 30.2 PFLOP.
   assert launch.training_flops(paper) == pytest.approx(200 * 90000 * 3 * 0.56e9)
@@ -152,17 +201,23 @@ def test_accelerator_warning():
 
 def test_first_line_says_how_far_the_workdir_got(tmp_path):
   import jax
-  from lplgrad_jax import distributed, launch
+
+  from lplgrad_jax import distributed
+  from lplgrad_jax import launch
   from lplgrad_jax.configs import cifar10
+
   config = cifar10.get_config("low")
   assert distributed.device_summary() == f"{jax.device_count()} x cpu"
   line = launch.first_line(config, str(tmp_path), "8 x NVIDIA H100 80GB HBM3 (gpu)")
-  assert line == (f"cifar10 (tfds), strategy lplgrad, 500 -> 5000 labeled in 10 rounds (+500 a "
-                  f"round); 8 x NVIDIA H100 80GB HBM3 (gpu); workdir {tmp_path} (new)")
+  assert line == (
+    f"cifar10 (tfds), strategy lplgrad, 500 -> 5000 labeled in 10 rounds (+500 a "
+    f"round); 8 x NVIDIA H100 80GB HBM3 (gpu); workdir {tmp_path} (new)"
+  )
   results = {"config": config.to_dict(), "rounds": [{"round": 0}, {"round": 1}]}
   (tmp_path / "results.json").write_text(json.dumps(results))
   assert launch.first_line(config, str(tmp_path), "").endswith("(resuming after 2 of 10 rounds)")
   results["rounds"] *= 5
   (tmp_path / "results.json").write_text(json.dumps(results))
   assert launch.first_line(config, str(tmp_path), "").endswith(
-      "(complete: 10 of 10 rounds done, nothing to train)")
+    "(complete: 10 of 10 rounds done, nothing to train)"
+  )

@@ -38,5 +38,6 @@ def test_function_is_short_with_few_parameters(file, node):
   assert length <= limit, f"{file}:{node.lineno} {node.name} has {length} lines (max {limit})"
   crowded = _crowded(node)
   assert crowded <= MAX_REQUIRED_OR_POSITIONAL, (
-      f"{file}:{node.lineno} {node.name} takes {crowded} positional or required parameters "
-      f"(max {MAX_REQUIRED_OR_POSITIONAL})")
+    f"{file}:{node.lineno} {node.name} takes {crowded} positional or required parameters "
+    f"(max {MAX_REQUIRED_OR_POSITIONAL})"
+  )

@@ -3,9 +3,11 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from conftest import SHARED_CIFAR
+from conftest import local_proxy
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import SHARED_CIFAR, local_proxy, tiny_config
 from lplgrad_jax import data
 from lplgrad_jax.errors import ConfigError
 
@@ -32,9 +34,13 @@ def test_digits_is_real_and_split_deterministically():
 def test_npz_source_converts_grayscale_and_resizes(tmp_path):
   rng = np.random.default_rng(0)
   path = tmp_path / "set.npz"
-  np.savez(path, x_train=rng.integers(0, 256, (12, 10, 10), dtype=np.uint8),
-           y_train=np.arange(12) % 3, x_test=rng.integers(0, 256, (6, 10, 10), dtype=np.uint8),
-           y_test=np.arange(6) % 3)
+  np.savez(
+    path,
+    x_train=rng.integers(0, 256, (12, 10, 10), dtype=np.uint8),
+    y_train=np.arange(12) % 3,
+    x_test=rng.integers(0, 256, (6, 10, 10), dtype=np.uint8),
+    y_test=np.arange(6) % 3,
+  )
   ds = data.load_dataset(_data_config(source="npz", root=str(path), image_size=8))
   assert ds.x_train.shape == (12, 8, 8, 3) and ds.num_classes == 3
   np.testing.assert_array_equal(ds.y_test, np.arange(6) % 3)
@@ -49,7 +55,9 @@ def test_npz_source_errors(tmp_path):
     data.load_dataset(_data_config(source="npz", root=str(path)))
 
 
-@pytest.mark.skipif(not os.path.exists(SHARED_CIFAR), reason="no ../shared/data (a user's checkout)")
+@pytest.mark.skipif(
+  not os.path.exists(SHARED_CIFAR), reason="no ../shared/data (a user's checkout)"
+)
 def test_shared_cifar10_subset_loads_through_npz():
   ds = data.load_dataset(_data_config(source="npz", root=SHARED_CIFAR, image_size=32))
   assert ds.x_train.shape == (5085, 32, 32, 3) and ds.x_test.shape == (1017, 32, 32, 3)
@@ -59,16 +67,21 @@ def test_shared_cifar10_subset_loads_through_npz():
 
 def _write_image_folder(root, train_classes=("cat", "dog", "eel"), test_classes=None):
   rng = np.random.default_rng(1)
-  for split, classes, count in (("train", train_classes, 4), ("test", test_classes or train_classes, 2)):
+  for split, classes, count in (
+    ("train", train_classes, 4),
+    ("test", test_classes or train_classes, 2),
+  ):
     for c, name in enumerate(classes):
       os.makedirs(root / split / name)
       for i in range(count):
         if i % 2:  # grayscale JPEG of another size
           Image.fromarray(rng.integers(0, 256, (20, 14), dtype=np.uint8), "L").save(
-              root / split / name / f"{i}.jpg")
+            root / split / name / f"{i}.jpg"
+          )
         else:
           Image.fromarray(np.full((9, 9, 3), 40 * c + i, np.uint8)).save(
-              root / split / name / f"{i}.png")
+            root / split / name / f"{i}.png"
+          )
       (root / split / name / "notes.txt").write_text("not an image")
 
 
@@ -84,8 +97,11 @@ def test_image_folder_reads_rgb_and_grayscale(tmp_path):
 
 def _assert_shard_of(shard, whole, start, end):
   """`shard` (loaded with rows=(start, end)) holds exactly those pool rows of `whole`."""
-  assert (shard.first_row, shard.num_train, len(shard.y_train)) == (start, whole.num_train,
-                                                                    end - start)
+  assert (shard.first_row, shard.num_train, len(shard.y_train)) == (
+    start,
+    whole.num_train,
+    end - start,
+  )
   np.testing.assert_array_equal(shard.x_train, whole.x_train[start:end])
   np.testing.assert_array_equal(shard.y_train, whole.y_train[start:end])
   np.testing.assert_array_equal(shard.x_test, whole.x_test)  # every process tests on all
@@ -136,17 +152,21 @@ def _write_cifar10_binaries(root, per_file=6):
 
 def test_tfds_builds_locally_then_reads_offline(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds
+
   raw = tmp_path / "raw"
   written = _write_cifar10_binaries(raw)
   data_dir = tmp_path / "tfds"
   os.makedirs(data_dir)
-  config = _data_config(source="tfds", name="cifar10", data_dir=str(data_dir), download=False,
-                        image_size=32)
+  config = _data_config(
+    source="tfds", name="cifar10", data_dir=str(data_dir), download=False, image_size=32
+  )
   with pytest.raises(ConfigError, match="is not prepared"):
     data.load_dataset(config)
   # Prepare with TFDS's own cifar10 builder, its download served from local files.
-  with local_proxy(monkeypatch, reachable=True), mock.patch.object(
-      tfds.download.DownloadManager, "download_and_extract", return_value=str(raw)):
+  with (
+    local_proxy(monkeypatch, reachable=True),
+    mock.patch.object(tfds.download.DownloadManager, "download_and_extract", return_value=str(raw)),
+  ):
     config.download = True
     data.load_dataset(config)
   config.download = False  # the offline path: a prepared data_dir
@@ -161,19 +181,24 @@ def test_tfds_builds_locally_then_reads_offline(tmp_path, monkeypatch):
   again = data.load_dataset(config)
   np.testing.assert_array_equal(again.x_train, ds.x_train)  # stable ids across loads
   _assert_shard_of(data.load_dataset(config, rows=lambda n: (7, 19)), ds, 7, 19)
-  resized = data.load_dataset(_data_config(source="tfds", name="cifar10", data_dir=str(data_dir),
-                                           image_size=16))
+  resized = data.load_dataset(
+    _data_config(source="tfds", name="cifar10", data_dir=str(data_dir), image_size=16)
+  )
   assert resized.x_train.shape == (30, 16, 16, 3)
 
 
 def test_tfds_missing_data_dir(tmp_path):
   with pytest.raises(ConfigError, match="does not exist"):
-    data.load_dataset(_data_config(source="tfds", name="cifar10",
-                                   data_dir=str(tmp_path / "absent"), download=False))
+    data.load_dataset(
+      _data_config(source="tfds", name="cifar10", data_dir=str(tmp_path / "absent"), download=False)
+    )
 
 
 def test_input_normalization_fixed_or_pool():
-  from configs import cifar10, cifar100, svhn
+  from configs import cifar10
+  from configs import cifar100
+  from configs import svhn
+
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (5, 4, 4, 3), np.uint8)
   dataset = data.Dataset("t", x, np.zeros(5, np.int32), x, np.zeros(5, np.int32), ("a",))

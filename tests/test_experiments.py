@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
@@ -18,13 +17,28 @@ import sweep  # noqa: E402
 def _write_run(root, budget, strategy, seed, accuracies, use_aux=None, num_rounds=None):
   workdir = os.path.join(root, budget, strategy, f"seed{seed}")
   os.makedirs(workdir)
-  rounds = [{"round": i, "num_labeled": 100 * (i + 1), "test_accuracy": a,
-             "per_class_accuracy": [a], "train_seconds": 2.0, "query_seconds": 0.5,
-             "labeled_ids": [], "queried_ids": [1] if i < len(accuracies) - 1 else []}
-            for i, a in enumerate(accuracies)]
-  results = {"config": {"strategy": strategy, "train": {"use_aux": use_aux},
-                        "al": {"num_rounds": num_rounds or len(accuracies)}},
-             "data": {"name": "toy"}, "rounds": rounds}
+  rounds = [
+    {
+      "round": i,
+      "num_labeled": 100 * (i + 1),
+      "test_accuracy": a,
+      "per_class_accuracy": [a],
+      "train_seconds": 2.0,
+      "query_seconds": 0.5,
+      "labeled_ids": [],
+      "queried_ids": [1] if i < len(accuracies) - 1 else [],
+    }
+    for i, a in enumerate(accuracies)
+  ]
+  results = {
+    "config": {
+      "strategy": strategy,
+      "train": {"use_aux": use_aux},
+      "al": {"num_rounds": num_rounds or len(accuracies)},
+    },
+    "data": {"name": "toy"},
+    "rounds": rounds,
+  }
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f)
 
@@ -44,8 +58,14 @@ def sweep_root(tmp_path):
 def test_aggregator_writes_the_tables_and_curves(sweep_root, tmp_path):
   out = tmp_path / "out"
   files = aggregate.aggregate(str(sweep_root), str(out))
-  assert {"accuracy_high.md", "accuracy_high.csv", "curves_high.png", "times_high.md",
-          "aux_high.md", "comparison_high.md"} <= set(files)
+  assert {
+    "accuracy_high.md",
+    "accuracy_high.csv",
+    "curves_high.png",
+    "times_high.md",
+    "aux_high.md",
+    "comparison_high.md",
+  } <= set(files)
   table = (out / "accuracy_high.md").read_text()
   assert "| lplgrad | 2 | 51.00 ± 1.00 | 71.00 ± 1.00 | 61.00 |" in table
   assert "| random | 2 | 51.00 ± 1.00 | 61.00 ± 1.00 | 56.00 |" in table
@@ -61,19 +81,31 @@ def test_aggregator_writes_the_tables_and_curves(sweep_root, tmp_path):
 
 def test_sweep_runs_skips_finished_and_shards(tmp_path):
   root = tmp_path / "runs"
-  args = [sys.executable, os.path.join(REPO_ROOT, "experiments", "sweep.py"),
-          "--config=configs/digits.py", f"--root={root}", "--strategies=random,entropy",
-          "--seeds=0", "--set=model.width=4", "--set=train.epochs=1",
-          "--set=al.num_rounds=2", "--set=al.initial_size=20", "--set=al.query_size=10",
-          "--set=al.subset_size=30", "--set=log.tensorboard=False"]
+  args = [
+    sys.executable,
+    os.path.join(REPO_ROOT, "experiments", "sweep.py"),
+    "--config=configs/digits.py",
+    f"--root={root}",
+    "--strategies=random,entropy",
+    "--seeds=0",
+    "--set=model.width=4",
+    "--set=train.epochs=1",
+    "--set=al.num_rounds=2",
+    "--set=al.initial_size=20",
+    "--set=al.query_size=10",
+    "--set=al.subset_size=30",
+    "--set=log.tensorboard=False",
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  first = subprocess.run(args + ["--shard=1/2"], cwd=REPO_ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+  first = subprocess.run(
+    args + ["--shard=1/2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert first.returncode == 0, first.stderr[-2000:]
   assert os.path.exists(root / "high" / "entropy" / "seed0" / "results.json")
   assert not os.path.exists(root / "high" / "random")  # the other shard
-  again = subprocess.run(args + ["--shard=1/2"], cwd=REPO_ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+  again = subprocess.run(
+    args + ["--shard=1/2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert "finished, skipped" in again.stdout
   results = json.loads((root / "high" / "entropy" / "seed0" / "results.json").read_text())
   assert results["config"]["model"]["width"] == 4 and len(results["rounds"]) == 2
@@ -81,11 +113,13 @@ def test_sweep_runs_skips_finished_and_shards(tmp_path):
 
 def test_override_parsing():
   from conftest import tiny_config
+
   config = tiny_config()
   sweep.apply_override(config, "train.lr_milestones=(3, 4)")
   sweep.apply_override(config, "data.name=cifar10")
   sweep.apply_override(config, "train.epochs=7")
   assert config.train.lr_milestones == (3, 4) and config.data.name == "cifar10"
   assert config.train.epochs == 7
-  np.testing.assert_equal(sweep.load_config(os.path.join(REPO_ROOT, "configs", "cifar10.py"),
-                                            "low").al.initial_size, 500)
+  np.testing.assert_equal(
+    sweep.load_config(os.path.join(REPO_ROOT, "configs", "cifar10.py"), "low").al.initial_size, 500
+  )

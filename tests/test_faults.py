@@ -20,8 +20,9 @@ import types
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
+from conftest import tiny_config
 
-from conftest import REPO_ROOT, tiny_config
 from lplgrad_jax import campaign
 from lplgrad_jax import config_checks
 from lplgrad_jax import reporting
@@ -29,16 +30,27 @@ from lplgrad_jax import strategies
 from lplgrad_jax import workdirs
 from lplgrad_jax.campaign_state import CampaignState
 from lplgrad_jax.checkpoint import Checkpointer
-from lplgrad_jax.errors import ConfigError, Diverged
+from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.errors import Diverged
 
 # 2 rounds of 2 epochs (2 steps each), a checkpoint every epoch: 6 checkpoints in all.
-ARGS = ["--config=configs/digits.py", "--config.model.width=4",
-        "--config.model.loss_head_width=8", "--config.train.epochs=2",
-        "--config.train.batch_size=16", "--config.train.lr_milestones=(1,)",
-        "--config.train.detach_features_epoch=1", "--config.al.initial_size=20",
-        "--config.al.query_size=10", "--config.al.subset_size=40", "--config.al.num_rounds=2",
-        "--config.query.chunk_size=20", "--config.checkpoint.every_epochs=1",
-        "--config.log.progress=False", "--config.log.tensorboard=False"]
+ARGS = [
+  "--config=configs/digits.py",
+  "--config.model.width=4",
+  "--config.model.loss_head_width=8",
+  "--config.train.epochs=2",
+  "--config.train.batch_size=16",
+  "--config.train.lr_milestones=(1,)",
+  "--config.train.detach_features_epoch=1",
+  "--config.al.initial_size=20",
+  "--config.al.query_size=10",
+  "--config.al.subset_size=40",
+  "--config.al.num_rounds=2",
+  "--config.query.chunk_size=20",
+  "--config.checkpoint.every_epochs=1",
+  "--config.log.progress=False",
+  "--config.log.tensorboard=False",
+]
 # The randomized kill -9 test: CI runs 2 kills; `pytest -m slow` the 10 the issue asks for.
 KILLS = [2, pytest.param(10, marks=pytest.mark.slow)]
 
@@ -46,9 +58,15 @@ KILLS = [2, pytest.param(10, marks=pytest.mark.slow)]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("jax_cache"))
-  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-              JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  return dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    TF_CPP_MIN_LOG_LEVEL="2",
+    PYTHONUNBUFFERED="1",
+    JAX_COMPILATION_CACHE_DIR=cache,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+  )
 
 
 def _command(workdir, *extra, args=ARGS):
@@ -56,15 +74,29 @@ def _command(workdir, *extra, args=ARGS):
 
 
 def _cli(env, workdir, *extra, args=ARGS):
-  return subprocess.run(_command(workdir, *extra, args=args), cwd=REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    _command(workdir, *extra, args=args),
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def _outcome(workdir):
   with open(os.path.join(workdir, "results.json")) as f:
     rounds = json.load(f)["rounds"]
-  return [(r["num_labeled"], r["labeled_ids"], r["queried_ids"], r["test_accuracy"],
-           r["per_class_accuracy"]) for r in rounds]
+  return [
+    (
+      r["num_labeled"],
+      r["labeled_ids"],
+      r["queried_ids"],
+      r["test_accuracy"],
+      r["per_class_accuracy"],
+    )
+    for r in rounds
+  ]
 
 
 def _stderr_lines(proc):
@@ -87,8 +119,7 @@ def _snapshot(workdir):
   for parent, _, names in os.walk(workdir):
     for name in names:
       stat = os.stat(os.path.join(parent, name))
-      files[os.path.relpath(os.path.join(parent, name), workdir)] = (stat.st_size,
-                                                                      stat.st_mtime_ns)
+      files[os.path.relpath(os.path.join(parent, name), workdir)] = (stat.st_size, stat.st_mtime_ns)
   return files
 
 
@@ -117,9 +148,13 @@ def _write(tmp_path, name, text):
 def _npz(tmp_path, name, num_train_labels):
   rng = np.random.default_rng(0)
   path = tmp_path / name
-  np.savez(path, x_train=rng.integers(0, 255, (30, 8, 8, 3), np.uint8),
-           y_train=np.arange(num_train_labels) % 3,
-           x_test=rng.integers(0, 255, (6, 8, 8, 3), np.uint8), y_test=np.arange(6) % 3)
+  np.savez(
+    path,
+    x_train=rng.integers(0, 255, (30, 8, 8, 3), np.uint8),
+    y_train=np.arange(num_train_labels) % 3,
+    x_test=rng.integers(0, 255, (6, 8, 8, 3), np.uint8),
+    y_test=np.arange(6) % 3,
+  )
   return str(path)
 
 
@@ -132,22 +167,38 @@ def _npz_root(tmp_path, path):
 
 
 BAD_INPUT = {
-    "learning_rate_0": (lambda t: ["--config.train.learning_rate=0"],
-                        ["train.learning_rate=0", "expected a number > 0"]),
-    "syntax_error": (lambda t: [_config_file(t, "def get_config(:\n  pass\n")],
-                     ["bad.py, line 1: SyntaxError"]),
-    "name_error": (lambda t: [_config_file(t, "def get_config():\n  return x\n")],
-                   ["bad.py, line 2: NameError: name 'x' is not defined"]),
-    "budget_on_digits": (lambda t: ["--config=configs/digits.py:low"],
-                         ["configs/digits.py:low", "takes no ':budget' suffix"]),
-    "budget_on_subset": (lambda t: ["--config=configs/cifar10_subset.py:low"],
-                         ["cifar10_subset.py has one budget row"]),
-    "unknown_key_hint": (lambda t: ["--config.Train.epochs=3"],
-                         ["unknown configuration key 'Train' (did you mean \"train\""]),
-    "npz_lengths": (lambda t: _npz_root(t, _npz(t, "d.npz", 29)),
-                    ["30 x_train images but 29 y_train labels"]),
-    "npz_not_npz": (lambda t: _npz_root(t, _write(t, "d.npz", "not an archive")),
-                    ["is not an .npz file"]),
+  "learning_rate_0": (
+    lambda t: ["--config.train.learning_rate=0"],
+    ["train.learning_rate=0", "expected a number > 0"],
+  ),
+  "syntax_error": (
+    lambda t: [_config_file(t, "def get_config(:\n  pass\n")],
+    ["bad.py, line 1: SyntaxError"],
+  ),
+  "name_error": (
+    lambda t: [_config_file(t, "def get_config():\n  return x\n")],
+    ["bad.py, line 2: NameError: name 'x' is not defined"],
+  ),
+  "budget_on_digits": (
+    lambda t: ["--config=configs/digits.py:low"],
+    ["configs/digits.py:low", "takes no ':budget' suffix"],
+  ),
+  "budget_on_subset": (
+    lambda t: ["--config=configs/cifar10_subset.py:low"],
+    ["cifar10_subset.py has one budget row"],
+  ),
+  "unknown_key_hint": (
+    lambda t: ["--config.Train.epochs=3"],
+    ["unknown configuration key 'Train' (did you mean \"train\""],
+  ),
+  "npz_lengths": (
+    lambda t: _npz_root(t, _npz(t, "d.npz", 29)),
+    ["30 x_train images but 29 y_train labels"],
+  ),
+  "npz_not_npz": (
+    lambda t: _npz_root(t, _write(t, "d.npz", "not an archive")),
+    ["is not an .npz file"],
+  ),
 }
 
 
@@ -155,16 +206,21 @@ BAD_INPUT = {
 def test_bad_input_is_one_error_line(case, env, tmp_path):
   extra, fragments = BAD_INPUT[case]
   extra = extra(tmp_path)
-  args = [a for a in ARGS if not (a.startswith("--config=") and any(
-      e.startswith("--config=") for e in extra))]
+  args = [
+    a
+    for a in ARGS
+    if not (a.startswith("--config=") and any(e.startswith("--config=") for e in extra))
+  ]
   workdir = tmp_path / "w"
   _one_error(_cli(env, workdir, *extra, args=args), 2, *fragments)
   assert not os.path.exists(workdir / "results.json")
   assert not os.path.exists(workdir / "checkpoints")
 
 
-@pytest.mark.parametrize("where, fragment", [("file", "is a file, not a directory"),
-                                             ("/proc/lplgrad_w", "is not a writable directory")])
+@pytest.mark.parametrize(
+  "where, fragment",
+  [("file", "is a file, not a directory"), ("/proc/lplgrad_w", "is not a writable directory")],
+)
 def test_unusable_workdir_is_one_error_line(where, fragment, env, tmp_path):
   workdir = where if where.startswith("/") else tmp_path / "a_file"
   if where == "file":
@@ -177,6 +233,7 @@ def test_unusable_workdir_is_one_error_line(where, fragment, env, tmp_path):
 def test_workdir_checks_refuse_read_only_and_full_disks(tmp_path, monkeypatch):
   def read_only(*args, **kwargs):
     raise OSError(30, "Read-only file system")
+
   with monkeypatch.context() as m:
     m.setattr(workdirs.tempfile, "mkstemp", read_only)
     with pytest.raises(ConfigError, match="not a writable directory .Read-only file system"):
@@ -187,7 +244,9 @@ def test_workdir_checks_refuse_read_only_and_full_disks(tmp_path, monkeypatch):
     workdirs.check_workdir(str(tmp_path))
 
 
-@pytest.mark.parametrize("key, value, expected", [
+@pytest.mark.parametrize(
+  "key, value, expected",
+  [
     ("train.learning_rate", -0.1, "expected a number > 0"),
     ("train.learning_rate", float("nan"), "expected a number > 0"),
     ("train.lr_decay", 0.0, "expected a number > 0"),
@@ -198,7 +257,8 @@ def test_workdir_checks_refuse_read_only_and_full_disks(tmp_path, monkeypatch):
     ("seed", -3, "an integer >= 0"),
     ("train.crop_padding", -1, "an integer >= 0"),
     ("distributed.process_id", -2, "an integer >= -1"),
-])
+  ],
+)
 def test_config_ranges_are_checked_before_loading(key, value, expected):
   config = tiny_config(**{key: value})
   with pytest.raises(ConfigError, match=rf"{key}=.*{expected}"):
@@ -221,19 +281,31 @@ def test_results_are_strict_json(tmp_path):
 
 def test_non_finite_query_scores_never_reach_a_query(monkeypatch):
   """A round whose scores hold a NaN stops with Diverged before anything is selected."""
+
   def nan_scores(context):
     scores = np.arange(len(context.subset_ids), dtype=np.float64)
     scores[3] = np.nan
-    return strategies.Selection(context.subset_ids[:context.query_size], scores)
+    return strategies.Selection(context.subset_ids[: context.query_size], scores)
+
   monkeypatch.setattr(strategies, "get_strategy", lambda name: strategies.Strategy(nan_scores))
   config = tiny_config()
   fake = types.SimpleNamespace(
-      state=CampaignState(list(range(20)), config.to_dict()), config=config,
-      dataset=types.SimpleNamespace(num_train=100), learner=None, normalization=None,
-      pool=None, mesh=None, _progress=False, checkpointer=Checkpointer("/nowhere", keep=2))
+    state=CampaignState(list(range(20)), config.to_dict()),
+    config=config,
+    dataset=types.SimpleNamespace(num_train=100),
+    learner=None,
+    normalization=None,
+    pool=None,
+    mesh=None,
+    _progress=False,
+    checkpointer=Checkpointer("/nowhere", keep=2),
+  )
   fake._diverged = functools.partial(campaign.Campaign._diverged, fake)
-  with pytest.raises(Diverged, match=r"training diverged: 1 of 40 query scores of round 1 "
-                                     r"are not finite.*learning_rate=0.005.*--restart"):
+  with pytest.raises(
+    Diverged,
+    match=r"training diverged: 1 of 40 query scores of round 1 "
+    r"are not finite.*learning_rate=0.005.*--restart",
+  ):
     campaign.Campaign._select(fake, fake.state.labeled)
   assert fake.state.rounds == []  # nothing recorded
 
@@ -249,11 +321,16 @@ def test_locked_workdir_is_refused_and_untouched(reference, env, tmp_path):
     lock.flush()
     held = _snapshot(workdir)
     for extra in ([], ["--restart"]):  # --restart must not delete a live campaign either
-      _one_error(_cli(env, workdir, *extra), 2, "is in use by a running campaign",
-                 "host testhost, pid 4242, started 2026-01-01")
+      _one_error(
+        _cli(env, workdir, *extra),
+        2,
+        "is in use by a running campaign",
+        "host testhost, pid 4242, started 2026-01-01",
+      )
       assert _snapshot(workdir) == held
   assert {k: v for k, v in before.items() if k != workdirs.LOCK_FILE} == {
-      k: v for k, v in held.items() if k != workdirs.LOCK_FILE}
+    k: v for k, v in held.items() if k != workdirs.LOCK_FILE
+  }
 
 
 def test_every_checkpoint_corrupt_is_reported_in_a_few_lines(reference, env, tmp_path):
@@ -284,10 +361,18 @@ def test_divergence_stops_with_exit_3_and_resumes_with_a_lower_rate(reference, e
   # Extended with a learning rate that diverges (both keys may change on resume), and no
   # checkpoint inside the round: the last good checkpoint is then the one after round 1's query.
   before = [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
-  diverged = _cli(env, workdir, "--config.train.learning_rate=1e6",
-                  "--config.checkpoint.every_epochs=0")
-  _one_error(diverged, 3, "training diverged", "non-finite in round 2, ", "lower learning rate",
-             "--config.train.learning_rate=100000", "--restart")
+  diverged = _cli(
+    env, workdir, "--config.train.learning_rate=1e6", "--config.checkpoint.every_epochs=0"
+  )
+  _one_error(
+    diverged,
+    3,
+    "training diverged",
+    "non-finite in round 2, ",
+    "lower learning rate",
+    "--config.train.learning_rate=100000",
+    "--restart",
+  )
   after = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert after[-1] == int(max(before, key=int)) + 1  # round 1's query, nothing of round 2
   results = json.loads((workdir / "results.json").read_text())
@@ -299,8 +384,14 @@ def test_divergence_stops_with_exit_3_and_resumes_with_a_lower_rate(reference, e
 
 # Signals.
 def _start(env, workdir):
-  return subprocess.Popen(_command(workdir), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    _command(workdir),
+    cwd=REPO_ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _wait_for(proc, text):
@@ -310,10 +401,13 @@ def _wait_for(proc, text):
   raise AssertionError(f"no line with {text!r}: {proc.stderr.read()[-3000:]}")
 
 
-@pytest.mark.parametrize("trigger", [
-    "digits: ",                            # set up: training's compilation starts
+@pytest.mark.parametrize(
+  "trigger",
+  [
+    "digits: ",  # set up: training's compilation starts
     "checkpoint saved: round 1, epoch 1",  # a save being written, the next one follows
-])
+  ],
+)
 def test_fast_double_sigint_exits_at_once_and_resumes(trigger, reference, env, tmp_path):
   proc = _start(env, tmp_path)
   _wait_for(proc, trigger)
@@ -330,8 +424,7 @@ def test_fast_double_sigint_exits_at_once_and_resumes(trigger, reference, env, t
 
 
 @pytest.mark.parametrize("kills", KILLS)
-def test_random_kill_9_then_resume_gives_the_uninterrupted_result(kills, reference, env,
-                                                                   tmp_path):
+def test_random_kill_9_then_resume_gives_the_uninterrupted_result(kills, reference, env, tmp_path):
   """`kills` runs killed at random times over the campaign's span, each resumed by the next."""
   seed = int(os.environ.get("LPLGRAD_KILL_SEED", "0"))
   rng = random.Random(seed)

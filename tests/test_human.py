@@ -6,10 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
-from lplgrad_jax import campaign, errors, oracle
+from lplgrad_jax import campaign
+from lplgrad_jax import errors
+from lplgrad_jax import oracle
 from lplgrad_jax.data import load_digits
 from lplgrad_jax.errors import ConfigError
 
@@ -28,8 +30,9 @@ def photo_folder(tmp_path_factory):
   root = tmp_path_factory.mktemp("photos")
   for name in digits.class_names:  # a class may have no seed image yet
     os.makedirs(root / "labeled" / name)
-  seed = set(campaign.initial_labeled_set(config.seed, digits.num_train,
-                                          config.al.initial_size).tolist())
+  seed = set(
+    campaign.initial_labeled_set(config.seed, digits.num_train, config.al.initial_size).tolist()
+  )
   for i, (image, label) in enumerate(zip(digits.x_train, digits.y_train)):
     where = f"labeled/{label}" if i in seed else "unlabeled"
     _write_png(str(root / where / f"{i:05d}.png"), image)
@@ -39,8 +42,9 @@ def photo_folder(tmp_path_factory):
 
 
 def _human_config(root, **overrides):
-  return tiny_config(**{"oracle": "human", "data.source": "image_folder", "data.root": root,
-                        **overrides})
+  return tiny_config(
+    **{"oracle": "human", "data.source": "image_folder", "data.root": root, **overrides}
+  )
 
 
 def _fill(csv_path, label_of):
@@ -77,8 +81,7 @@ def test_human_loop_equals_the_simulated_campaign(photo_folder, tiny_campaign, t
   assert "awaiting_labels" not in human
   assert "read 10 labels and 0 skips" in capsys.readouterr().out
   for h, s in zip(human["rounds"], simulated["rounds"], strict=True):
-    for key in ("num_labeled", "labeled_ids", "queried_ids", "test_accuracy",
-                "per_class_accuracy"):
+    for key in ("num_labeled", "labeled_ids", "queried_ids", "test_accuracy", "per_class_accuracy"):
       assert h[key] == s[key], key
 
 
@@ -132,7 +135,6 @@ def test_without_a_test_folder_rounds_have_no_accuracy(photo_folder, tmp_path):
   results = campaign.run(config, str(tmp_path / "w"))
   assert results["rounds"][0]["test_accuracy"] is None
   assert np.all(np.isfinite(results["data"]["normalization"]["mean"]))
-
 
 
 def test_filled_labels_survive_a_restart_and_a_changed_folder_is_refused(photo_folder, tmp_path):

@@ -13,17 +13,26 @@ import sys
 import threading
 import urllib.request
 
+import chromium
 import pytest
 from absl import flags
-from ml_collections import config_flags
-
-import chromium
 from conftest import REPO_ROOT
-from label_helpers import (copy_workdir, csv_labels, post_label, request, running, state,
-                           stopped_campaign)
-from lplgrad_jax import campaign, config_checks, label, oracle, predict
-from lplgrad_jax.errors import ConfigError
+from label_helpers import copy_workdir
+from label_helpers import csv_labels
+from label_helpers import post_label
+from label_helpers import request
+from label_helpers import running
+from label_helpers import state
+from label_helpers import stopped_campaign
+from ml_collections import config_flags
 from test_human import photo_folder  # noqa: F401  (a fixture)
+
+from lplgrad_jax import campaign
+from lplgrad_jax import config_checks
+from lplgrad_jax import label
+from lplgrad_jax import oracle
+from lplgrad_jax import predict
+from lplgrad_jax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +89,9 @@ def test_answers_are_written_into_the_query_file(stopped, workdir):
     status, shown = post_label(server, queried[0], "7")
     assert status == 200 and shown["answered"] == 1 and shown["items"][0]["label"] == "7"
     assert post_label(server, queried[1], " SKIP ")[1]["items"][1]["label"] == oracle.SKIP
-    assert csv_labels(workdir) == {i: {queried[0]: "7", queried[1]: "skip"}.get(i, "")
-                                   for i in queried}
+    assert csv_labels(workdir) == {
+      i: {queried[0]: "7", queried[1]: "skip"}.get(i, "") for i in queried
+    }
     status, shown = post_label(server, queried[0], "")  # undo: the label is cleared
     assert status == 200 and shown["answered"] == 1 and shown["items"][0]["label"] == ""
   with open(csv_path, "rb") as f:
@@ -108,8 +118,9 @@ def test_bad_answers_are_refused_with_the_csv_routes_messages(stopped, workdir):
   with running(workdir) as server:
     status, body = post_label(server, queried[0], "seven")
     assert status == 400 and body["error"] == next(m for m in csv_messages if "seven" in m)
-    assert body["error"].startswith(f"unknown label 'seven' for id {queried[0]}: expected one "
-                                    "of 0, 1, 2")
+    assert body["error"].startswith(
+      f"unknown label 'seven' for id {queried[0]}: expected one of 0, 1, 2"
+    )
     status, body = post_label(server, 99999, "3")
     assert status == 400 and body["error"] == "id 99999 is not one of this query's images"
     assert body["error"] in csv_messages
@@ -118,8 +129,9 @@ def test_bad_answers_are_refused_with_the_csv_routes_messages(stopped, workdir):
     assert post_label(server, queried[0], 3)[0] == 400
     assert request(server, "POST", "/api/label", b"not json")[0] == 400
     assert request(server, "POST", "/api/label", b'{"id": 1}')[0] == 400
-    status, _, _ = request(server, "POST", "/api/label", b'{"id": 1, "label": "3"}',
-                           {"Content-Type": "text/plain"})
+    status, _, _ = request(
+      server, "POST", "/api/label", b'{"id": 1, "label": "3"}', {"Content-Type": "text/plain"}
+    )
     assert status == 415  # a cross-site form cannot post JSON
   with open(csv_path, "rb") as f:
     assert f.read() == before
@@ -143,12 +155,23 @@ def test_only_the_queried_photos_are_served(stopped, workdir, tmp_path):
     with open(csv_path, "w") as f:
       f.write(text)
     with running(workdir) as server:
-      for path in ("/../results.json", "/photo/../results.json", "/%2e%2e/results.json",
-                   "/photo/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "//etc/passwd", f"/{secret}",
-                   "/photo/" + str(secret), "/label_page/label.js", "/label.py", "/photo/-1",
-                   f"/photo/{queried[0]}", f"/photo/{queried[1]}",
-                   f"/photo/{next(i for i in range(100) if i not in queried)}",
-                   f"/photo/{queried[2]}/../{queried[3]}", "/results.json"):
+      for path in (
+        "/../results.json",
+        "/photo/../results.json",
+        "/%2e%2e/results.json",
+        "/photo/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "//etc/passwd",
+        f"/{secret}",
+        "/photo/" + str(secret),
+        "/label_page/label.js",
+        "/label.py",
+        "/photo/-1",
+        f"/photo/{queried[0]}",
+        f"/photo/{queried[1]}",
+        f"/photo/{next(i for i in range(100) if i not in queried)}",
+        f"/photo/{queried[2]}/../{queried[3]}",
+        "/results.json",
+      ):
         status, _, body = request(server, "GET", path)
         assert status == 404 and b"secret" not in body and b"root:" not in body, path
       assert request(server, "GET", f"/photo/{queried[2]}")[0] == 200
@@ -164,8 +187,10 @@ def test_concurrent_answers_are_all_kept(stopped, workdir):
   queried = _queried(stopped)
   with running(workdir) as first, running(workdir) as second:  # two tabs, even two servers
     answers = {i: str(k % 10) for k, i in enumerate(queried)}
-    threads = [threading.Thread(target=post_label, args=((first, second)[k % 2], i, answers[i]))
-               for k, i in enumerate(queried)]
+    threads = [
+      threading.Thread(target=post_label, args=((first, second)[k % 2], i, answers[i]))
+      for k, i in enumerate(queried)
+    ]
     for thread in threads:
       thread.start()
     for thread in threads:
@@ -184,7 +209,11 @@ def test_a_restarted_server_shows_the_saved_and_spreadsheet_answers(stopped, wor
   with running(workdir) as server:
     items = state(server)["items"]
     assert [(it["label"], it["valid"]) for it in items[:4]] == [
-        ("4", True), ("Five?", False), ("skip", True), ("", False)]
+      ("4", True),
+      ("Five?", False),
+      ("skip", True),
+      ("", False),
+    ]
     assert state(server)["answered"] == 2
 
 
@@ -212,15 +241,26 @@ def test_labels_from_the_page_continue_the_campaign(stopped, workdir, capsys):
 
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "-m", "lplgrad_jax.label", *args], cwd=REPO_ROOT,
-                        env=env, capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "lplgrad_jax.label", *args],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_cli_serves_until_ctrl_c_then_prints_the_command(stopped, workdir):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  process = subprocess.Popen([sys.executable, "-m", "lplgrad_jax.label", f"--workdir={workdir}",
-                              "--port=0"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(
+    [sys.executable, "-m", "lplgrad_jax.label", f"--workdir={workdir}", "--port=0"],
+    cwd=REPO_ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     first = process.stdout.readline()
     assert first == (f"round 1: 10 photos to label in {oracle.query_csv_path(workdir, 1)}\n")
@@ -239,9 +279,11 @@ def test_cli_serves_until_ctrl_c_then_prints_the_command(stopped, workdir):
 def test_cli_refuses_a_folder_without_a_campaign(tmp_path):
   result = _cli(f"--workdir={tmp_path}")
   assert result.returncode == 2
-  assert result.stderr == (f"error: {tmp_path}/results.json is missing: expected the --workdir "
-                           "of a campaign run with --config.oracle=human (python -m "
-                           "lplgrad_jax.main)\n")
+  assert result.stderr == (
+    f"error: {tmp_path}/results.json is missing: expected the --workdir "
+    "of a campaign run with --config.oracle=human (python -m "
+    "lplgrad_jax.main)\n"
+  )
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # config_flags loads with load_module
@@ -265,11 +307,15 @@ def test_the_continue_command_gives_the_campaigns_configuration(stopped, monkeyp
 def _browser_or_skip():
   executable = chromium.find_browser()
   if executable is None:
-    pytest.skip("no Chromium found (chromium, chromium-browser or google-chrome on PATH): "
-                "`make browser` installs it (apt-get install chromium); the HTTP tests above "
-                "cover every server rule")
-  pytest.importorskip("websocket", reason="websocket-client is not installed: make test "
-                      "installs it (pip install -e '.[test]')")
+    pytest.skip(
+      "no Chromium found (chromium, chromium-browser or google-chrome on PATH): "
+      "`make browser` installs it (apt-get install chromium); the HTTP tests above "
+      "cover every server rule"
+    )
+  pytest.importorskip(
+    "websocket",
+    reason="websocket-client is not installed: make test installs it (pip install -e '.[test]')",
+  )
   return executable
 
 
@@ -298,8 +344,10 @@ def test_a_whole_round_in_headless_chromium(stopped, workdir, capsys):
     try:
       browser.open(f"http://127.0.0.1:{server.server_address[1]}/")
       labeled(0)
-      keys = browser.evaluate("[...document.querySelectorAll('.buttons button')]"
-                              ".map(b => [b.dataset.label, b.dataset.key])")
+      keys = browser.evaluate(
+        "[...document.querySelectorAll('.buttons button')]"
+        ".map(b => [b.dataset.label, b.dataset.key])"
+      )
       assert keys == [[c, c] for c in digits.class_names] + [["skip", "s"], [None, "u"]]
       give(queried[0])
       labeled(1)
@@ -325,8 +373,10 @@ def test_a_whole_round_in_headless_chromium(stopped, workdir, capsys):
       labeled(5)
       assert browser.wait_for(f"{selected} === '{queried[5]}' && {selected}")
       badges = browser.evaluate("[...document.querySelectorAll('.card')].map(c => c.dataset.label)")
-      assert badges == [truth[i] if k < 5 and i != skipped else oracle.SKIP if i == skipped else ""
-                        for k, i in enumerate(queried)]
+      assert badges == [
+        truth[i] if k < 5 and i != skipped else oracle.SKIP if i == skipped else ""
+        for k, i in enumerate(queried)
+      ]
       for count, i in enumerate(queried[5:], start=6):
         give(i)
         labeled(count)
@@ -336,8 +386,9 @@ def test_a_whole_round_in_headless_chromium(stopped, workdir, capsys):
       labeled(len(queried))
       assert browser.wait_for("document.getElementById('done').classList.contains('complete')")
       command = browser.evaluate("document.getElementById('command').textContent")
-      assert command == label.continue_command(workdir, json.load(
-          open(os.path.join(workdir, "results.json")))["config"])
+      assert command == label.continue_command(
+        workdir, json.load(open(os.path.join(workdir, "results.json")))["config"]
+      )
       assert browser.evaluate("document.getElementById('error').hidden")
     finally:
       browser.close()
@@ -358,8 +409,10 @@ def _predictions(stopped, tmp_path):
   outside = tmp_path / "outside.png"
   shutil.copy(files[0], outside)
   path = str(tmp_path / "predictions.csv")
-  predict.write_predictions(path, [(files[0], "3", 0.9), (files[1], "7", 0.25),
-                                   (str(outside), "1", 0.5), (files[2], "0", 0.625)])
+  predict.write_predictions(
+    path,
+    [(files[0], "3", 0.9), (files[1], "7", 0.25), (str(outside), "1", 0.5), (files[2], "0", 0.625)],
+  )
   return label.load_predictions(path, folder), files
 
 
@@ -369,10 +422,12 @@ def test_predictions_are_shown_read_only_least_confident_first(stopped, tmp_path
     shown = state(server)
     assert shown["mode"] == "predictions"
     rows = [(it["file"], it["label"], it["confidence"], it["image"]) for it in shown["items"]]
-    assert rows == [(os.path.basename(files[1]), "7", 0.25, True),
-                    (str(tmp_path / "outside.png"), "1", 0.5, False),
-                    (os.path.basename(files[2]), "0", 0.625, True),
-                    (os.path.basename(files[0]), "3", 0.9, True)]
+    assert rows == [
+      (os.path.basename(files[1]), "7", 0.25, True),
+      (str(tmp_path / "outside.png"), "1", 0.5, False),
+      (os.path.basename(files[2]), "0", 0.625, True),
+      (os.path.basename(files[0]), "3", 0.9, True),
+    ]
     status, _, body = request(server, "GET", "/photo/0")
     with open(files[1], "rb") as f:
       assert status == 200 and body == f.read()
@@ -387,8 +442,9 @@ def test_predictions_page_in_headless_chromium(stopped, tmp_path):
     browser = chromium.Browser(executable)
     try:
       browser.open(f"http://127.0.0.1:{server.server_address[1]}/")
-      browser.wait_for("document.getElementById('title').textContent === "
-                       "'4 predictions, least confident first'")
+      browser.wait_for(
+        "document.getElementById('title').textContent === '4 predictions, least confident first'"
+      )
       badges = browser.evaluate("[...document.querySelectorAll('.badge')].map(b => b.textContent)")
       assert badges == ["7 25%", "1 50%", "0 63%", "3 90%"]
       assert browser.evaluate("document.getElementById('buttons').offsetHeight") == 0

@@ -5,7 +5,9 @@ import pytest
 from flax import nnx
 
 from lplgrad_jax.errors import ConfigError
-from lplgrad_jax.models import Layers, LossPredictionModule, ResNet18
+from lplgrad_jax.models import Layers
+from lplgrad_jax.models import LossPredictionModule
+from lplgrad_jax.models import ResNet18
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +18,12 @@ def model():
 def test_cifar_stem_shapes(model):
   logits, features = model(jnp.ones((3, 32, 32, 3)))
   assert logits.shape == (3, 7)
-  assert [f.shape for f in features] == [(3, 32, 32, 4), (3, 16, 16, 8), (3, 8, 8, 16),
-                                         (3, 4, 4, 32)]
+  assert [f.shape for f in features] == [
+    (3, 32, 32, 4),
+    (3, 16, 16, 8),
+    (3, 8, 8, 16),
+    (3, 4, 4, 32),
+  ]
 
 
 def test_imagenet_stem_shapes():
@@ -42,8 +48,9 @@ def test_eval_switches_batchnorm_to_inference():
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   stats_before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
   model(x)  # training mode updates the running statistics
-  assert not np.allclose(jax.tree.leaves(stats_before)[0],
-                         jax.tree.leaves(nnx.state(model, nnx.BatchStat))[0])
+  assert not np.allclose(
+    jax.tree.leaves(stats_before)[0], jax.tree.leaves(nnx.state(model, nnx.BatchStat))[0]
+  )
   model.eval()
   stats = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
   single, _ = model(x[:1])
@@ -82,6 +89,7 @@ def test_pytorch_and_he_initialisation():
   def weights(init):
     model = ResNet18(10, width=16, layers=Layers(init), rngs=nnx.Rngs(0))
     return model, np.asarray(model.stages[2][0].conv1.kernel[...]), model.head
+
   model, kernel, head = weights("pytorch")
   bound = 1 / np.sqrt(3 * 3 * 32)  # fan_in of a 3x3 conv from 32 channels
   assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.95 * bound

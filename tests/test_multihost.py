@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO_ROOT
 from test_resume import CLI_ARGS as RESUME_ARGS
 
@@ -22,17 +21,28 @@ from test_resume import CLI_ARGS as RESUME_ARGS
 # but a width-4 network trained on 20-30 images amplifies that noise within a round or two
 # (as going from 1 to 2 or 4 devices in one process does), reordering near-tied scores.
 # The first query, and so both rounds' labeled sets, is far from that.
-_CHANGED = {"--config.train.epochs": "3", "--config.train.lr_milestones": "(2,)",
-            "--config.train.detach_features_epoch": "2", "--config.checkpoint.every_epochs": "1",
-            "--config.train.learning_rate": "0.01", "--config.al.num_rounds": "2"}
+_CHANGED = {
+  "--config.train.epochs": "3",
+  "--config.train.lr_milestones": "(2,)",
+  "--config.train.detach_features_epoch": "2",
+  "--config.checkpoint.every_epochs": "1",
+  "--config.train.learning_rate": "0.01",
+  "--config.al.num_rounds": "2",
+}
 CLI_ARGS = [a for a in RESUME_ARGS if a.split("=")[0] not in _CHANGED] + [
-    f"{k}={v}" for k, v in _CHANGED.items()]
+  f"{k}={v}" for k, v in _CHANGED.items()
+]
 TIMEOUT_S = 600
 
 
 def _env(num_devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-             JAX_NUM_CPU_DEVICES=str(num_devices))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    TF_CPP_MIN_LOG_LEVEL="2",
+    PYTHONUNBUFFERED="1",
+    JAX_NUM_CPU_DEVICES=str(num_devices),
+  )
   env.pop("XLA_FLAGS", None)  # the device count comes from JAX_NUM_CPU_DEVICES alone
   return env
 
@@ -48,17 +58,25 @@ def _start_hosts(workdir, logs, extra_args):
   port = _free_port()
   procs = []
   for process_id, log in enumerate(logs):
-    args = [sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS, f"--workdir={workdir}",
-            "--config.distributed.initialize=True",
-            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2",
-            f"--config.distributed.process_id={process_id}",
-            "--config.distributed.initialization_timeout_seconds=60",
-            "--config.distributed.heartbeat_timeout_seconds=20",
-            "--config.distributed.shutdown_timeout_seconds=30", *extra_args]
+    args = [
+      sys.executable,
+      "-m",
+      "lplgrad_jax.main",
+      *CLI_ARGS,
+      f"--workdir={workdir}",
+      "--config.distributed.initialize=True",
+      f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+      "--config.distributed.num_processes=2",
+      f"--config.distributed.process_id={process_id}",
+      "--config.distributed.initialization_timeout_seconds=60",
+      "--config.distributed.heartbeat_timeout_seconds=20",
+      "--config.distributed.shutdown_timeout_seconds=30",
+      *extra_args,
+    ]
     with open(log, "w") as out:
-      procs.append(subprocess.Popen(args, cwd=REPO_ROOT, env=_env(2), stdout=out,
-                                    stderr=subprocess.STDOUT))
+      procs.append(
+        subprocess.Popen(args, cwd=REPO_ROOT, env=_env(2), stdout=out, stderr=subprocess.STDOUT)
+      )
   return procs
 
 
@@ -104,20 +122,27 @@ def _rounds(workdir):
 @pytest.fixture(scope="module")
 def one_process_four_devices(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("single")
-  proc = subprocess.run([sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS,
-                         f"--workdir={workdir}"], cwd=REPO_ROOT, env=_env(4),
-                        capture_output=True, text=True, timeout=TIMEOUT_S)
+  proc = subprocess.run(
+    [sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS, f"--workdir={workdir}"],
+    cwd=REPO_ROOT,
+    env=_env(4),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return _rounds(workdir)
 
 
 @pytest.mark.parametrize("shard_pool", [False, True])
-def test_two_processes_equal_one_process_with_four_devices(shard_pool, one_process_four_devices,
-                                                          tmp_path):
+def test_two_processes_equal_one_process_with_four_devices(
+  shard_pool, one_process_four_devices, tmp_path
+):
   # shard_pool: each process loads only its half of the pool, which stays split over the
   # devices; the single process holds all of it on every device.
-  codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "run",
-                              extra_args=[f"--config.data.shard_pool={shard_pool}"])
+  codes, outputs = _run_hosts(
+    tmp_path / "w", tmp_path, "run", extra_args=[f"--config.data.shard_pool={shard_pool}"]
+  )
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
   results, selections = _rounds(tmp_path / "w")
   single, single_selections = one_process_four_devices
@@ -125,7 +150,8 @@ def test_two_processes_equal_one_process_with_four_devices(shard_pool, one_proce
   assert single["num_processes"] == 1 and single["num_devices"] == 4
   assert selections == single_selections  # the same labeled (and queried) ids every round
   assert results["rounds"][0]["test_accuracy"] == pytest.approx(
-      single["rounds"][0]["test_accuracy"], abs=0.01)
+    single["rounds"][0]["test_accuracy"], abs=0.01
+  )
   # Process 0 reports; process 1 prints no progress of its own.
   assert "round 2/2" in outputs[0] and "in 2 processes" in outputs[0]
   assert not [line for line in outputs[1].splitlines() if line.startswith("round")]
@@ -133,8 +159,9 @@ def test_two_processes_equal_one_process_with_four_devices(shard_pool, one_proce
 
 def test_both_processes_killed_then_rerun_resumes(one_process_four_devices, tmp_path):
   # Killed after the second checkpoint, so the first one is surely committed.
-  codes, _ = _run_hosts(tmp_path / "w", tmp_path, "killed", signal_to=(0, 1),
-                        when="checkpoint saved: round 1, epoch 2")
+  codes, _ = _run_hosts(
+    tmp_path / "w", tmp_path, "killed", signal_to=(0, 1), when="checkpoint saved: round 1, epoch 2"
+  )
   assert codes == [-signal.SIGKILL, -signal.SIGKILL]
   codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "resumed")
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
@@ -145,8 +172,14 @@ def test_both_processes_killed_then_rerun_resumes(one_process_four_devices, tmp_
 def test_sigterm_to_one_process_stops_both_with_a_checkpoint(one_process_four_devices, tmp_path):
   # Preemption of one host: the processes agree to stop at the next epoch boundary,
   # save together and exit 0; rerunning resumes.
-  codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "stopped", signal_to=(0,),
-                              sig=signal.SIGTERM, when="checkpoint saved: round 1, epoch 1")
+  codes, outputs = _run_hosts(
+    tmp_path / "w",
+    tmp_path,
+    "stopped",
+    signal_to=(0,),
+    sig=signal.SIGTERM,
+    when="checkpoint saved: round 1, epoch 1",
+  )
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
   assert "stopped by SIGTERM" in outputs[0]
   codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "resumed")

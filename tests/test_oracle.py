@@ -5,9 +5,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
 from lplgrad_jax import data
 from lplgrad_jax import oracle
 from lplgrad_jax.errors import ConfigError
@@ -30,13 +30,21 @@ def test_write_query_csv_and_contact_sheet(tmp_path):
   Image.fromarray(_flat(BLUE, 40)).save(original)
   ids, files = [17, 3, 40], [str(original), "/gone/3.png", "/gone/40.png"]
   images = [_flat(PURPLE), _flat(RED), _flat(GREEN)]
-  csv_path, png_path = oracle.write_query(str(tmp_path), 2, ids, files,
-                                          np.array([2.5, 0.125, 1e-7]), images, CLASSES)
-  assert csv_path == oracle.query_csv_path(str(tmp_path), 2) == str(tmp_path / "queries" / "round_2.csv")
-  assert png_path == oracle.contact_sheet_path(str(tmp_path), 2) == str(tmp_path / "queries" / "round_2.png")
+  csv_path, png_path = oracle.write_query(
+    str(tmp_path), 2, ids, files, np.array([2.5, 0.125, 1e-7]), images, CLASSES
+  )
+  assert (
+    csv_path == oracle.query_csv_path(str(tmp_path), 2) == str(tmp_path / "queries" / "round_2.csv")
+  )
+  assert (
+    png_path
+    == oracle.contact_sheet_path(str(tmp_path), 2)
+    == str(tmp_path / "queries" / "round_2.png")
+  )
   with open(csv_path, encoding="utf-8") as f:
-    assert f.read() == (f"id,file,score,label\n17,{original},2.5,\n3,/gone/3.png,0.125,\n"
-                        "40,/gone/40.png,1e-07,\n")
+    assert f.read() == (
+      f"id,file,score,label\n17,{original},2.5,\n3,/gone/3.png,0.125,\n40,/gone/40.png,1e-07,\n"
+    )
   sheet = Image.open(png_path)
   assert sheet.width == oracle.PAD + 3 * (oracle.THUMB + oracle.PAD)
   assert sheet.height > oracle.THUMB + oracle.CAPTION + oracle.PAD
@@ -48,9 +56,15 @@ def test_write_query_csv_and_contact_sheet(tmp_path):
 
 
 def test_write_query_without_scores_wraps_rows(tmp_path):
-  csv_path, png_path = oracle.write_query(str(tmp_path), 1, list(range(12)),
-                                          [f"/gone/{i}.png" for i in range(12)], None,
-                                          [_flat(RED)] * 12, CLASSES)
+  csv_path, png_path = oracle.write_query(
+    str(tmp_path),
+    1,
+    list(range(12)),
+    [f"/gone/{i}.png" for i in range(12)],
+    None,
+    [_flat(RED)] * 12,
+    CLASSES,
+  )
   with open(csv_path) as f:
     lines = f.read().splitlines()
   assert lines[1] == "0,/gone/0.png,," and len(lines) == 13
@@ -68,9 +82,12 @@ def _write(path, text: str, encoding="utf-8") -> str:
 
 def test_read_labels_accepts_spreadsheet_output(tmp_path):
   # Excel: byte-order mark, CRLF, an added column; names with other case and spaces.
-  path = _write(tmp_path / "round_1.csv",
-                "id,file,score,label,notes\r\n17,a.png,0.5, DOG ,sure\r\n\r\n"
-                "3,b.png,0.2,skip,\r\n40,c.png,0.1,Cat,\r\n", encoding="utf-8-sig")
+  path = _write(
+    tmp_path / "round_1.csv",
+    "id,file,score,label,notes\r\n17,a.png,0.5, DOG ,sure\r\n\r\n"
+    "3,b.png,0.2,skip,\r\n40,c.png,0.1,Cat,\r\n",
+    encoding="utf-8-sig",
+  )
   assert oracle.read_labels(path, [17, 3, 40], CLASSES) == {17: 1, 3: None, 40: 0}
   # Locales whose list separator is ";", columns reordered.
   path = _write(tmp_path / "round_2.csv", "label;id\ncat;5\nSKIP;6\n")
@@ -81,29 +98,32 @@ def test_read_labels_case_folding_only_when_unambiguous(tmp_path):
   path = _write(tmp_path / "round_1.csv", "id,label\n1,Cat\n2,cat\n3,CAT\n")
   with pytest.raises(LabelFileError) as e:
     oracle.read_labels(path, [1, 2, 3], ("Cat", "cat"))
-  assert e.value.problems == ["round_1.csv line 4: unknown label 'CAT' for id 3: expected one "
-                              "of Cat, cat, skip"]
+  assert e.value.problems == [
+    "round_1.csv line 4: unknown label 'CAT' for id 3: expected one of Cat, cat, skip"
+  ]
 
 
 def test_read_labels_reports_every_bad_row(tmp_path):
-  path = _write(tmp_path / "round_2.csv",
-                "id,file,score,label\n"
-                "17,a.png,0.9,dgo\n"       # line 2
-                "3,b.png,0.8,\n"           # line 3
-                "\n"                       # line 4: blank lines are passed over
-                "17,a.png,0.9,cat\n"       # line 5
-                "99,z.png,,cat\n"          # line 6
-                "x1,q.png,,dog\n"          # line 7
-                "41,d.png,0.5,dog\n")      # line 8: fine
+  path = _write(
+    tmp_path / "round_2.csv",
+    "id,file,score,label\n"
+    "17,a.png,0.9,dgo\n"  # line 2
+    "3,b.png,0.8,\n"  # line 3
+    "\n"  # line 4: blank lines are passed over
+    "17,a.png,0.9,cat\n"  # line 5
+    "99,z.png,,cat\n"  # line 6
+    "x1,q.png,,dog\n"  # line 7
+    "41,d.png,0.5,dog\n",
+  )  # line 8: fine
   with pytest.raises(LabelFileError) as e:
     oracle.read_labels(path, [17, 3, 40, 41, 42], CLASSES)
   assert e.value.problems == [
-      "round_2.csv line 2: unknown label 'dgo' for id 17: expected one of cat, dog, skip",
-      "round_2.csv line 3: blank label for id 3: expected one of cat, dog, skip",
-      "round_2.csv line 5: id 17 is listed again (first on line 2)",
-      "round_2.csv line 6: id 99 is not one of this query's images",
-      "round_2.csv line 7: id 'x1' is not an integer: expected an id of this query",
-      "round_2.csv: 2 ids of this query missing from the file (40, 42): put their rows back",
+    "round_2.csv line 2: unknown label 'dgo' for id 17: expected one of cat, dog, skip",
+    "round_2.csv line 3: blank label for id 3: expected one of cat, dog, skip",
+    "round_2.csv line 5: id 17 is listed again (first on line 2)",
+    "round_2.csv line 6: id 99 is not one of this query's images",
+    "round_2.csv line 7: id 'x1' is not an integer: expected an id of this query",
+    "round_2.csv: 2 ids of this query missing from the file (40, 42): put their rows back",
   ]
   lines = str(e.value).splitlines()
   assert lines[0] == f"{path}: 6 problems in the labels; fix and rerun"
@@ -117,8 +137,9 @@ def test_read_labels_file_problems(tmp_path):
   path = _write(tmp_path / "round_1.csv", "id,file,score\n1,a.png,0.5\n")
   with pytest.raises(LabelFileError) as e:
     oracle.read_labels(path, [1], CLASSES)
-  assert e.value.problems == ["round_1.csv line 1: no label column: expected the header "
-                              "id,file,score,label"]
+  assert e.value.problems == [
+    "round_1.csv line 1: no label column: expected the header id,file,score,label"
+  ]
   path = _write(tmp_path / "latin.csv", "id,label\n1,caf\xe9\n", encoding="latin-1")
   with pytest.raises(ConfigError, match="is not UTF-8 text"):
     oracle.read_labels(path, [1], CLASSES)
@@ -126,17 +147,21 @@ def test_read_labels_file_problems(tmp_path):
 
 def test_set_label_changes_one_row_and_keeps_the_format(tmp_path):
   # Reordered columns, an extra one, ";" and a blank line, as a spreadsheet may leave them.
-  path = _write(tmp_path / "round_1.csv",
-                "label;id;note;file\n;17;blurry;/p/17.png\n\ndog;3;;/p/3.png\n")
+  path = _write(
+    tmp_path / "round_1.csv", "label;id;note;file\n;17;blurry;/p/17.png\n\ndog;3;;/p/3.png\n"
+  )
   oracle.set_label(path, 17, "cat")
   oracle.set_label(path, 3, "")  # cleared
   oracle.set_label(path, 40, "skip", file="/p/40.png")  # its row was deleted: appended
   with open(path, encoding="utf-8") as f:
-    assert f.read() == ("label;id;note;file\ncat;17;blurry;/p/17.png\n\n;3;;/p/3.png\n"
-                        "skip;40;;/p/40.png\n")
-  assert oracle.query_rows(path) == [oracle.QueryRow(17, "/p/17.png", "cat"),
-                                     oracle.QueryRow(3, "/p/3.png", ""),
-                                     oracle.QueryRow(40, "/p/40.png", "skip")]
+    assert f.read() == (
+      "label;id;note;file\ncat;17;blurry;/p/17.png\n\n;3;;/p/3.png\nskip;40;;/p/40.png\n"
+    )
+  assert oracle.query_rows(path) == [
+    oracle.QueryRow(17, "/p/17.png", "cat"),
+    oracle.QueryRow(3, "/p/3.png", ""),
+    oracle.QueryRow(40, "/p/40.png", "skip"),
+  ]
   oracle.set_label(path, 3, "Dog")
   assert oracle.read_labels(path, [17, 3, 40], CLASSES) == {17: 0, 3: 1, 40: None}
   with pytest.raises(ConfigError, match="no id column"):
@@ -145,8 +170,14 @@ def test_set_label_changes_one_row_and_keeps_the_format(tmp_path):
 
 def _labeling_folder(root, test=False):
   """Pool files whose names are their expected ids; pixel value 20 * id marks each image."""
-  files = {"labeled/dog/00001.png": 1, "labeled/cat/00003.png": 3, "labeled/cat/x/00005.jpg": 5,
-           "unlabeled/00000.png": 0, "unlabeled/00002.png": 2, "unlabeled/2024/00004.png": 4}
+  files = {
+    "labeled/dog/00001.png": 1,
+    "labeled/cat/00003.png": 3,
+    "labeled/cat/x/00005.jpg": 5,
+    "unlabeled/00000.png": 0,
+    "unlabeled/00002.png": 2,
+    "unlabeled/2024/00004.png": 4,
+  }
   for name, i in files.items():
     os.makedirs(os.path.dirname(root / name), exist_ok=True)
     if name.endswith(".jpg"):  # grayscale JPEG of another size
@@ -177,7 +208,13 @@ def test_labeling_folder_ids_follow_file_names(tmp_path):
   np.testing.assert_array_equal(ds.y_train, [-1, 1, -1, 0, -1, 0])
   np.testing.assert_array_equal(ds.seed_ids, [1, 3, 5])
   assert [os.path.basename(f) for f in ds.train_files] == [
-      "00000.png", "00001.png", "00002.png", "00003.png", "00004.png", "00005.jpg"]
+    "00000.png",
+    "00001.png",
+    "00002.png",
+    "00003.png",
+    "00004.png",
+    "00005.jpg",
+  ]
   assert all(os.path.isabs(f) and os.path.isfile(f) for f in ds.train_files)
   np.testing.assert_allclose(ds.x_train.reshape(6, -1).mean(1), 20 * np.arange(6), atol=1)
   assert ds.x_test.shape == (0, 8, 8, 3) and ds.x_test.dtype == np.uint8
@@ -199,25 +236,46 @@ def test_labeling_folder_with_test_split(tmp_path):
   np.testing.assert_array_equal(ds.x_test[0], _flat(7))
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     (lambda r: r / "absent", r"data.root=.*absent' is not a directory"),
     (lambda r: os.rename(r / "labeled", r / "seed"), r"labeled is missing: expected labeled/"),
     (lambda r: os.rename(r / "unlabeled", r / "pool"), r"unlabeled is missing"),
-    (lambda r: [os.rename(r / "labeled" / c, r / "unlabeled" / c) for c in CLASSES],
-     r"labeled has no labeled images"),
-    (lambda r: [shutil.rmtree(r / "labeled" / c) or os.makedirs(r / "labeled" / c)
-                for c in CLASSES], r"labeled has no labeled images"),
+    (
+      lambda r: [os.rename(r / "labeled" / c, r / "unlabeled" / c) for c in CLASSES],
+      r"labeled has no labeled images",
+    ),
+    (
+      lambda r: [
+        shutil.rmtree(r / "labeled" / c) or os.makedirs(r / "labeled" / c) for c in CLASSES
+      ],
+      r"labeled has no labeled images",
+    ),
     (lambda r: os.makedirs(r / "test" / "eel"), r"class folder .*test/eel holds no images"),
-    (lambda r: (r / "labeled" / "dog" / "bad.png").write_bytes(b"not an image"),
-     r"cannot read image .*labeled/dog/bad.png"),
-    (lambda r: Image.fromarray(_flat(0)).save(r / "labeled" / "stray.png"),
-     r"labeled/stray.png is not in a class folder"),
-    (lambda r: os.rename(r / "labeled" / "dog", r / "labeled" / "Skip"),
-     r"labeled/Skip clashes with the label 'skip'"),
-    (lambda r: os.rename(r / "test" / "dog", r / "test" / "eel"),
-     r"test class folder .*test/eel is not a class of .*labeled: expected test classes among cat, dog"),
-    (lambda r: os.rename(r / "test" / "dog", r / "unlabeled" / "dog"), r"test has no class folders"),
-])
+    (
+      lambda r: (r / "labeled" / "dog" / "bad.png").write_bytes(b"not an image"),
+      r"cannot read image .*labeled/dog/bad.png",
+    ),
+    (
+      lambda r: Image.fromarray(_flat(0)).save(r / "labeled" / "stray.png"),
+      r"labeled/stray.png is not in a class folder",
+    ),
+    (
+      lambda r: os.rename(r / "labeled" / "dog", r / "labeled" / "Skip"),
+      r"labeled/Skip clashes with the label 'skip'",
+    ),
+    (
+      lambda r: os.rename(r / "test" / "dog", r / "test" / "eel"),
+      r"test class folder .*test/eel is not a class of .*labeled: "
+      r"expected test classes among cat, dog",
+    ),
+    (
+      lambda r: os.rename(r / "test" / "dog", r / "unlabeled" / "dog"),
+      r"test has no class folders",
+    ),
+  ],
+)
 def test_labeling_folder_errors(tmp_path, change, message):
   root = _labeling_folder(tmp_path, test=True)
   moved = change(root)

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lplgrad_jax import pergrad, query
-from lplgrad_jax.models import ResNet18, ResNet50, ViT, WideResNet
+from lplgrad_jax import pergrad
+from lplgrad_jax import query
+from lplgrad_jax.models import ResNet18
+from lplgrad_jax.models import ResNet50
+from lplgrad_jax.models import ViT
+from lplgrad_jax.models import WideResNet
 
 
 class TinyViT(nnx.Module):
@@ -43,10 +47,19 @@ class GroupNormCNN(nnx.Module):
   def __init__(self, num_classes, *, rngs):
     self.stem = nnx.Conv(3, 8, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
     self.gn = nnx.GroupNorm(8, num_groups=2, rngs=rngs)
-    self.depthwise = nnx.Conv(8, 8, (3, 3), kernel_dilation=2, feature_group_count=8,
-                              padding="SAME", use_bias=False, rngs=rngs)
-    self.grouped = nnx.Conv(8, 6, (3, 2), strides=2, feature_group_count=2, padding="SAME",
-                            rngs=rngs)
+    self.depthwise = nnx.Conv(
+      8,
+      8,
+      (3, 3),
+      kernel_dilation=2,
+      feature_group_count=8,
+      padding="SAME",
+      use_bias=False,
+      rngs=rngs,
+    )
+    self.grouped = nnx.Conv(
+      8, 6, (3, 2), strides=2, feature_group_count=2, padding="SAME", rngs=rngs
+    )
     self.head = nnx.Linear(6, num_classes, rngs=rngs)
 
   def __call__(self, x):
@@ -110,8 +123,12 @@ def _trained_like(model, x, scale=0.3):
   graphdef, state = nnx.split(model)
   leaves, tree = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(11), len(leaves))
-  leaves = [a + scale * jax.random.normal(k, a.shape, a.dtype)
-            if jnp.issubdtype(a.dtype, jnp.floating) else a for a, k in zip(leaves, keys)]
+  leaves = [
+    a + scale * jax.random.normal(k, a.shape, a.dtype)
+    if jnp.issubdtype(a.dtype, jnp.floating)
+    else a
+    for a, k in zip(leaves, keys)
+  ]
   model = nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
   if any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(model)):
     model(x)  # training mode: moves the running statistics
@@ -125,17 +142,24 @@ def _entropy(outputs):
 def _reference(model, x):
   """(layer_sum, frobenius) from per-example jax.grad under vmap, norms in float64."""
   graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
-  grads = jax.vmap(jax.grad(lambda p, xi: _entropy(nnx.merge(graphdef, p, rest)(xi[None]))[0]),
-                   in_axes=(None, 0))(params, x)
-  squared = np.stack([np.sum(np.square(np.asarray(g, np.float64).reshape(len(x), -1)), axis=1)
-                      for g in jax.tree.leaves(grads)], axis=1)
+  grads = jax.vmap(
+    jax.grad(lambda p, xi: _entropy(nnx.merge(graphdef, p, rest)(xi[None]))[0]), in_axes=(None, 0)
+  )(params, x)
+  squared = np.stack(
+    [
+      np.sum(np.square(np.asarray(g, np.float64).reshape(len(x), -1)), axis=1)
+      for g in jax.tree.leaves(grads)
+    ],
+    axis=1,
+  )
   return np.sum(np.sqrt(squared), axis=1), np.sqrt(np.sum(squared, axis=1))
 
 
 def _fast(model, x):
   graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
   squared = jax.jit(lambda p, r, x: pergrad.squared_norms(graphdef, p, r, x, _entropy))(
-      params, rest, x)
+    params, rest, x
+  )
   return tuple(np.asarray(pergrad.reduce(squared, r)) for r in pergrad.REDUCTIONS)
 
 
@@ -144,13 +168,15 @@ def _images(n=3, size=8, seed=7):
 
 
 CASES = {
-    "resnet18": (lambda: ResNet18(5, width=2, rngs=nnx.Rngs(0)), _images),
-    "vit": (lambda: TinyViT(5, rngs=nnx.Rngs(1)), _images),
-    "groupnorm_depthwise": (lambda: GroupNormCNN(5, rngs=nnx.Rngs(2)), _images),
-    "tied_mlp": (lambda: TiedMLP(5, rngs=nnx.Rngs(3)), lambda: _images(size=2)),
-    "custom_layer": (lambda: CustomLayerNet(5, rngs=nnx.Rngs(4)), lambda: _images(size=2)),
-    "tokens": (lambda: TokenNet(5, rngs=nnx.Rngs(5)),
-               lambda: jnp.array([[1, 3, 1, 6], [0, 0, 0, 2], [5, 4, 3, 2]])),
+  "resnet18": (lambda: ResNet18(5, width=2, rngs=nnx.Rngs(0)), _images),
+  "vit": (lambda: TinyViT(5, rngs=nnx.Rngs(1)), _images),
+  "groupnorm_depthwise": (lambda: GroupNormCNN(5, rngs=nnx.Rngs(2)), _images),
+  "tied_mlp": (lambda: TiedMLP(5, rngs=nnx.Rngs(3)), lambda: _images(size=2)),
+  "custom_layer": (lambda: CustomLayerNet(5, rngs=nnx.Rngs(4)), lambda: _images(size=2)),
+  "tokens": (
+    lambda: TokenNet(5, rngs=nnx.Rngs(5)),
+    lambda: jnp.array([[1, 3, 1, 6], [0, 0, 0, 2], [5, 4, 3, 2]]),
+  ),
 }
 
 
@@ -203,24 +229,27 @@ def test_batched_and_vmapped_passes_agree():
   apply = pergrad._example_loss(_entropy)
   plan = pergrad.make_plan(graphdef, params, rest, x[0], apply)
   merged = nnx.merge(graphdef, params, rest)
-  batched = pergrad._norms_from_grads(merged, plan, *pergrad._batched_grads(merged, plan, x,
-                                                                            _entropy))
-  vmapped = pergrad._norms_from_grads(merged, plan, *pergrad._vmapped_grads(merged, plan, x,
-                                                                            apply))
+  batched = pergrad._norms_from_grads(
+    merged, plan, *pergrad._batched_grads(merged, plan, x, _entropy)
+  )
+  vmapped = pergrad._norms_from_grads(merged, plan, *pergrad._vmapped_grads(merged, plan, x, apply))
   np.testing.assert_allclose(batched, vmapped, rtol=1e-5)
 
 
 class ShallowResNet50(ResNet50):
   """ResNet-50's bottleneck blocks, one per stage: the rules, at a fraction of the compile."""
+
   stage_sizes = (1, 1, 1, 1)
 
 
 BACKBONES = {
-    "resnet50_bottleneck": (lambda: ShallowResNet50(5, width=1, rngs=nnx.Rngs(7)), _images),
-    # Smaller perturbations: at 0.3 this stack saturates the softmax (entropy and gradient ~0).
-    "wide_resnet": (lambda: WideResNet(5, depth=10, widen=1, rngs=nnx.Rngs(8)), _images, 0.05),
-    "vit_backbone": (lambda: ViT(5, width=8, depth=1, heads=2, image_size=8, rngs=nnx.Rngs(9)),
-                     _images),
+  "resnet50_bottleneck": (lambda: ShallowResNet50(5, width=1, rngs=nnx.Rngs(7)), _images),
+  # Smaller perturbations: at 0.3 this stack saturates the softmax (entropy and gradient ~0).
+  "wide_resnet": (lambda: WideResNet(5, depth=10, widen=1, rngs=nnx.Rngs(8)), _images, 0.05),
+  "vit_backbone": (
+    lambda: ViT(5, width=8, depth=1, heads=2, image_size=8, rngs=nnx.Rngs(9)),
+    _images,
+  ),
 }
 
 

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from PIL import Image
 
-from conftest import REPO_ROOT
 from lplgrad_jax import data
 from lplgrad_jax import predict
 from lplgrad_jax.errors import ConfigError
@@ -45,7 +45,8 @@ def test_predict_reproduces_the_campaigns_evaluation(tiny_campaign, digits_files
   rows = predict.predict(workdir, paths, batch_size=config.train.eval_batch_size)
   warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
   assert len(warnings) == 1 and warnings[0].startswith(
-      f"warning: cannot read image {folder / 'digits' / 'bad.png'}: ")
+    f"warning: cannot read image {folder / 'digits' / 'bad.png'}: "
+  )
   assert warnings[0].endswith("; skipped")
   assert [file for file, _, _ in rows] == sorted(labels)
   assert all(1 / 10 <= confidence <= 1 for _, _, confidence in rows)
@@ -63,24 +64,36 @@ def test_predict_refuses_when_nothing_is_readable(tiny_campaign, digits_files):
 
 def _run_predict(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, "-m", "lplgrad_jax.predict", *args], cwd=REPO_ROOT,
-                        env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "lplgrad_jax.predict", *args],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_cli_writes_predictions(tiny_campaign, digits_files, tmp_path):
   config, workdir, results = tiny_campaign
   folder, labels = digits_files
   out = tmp_path / "out" / "predictions.csv"
-  proc = _run_predict(f"--workdir={workdir}", f"--images={folder}", f"--out={out}",
-                      f"--batch_size={config.train.eval_batch_size}")
+  proc = _run_predict(
+    f"--workdir={workdir}",
+    f"--images={folder}",
+    f"--out={out}",
+    f"--batch_size={config.train.eval_batch_size}",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"{len(labels)} of {len(labels) + 1} files classified" in proc.stdout
   assert f"cannot read image {folder / 'digits' / 'bad.png'}" in proc.stderr
   with open(out, newline="") as f:
     rows = list(csv.reader(f))
   assert rows[0] == ["file", "class", "confidence"] and len(rows) == len(labels) + 1
-  assert _accuracy([(file, name, float(c)) for file, name, c in rows[1:]], labels) == \
-      results["rounds"][-1]["test_accuracy"]
+  assert (
+    _accuracy([(file, name, float(c)) for file, name, c in rows[1:]], labels)
+    == results["rounds"][-1]["test_accuracy"]
+  )
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_campaign, digits_files, tmp_path):
@@ -89,9 +102,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_campaign, digits_files, tmp_p
   no_checkpoint = tmp_path / "copied"
   os.makedirs(no_checkpoint)
   shutil.copy(os.path.join(workdir, "results.json"), no_checkpoint)
-  cases = [([f"--workdir={tmp_path / 'absent'}", f"--images={folder}"], "results.json is missing"),
-           ([f"--workdir={no_checkpoint}", f"--images={folder}"], "holds no checkpoint"),
-           ([f"--workdir={workdir}", f"--images={tmp_path / 'nope'}"], "nope does not exist")]
+  cases = [
+    ([f"--workdir={tmp_path / 'absent'}", f"--images={folder}"], "results.json is missing"),
+    ([f"--workdir={no_checkpoint}", f"--images={folder}"], "holds no checkpoint"),
+    ([f"--workdir={workdir}", f"--images={tmp_path / 'nope'}"], "nope does not exist"),
+  ]
   for args, message in cases:
     proc = _run_predict(*args)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

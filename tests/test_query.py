@@ -36,7 +36,9 @@ def _reference_scores(model, images):
 
   layer_sum, frobenius = [], []
   for image in images:
-    grads = [np.asarray(g, np.float64) for g in jax.tree.leaves(jax.grad(image_entropy)(params, image))]
+    grads = [
+      np.asarray(g, np.float64) for g in jax.tree.leaves(jax.grad(image_entropy)(params, image))
+    ]
     layer_sum.append(sum(np.linalg.norm(g) for g in grads))
     frobenius.append(np.sqrt(sum(np.sum(g * g) for g in grads)))
   return np.array(layer_sum), np.array(frobenius)
@@ -51,10 +53,12 @@ def test_entropy():
 def test_scores_match_per_sample_grad_loop(method, model, images):
   layer_sum, frobenius = _reference_scores(model, images)
   # chunk_size 3 with 7 images: the last chunk is padded.
-  got_sum = query.entropy_grad_norms(model, images, reduction="layer_sum", chunk_size=3,
-                                     method=method)
-  got_frob = query.entropy_grad_norms(model, images, reduction="frobenius", chunk_size=3,
-                                      method=method)
+  got_sum = query.entropy_grad_norms(
+    model, images, reduction="layer_sum", chunk_size=3, method=method
+  )
+  got_frob = query.entropy_grad_norms(
+    model, images, reduction="frobenius", chunk_size=3, method=method
+  )
   np.testing.assert_allclose(got_sum, layer_sum, rtol=1e-5)
   np.testing.assert_allclose(got_frob, frobenius, rtol=1e-5)
   assert np.all(got_frob < got_sum)  # triangle inequality over the 62 tensors
@@ -66,10 +70,8 @@ def test_fast_equals_vmap_for_the_imagenet_stem(reduction):
   # the Gram form is used (and the direct form in the first layers).
   model = _trained_like_imagenet()
   images = np.asarray(jax.random.normal(jax.random.key(9), (5, 32, 32, 3)), np.float32)
-  fast = query.entropy_grad_norms(model, images, reduction=reduction, method="fast",
-                                  chunk_size=5)
-  vmap = query.entropy_grad_norms(model, images, reduction=reduction, method="vmap",
-                                  chunk_size=5)
+  fast = query.entropy_grad_norms(model, images, reduction=reduction, method="fast", chunk_size=5)
+  vmap = query.entropy_grad_norms(model, images, reduction=reduction, method="vmap", chunk_size=5)
   np.testing.assert_allclose(fast, vmap, rtol=1e-5)
 
 
@@ -81,8 +83,9 @@ def _trained_like_imagenet():
 
 def test_scores_do_not_depend_on_the_batch(model, images):
   together = query.entropy_grad_norms(model, images, chunk_size=7)
-  alone = np.concatenate([query.entropy_grad_norms(model, images[i:i + 1], chunk_size=1)
-                          for i in range(len(images))])
+  alone = np.concatenate(
+    [query.entropy_grad_norms(model, images[i : i + 1], chunk_size=1) for i in range(len(images))]
+  )
   np.testing.assert_allclose(together, alone, rtol=1e-5)
 
 
@@ -91,8 +94,10 @@ def test_uint8_images_are_normalised_inside(model):
   mean, std = np.array([0.5, 0.4, 0.3], np.float32), np.array([0.2, 0.25, 0.3], np.float32)
   normalised = ((raw / 255.0 - mean) / std).astype(np.float32)
   np.testing.assert_allclose(
-      query.entropy_grad_norms(model, raw, normalization=(mean, std), chunk_size=4),
-      query.entropy_grad_norms(model, normalised, chunk_size=4), rtol=1e-5)
+    query.entropy_grad_norms(model, raw, normalization=(mean, std), chunk_size=4),
+    query.entropy_grad_norms(model, normalised, chunk_size=4),
+    rtol=1e-5,
+  )
 
 
 def test_query_leaves_the_model_unchanged(model, images):
@@ -116,8 +121,10 @@ def test_bfloat16_scores_track_float32(model, images):
   # agree closely; both stay within a few percent of fp32 (at width 4, with few channels
   # to average rounding over; README gives the error measured at width 64).
   fp32 = query.entropy_grad_norms(model, images, chunk_size=7)
-  fast, vmap = (query.entropy_grad_norms(model, images, chunk_size=7, method=method,
-                                         compute_dtype="bfloat16") for method in query.METHODS)
+  fast, vmap = (
+    query.entropy_grad_norms(model, images, chunk_size=7, method=method, compute_dtype="bfloat16")
+    for method in query.METHODS
+  )
   assert fast.dtype == np.float32
   np.testing.assert_allclose(fast, vmap, rtol=1e-2)
   np.testing.assert_allclose(fast, fp32, rtol=0.1)

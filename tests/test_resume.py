@@ -10,18 +10,28 @@ import time
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
+from conftest import tiny_config
 
-from conftest import REPO_ROOT, tiny_config
 from lplgrad_jax import campaign
 from lplgrad_jax.errors import ConfigError
 
-CLI_ARGS = ["--config=configs/digits.py", "--config.model.width=4",
-            "--config.model.loss_head_width=8", "--config.train.epochs=6",
-            "--config.train.batch_size=16", "--config.train.lr_milestones=(4,)",
-            "--config.train.detach_features_epoch=3", "--config.al.initial_size=20",
-            "--config.al.query_size=10", "--config.al.subset_size=40",
-            "--config.al.num_rounds=3", "--config.query.chunk_size=20",
-            "--config.checkpoint.every_epochs=2", "--config.log.progress=False"]
+CLI_ARGS = [
+  "--config=configs/digits.py",
+  "--config.model.width=4",
+  "--config.model.loss_head_width=8",
+  "--config.train.epochs=6",
+  "--config.train.batch_size=16",
+  "--config.train.lr_milestones=(4,)",
+  "--config.train.detach_features_epoch=3",
+  "--config.al.initial_size=20",
+  "--config.al.query_size=10",
+  "--config.al.subset_size=40",
+  "--config.al.num_rounds=3",
+  "--config.query.chunk_size=20",
+  "--config.checkpoint.every_epochs=2",
+  "--config.log.progress=False",
+]
 
 
 def _env():
@@ -29,18 +39,28 @@ def _env():
 
 
 def _run(workdir):
-  proc = subprocess.run([sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS,
-                         f"--workdir={workdir}"], cwd=REPO_ROOT, env=_env(),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS, f"--workdir={workdir}"],
+    cwd=REPO_ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
 def _run_until(workdir, trigger: str, sig: int, delay: float = 0.0):
   """Starts the CLI and sends `sig` once a stdout line contains `trigger`."""
-  proc = subprocess.Popen([sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS,
-                           f"--workdir={workdir}"], cwd=REPO_ROOT, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS, f"--workdir={workdir}"],
+    cwd=REPO_ROOT,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
   seen = []
   for line in proc.stdout:
     seen.append(line)
@@ -56,8 +76,16 @@ def _run_until(workdir, trigger: str, sig: int, delay: float = 0.0):
 def _outcome(workdir):
   with open(os.path.join(workdir, "results.json")) as f:
     rounds = json.load(f)["rounds"]
-  return [(r["num_labeled"], r["labeled_ids"], r["queried_ids"], r["test_accuracy"],
-           r["per_class_accuracy"]) for r in rounds]
+  return [
+    (
+      r["num_labeled"],
+      r["labeled_ids"],
+      r["queried_ids"],
+      r["test_accuracy"],
+      r["per_class_accuracy"],
+    )
+    for r in rounds
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +95,14 @@ def reference(tmp_path_factory):
   return _outcome(workdir)
 
 
-@pytest.mark.parametrize("trigger, delay", [
+@pytest.mark.parametrize(
+  "trigger, delay",
+  [
     ("checkpoint saved: round 2, epoch 2", 0.5),  # during training of round 2
-    ("round 2/3: querying", 0.0),                 # during the query of round 2
+    ("round 2/3: querying", 0.0),  # during the query of round 2
     ("checkpoint saved: round 1, epoch 4", 0.0),  # right after a checkpoint
-])
+  ],
+)
 def test_kill_9_then_rerun_gives_the_same_results(trigger, delay, reference, tmp_path):
   returncode, _ = _run_until(tmp_path, trigger, signal.SIGKILL, delay)
   assert returncode == -signal.SIGKILL
@@ -81,8 +112,7 @@ def test_kill_9_then_rerun_gives_the_same_results(trigger, delay, reference, tmp
 
 
 def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
-  returncode, output = _run_until(tmp_path, "checkpoint saved: round 2, epoch 4",
-                                  signal.SIGTERM)
+  returncode, output = _run_until(tmp_path, "checkpoint saved: round 2, epoch 4", signal.SIGTERM)
   assert returncode == 0
   assert "stopped by SIGTERM" in output and "rerun the same command to resume" in output
   assert os.listdir(tmp_path / "checkpoints")
@@ -153,8 +183,9 @@ def test_other_configuration_is_refused_unless_restart(tiny_campaign, tmp_path):
   workdir, _ = _copy_campaign(tiny_campaign, tmp_path)
   with pytest.raises(ConfigError, match=r"differing: model.width, strategy"):
     campaign.run(tiny_config(strategy="random", **{"model.width": 8}), workdir)
-  fresh = campaign.run(tiny_config(strategy="random", **{"al.num_rounds": 2}), workdir,
-                       restart=True)
+  fresh = campaign.run(
+    tiny_config(strategy="random", **{"al.num_rounds": 2}), workdir, restart=True
+  )
   assert len(fresh["rounds"]) == 2 and fresh["config"]["strategy"] == "random"
 
 
@@ -166,7 +197,9 @@ def test_extending_num_rounds_continues_the_campaign(tiny_campaign, tmp_path):
   # The round that used to be last now also queries; the new round trains on the result.
   third = extended["rounds"][2]
   assert len(third["queried_ids"]) == 10
-  assert set(extended["rounds"][3]["labeled_ids"]) == set(third["labeled_ids"]) | set(third["queried_ids"])
+  assert set(extended["rounds"][3]["labeled_ids"]) == set(third["labeled_ids"]) | set(
+    third["queried_ids"]
+  )
   straight = campaign.run(tiny_config(**{"al.num_rounds": 4}), str(tmp_path / "straight"))
   assert _strip_times(extended) == _strip_times(straight)
 

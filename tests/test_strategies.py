@@ -1,9 +1,11 @@
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_config
-from lplgrad_jax import campaign, query, strategies
+
+from lplgrad_jax import campaign
+from lplgrad_jax import query
+from lplgrad_jax import strategies
 from lplgrad_jax.errors import ConfigError
 
 
@@ -12,10 +14,15 @@ class HandMadeContext(strategies.QueryContext):
 
   def __init__(self, outputs, query_size, subset_ids=None):
     n = len(next(iter(outputs.values())))
-    super().__init__(learner=None, dataset=None,
-                     subset_ids=np.arange(100, 100 + n) if subset_ids is None else subset_ids,
-                     query_size=query_size, key=jax.random.key(0), normalization=None,
-                     query_config=None)
+    super().__init__(
+      learner=None,
+      dataset=None,
+      subset_ids=np.arange(100, 100 + n) if subset_ids is None else subset_ids,
+      query_size=query_size,
+      key=jax.random.key(0),
+      normalization=None,
+      query_config=None,
+    )
     self._outputs = outputs
 
   def outputs(self, ids):
@@ -27,8 +34,15 @@ def _logits(rows):
 
 
 def test_entropy_picks_the_uniform_predictions():
-  logits = _logits([[0.9, 0.05, 0.05], [1 / 3, 1 / 3, 1 / 3], [0.98, 0.01, 0.01],
-                    [0.4, 0.3, 0.3], [0.5, 0.5, 1e-6]])
+  logits = _logits(
+    [
+      [0.9, 0.05, 0.05],
+      [1 / 3, 1 / 3, 1 / 3],
+      [0.98, 0.01, 0.01],
+      [0.4, 0.3, 0.3],
+      [0.5, 0.5, 1e-6],
+    ]
+  )
   picked = strategies.get_strategy("entropy").select(HandMadeContext({"logits": logits}, 2))
   np.testing.assert_array_equal(picked.ids, [101, 103])
 
@@ -68,8 +82,7 @@ def test_k_center_greedy_matches_reference_and_radius_never_grows():
 
 
 def test_coreset_strategy_skips_points_near_the_labeled_set():
-  embedding = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.01, 5.0], [-4.0, 0.0]],
-                       np.float32)
+  embedding = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.01, 5.0], [-4.0, 0.0]], np.float32)
   ctx = HandMadeContext({"embedding": embedding}, 2, subset_ids=np.array([101, 102, 103]))
   ctx.labeled_ids = np.array([100, 104])  # (0, 0) and (-4, 0) are labeled
   # Farthest first: (5.01, 5); then (0.1, 0), 0.1 from a labeled point, beats (5, 5), 0.01
@@ -88,7 +101,7 @@ def test_kmeans_plus_plus_picks_one_point_per_cluster():
     assert sorted(p // 10 for p in picks) == [0, 1, 2]
   picks = np.asarray(query.kmeans_plus_plus(jax.random.key(0), scale, features, 30))
   assert sorted(picks.tolist()) == list(range(30))  # distinct even past the clusters
-  norms = (scale ** 2).sum(1) * (features ** 2).sum(1)
+  norms = (scale**2).sum(1) * (features**2).sum(1)
   assert int(picks[0]) == int(np.argmax(norms))
 
 
@@ -98,9 +111,9 @@ def test_badge_distance_identity_matches_explicit_embeddings():
   features = rng.normal(size=(6, 4)).astype(np.float32)
   explicit = np.einsum("nc,nd->ncd", scale, features).reshape(6, -1)
   # With k=2 the second pick is D^2-sampled from distances to the first: compare those.
-  first = int(np.argmax((explicit ** 2).sum(1)))
+  first = int(np.argmax((explicit**2).sum(1)))
   expected = ((explicit - explicit[first]) ** 2).sum(1)
-  norms = (scale ** 2).sum(1) * (features ** 2).sum(1)
+  norms = (scale**2).sum(1) * (features**2).sum(1)
   implicit = norms + norms[first] - 2 * (scale @ scale[first]) * (features @ features[first])
   np.testing.assert_allclose(implicit, expected, rtol=1e-4, atol=1e-4)
   assert int(query.kmeans_plus_plus(jax.random.key(0), scale, features, 1)[0]) == first

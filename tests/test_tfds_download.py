@@ -16,9 +16,11 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
+from conftest import local_proxy
+from test_data import _data_config
+from test_data import _write_cifar10_binaries
 
-from conftest import REPO_ROOT, local_proxy
-from test_data import _data_config, _write_cifar10_binaries
 from lplgrad_jax import data
 from lplgrad_jax.errors import ConfigError
 
@@ -40,6 +42,7 @@ def archive(tmp_path):
 def _registered(archive_path):
   """TFDS's checksum registry holding the fake archive's checksum instead of the real one."""
   import tensorflow_datasets as tfds
+
   info = tfds.download.checksums.compute_url_info(archive_path)
   assert list(tfds.builder_cls("cifar10").url_infos) == [CIFAR10_URL]
   with mock.patch.object(tfds.builder_cls("cifar10"), "url_infos", {CIFAR10_URL: info}):
@@ -73,24 +76,34 @@ def test_offline_main_command_fails_fast_with_one_error_line(route, tmp_path, mo
     elif not _host_unreachable("www.cs.toronto.edu"):
       pytest.skip("this machine reaches the CIFAR host")
     env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
-    proc = subprocess.run([sys.executable, "-m", "lplgrad_jax.main",
-                           "--config=configs/cifar100.py"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+      [sys.executable, "-m", "lplgrad_jax.main", "--config=configs/cifar100.py"],
+      cwd=REPO_ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.splitlines()
   assert len(lines) == 1, proc.stderr  # nothing but the error: no TF, absl or retry lines
   assert lines[0].startswith("error: download of TFDS data set 'cifar100' failed (cannot reach ")
-  assert ("data.data_dir=<a tensorflow_datasets folder holding a prepared cifar100/>" in lines[0]
-          and "data.manual_dir=<a folder holding cifar-100-binary.tar.gz>" in lines[0])
+  assert (
+    "data.data_dir=<a tensorflow_datasets folder holding a prepared cifar100/>" in lines[0]
+    and "data.manual_dir=<a folder holding cifar-100-binary.tar.gz>" in lines[0]
+  )
   assert not os.path.exists(os.path.join(REPO_ROOT, "runs", "cifar100", "lplgrad", "seed0"))
   assert "tensorflow" not in proc.stdout
 
 
 def test_download_off_names_the_offline_routes(tmp_path):
   config = _data_config(source="tfds", name="cifar10", data_dir=str(tmp_path), download=False)
-  with pytest.raises(ConfigError, match=r"is not prepared .* and data.download=False: pass "
-                                        r"data.data_dir=.*data.manual_dir="
-                                        r"<a folder holding cifar-10-binary.tar.gz>"):
+  with pytest.raises(
+    ConfigError,
+    match=r"is not prepared .* and data.download=False: pass "
+    r"data.data_dir=.*data.manual_dir="
+    r"<a folder holding cifar-10-binary.tar.gz>",
+  ):
     data.load_dataset(config)
 
 
@@ -98,12 +111,21 @@ def test_manual_dir_archives_prepare_without_network(archive, tmp_path, monkeypa
   path, written = archive
   monkeypatch.setattr(data, "_unreachable", None)  # never probed: nothing to fetch
   # data.download=False: archives in manual_dir need no download.
-  config = _data_config(source="tfds", name="cifar10", data_dir=str(tmp_path / "tfds"),
-                        manual_dir=str(path.parent), download=False, image_size=32)
+  config = _data_config(
+    source="tfds",
+    name="cifar10",
+    data_dir=str(tmp_path / "tfds"),
+    manual_dir=str(path.parent),
+    download=False,
+    image_size=32,
+  )
   # The real registry refuses the fake archive: one error line, not a traceback.
-  with pytest.raises(ConfigError, match=r"cannot download and prepare TFDS data set "
-                                        r"'cifar10' \(Artifact .*cifar-10-binary.tar.gz.* "
-                                        r"has wrong checksum"):
+  with pytest.raises(
+    ConfigError,
+    match=r"cannot download and prepare TFDS data set "
+    r"'cifar10' \(Artifact .*cifar-10-binary.tar.gz.* "
+    r"has wrong checksum",
+  ):
     data.load_dataset(config)
   with _registered(path):
     ds = data.load_dataset(config)
@@ -115,6 +137,7 @@ def test_manual_dir_archives_prepare_without_network(archive, tmp_path, monkeypa
 def test_download_prepares_through_tfds_download_manager(archive, tmp_path, monkeypatch):
   """The online route: TFDS downloads (its HTTP transfer faked), checks, extracts, prepares."""
   from tensorflow_datasets.core.download import downloader
+
   path, written = archive
   with local_proxy(monkeypatch, reachable=True):  # the data host probe passes
     fetched = []
@@ -124,12 +147,13 @@ def test_download_prepares_through_tfds_download_manager(archive, tmp_path, monk
       target = destination_path / os.path.basename(url)
       target.write_bytes(path.read_bytes())
       return downloader.DownloadResult(
-          path=target, url_info=downloader.checksums_lib.compute_url_info(target))
+        path=target, url_info=downloader.checksums_lib.compute_url_info(target)
+      )
 
-    config = _data_config(source="tfds", name="cifar10", data_dir=str(tmp_path / "tfds"),
-                          download=True, image_size=32)
-    with _registered(path), mock.patch.object(downloader._Downloader, "_sync_download",
-                                              transfer):
+    config = _data_config(
+      source="tfds", name="cifar10", data_dir=str(tmp_path / "tfds"), download=True, image_size=32
+    )
+    with _registered(path), mock.patch.object(downloader._Downloader, "_sync_download", transfer):
       ds = data.load_dataset(config)
   assert fetched == [CIFAR10_URL]
   _assert_cifar_matches(ds, written)

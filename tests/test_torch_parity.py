@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from flax import nnx
 
-from conftest import REPO_ROOT
-from lplgrad_jax import query, train
+from lplgrad_jax import query
+from lplgrad_jax import train
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 import torch_parity  # noqa: E402  (imports torch only to regenerate the fixture)
-
 
 _relative_error = torch_parity._relative_error
 
@@ -32,8 +32,11 @@ def parity():
   fixture = dict(np.load(torch_parity.FIXTURE))
   config = torch_parity.parity_config()
   learner, params, stats = torch_parity.jax_learner(config)
-  nnx.update(learner, torch_parity.unflatten(params, "init", fixture),
-             torch_parity.unflatten(stats, "init", fixture))
+  nnx.update(
+    learner,
+    torch_parity.unflatten(params, "init", fixture),
+    torch_parity.unflatten(stats, "init", fixture),
+  )
   graphdef, params, stats = nnx.split(learner, nnx.Param, nnx.BatchStat)
   normalization = tuple(jnp.asarray(config.data[k], jnp.float32) for k in ("mean", "std"))
   return fixture, config, learner, graphdef, params, stats, normalization
@@ -55,13 +58,17 @@ def test_forward_and_joint_loss_match_pytorch(parity):
   def forward(params, stats, images, labels):
     learner = nnx.merge(graphdef, params, stats, copy=True)  # training mode, as PyTorch's
     logits, features = learner.classifier(images)
-    loss, (_, metrics) = train._loss_fn(params, graphdef, stats,
-                                        train.Batch(images, labels, jnp.ones(8)), False, cfg)
+    loss, (_, metrics) = train._loss_fn(
+      params, graphdef, stats, train.Batch(images, labels, jnp.ones(8)), False, cfg
+    )
     return logits, features, learner.loss_head(features), loss, metrics
 
   logits, features, predicted, loss, metrics = forward(
-      params, stats, train.normalize(jnp.asarray(fixture["images"][0]), mean, std),
-      jnp.asarray(fixture["labels"][0]))
+    params,
+    stats,
+    train.normalize(jnp.asarray(fixture["images"][0]), mean, std),
+    jnp.asarray(fixture["labels"][0]),
+  )
   assert _relative_error(logits, fixture["forward/logits"]) < 1e-5
   for i, f in enumerate(features):
     assert _relative_error(f, fixture[f"forward/features/{i}"]) < 1e-5
@@ -79,18 +86,27 @@ def stepped(parity):
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   step = jax.jit(train.train_step, static_argnums=(0, 1))
   for images, labels, epoch in zip(fixture["images"], fixture["labels"], fixture["step_epochs"]):
-    batch = train.Batch(train.normalize(jnp.asarray(images), mean, std), jnp.asarray(labels),
-                        jnp.ones(len(labels)))
-    state, _ = step(graphdef, cfg, state, batch, train.learning_rate_at(config.train, int(epoch)),
-                    train.detach_features_at(config.train, int(epoch)))
+    batch = train.Batch(
+      train.normalize(jnp.asarray(images), mean, std), jnp.asarray(labels), jnp.ones(len(labels))
+    )
+    state, _ = step(
+      graphdef,
+      cfg,
+      state,
+      batch,
+      train.learning_rate_at(config.train, int(epoch)),
+      train.detach_features_at(config.train, int(epoch)),
+    )
   return graphdef, state
 
 
 def test_parameters_and_batchnorm_statistics_after_three_steps(parity, stepped):
   fixture = parity[0]
   _, state = stepped
-  arrays = {**torch_parity.flatten(state.params, "after"),
-            **torch_parity.flatten(state.batch_stats, "after")}
+  arrays = {
+    **torch_parity.flatten(state.params, "after"),
+    **torch_parity.flatten(state.batch_stats, "after"),
+  }
   assert sorted(arrays) == sorted(k for k in fixture if k.startswith("after/"))
   errors = {k: _relative_error(v, fixture[k]) for k, v in arrays.items()}
   worst = max(errors, key=errors.get)
@@ -105,8 +121,9 @@ def test_query_scores_and_ranking(parity, stepped, reduction):
   images = fixture["query_images"]
   logits = query.model_outputs(trained, images, normalization, 8)["logits"]
   assert _relative_error(logits, fixture["query/logits"]) < 1e-5
-  scores = query.entropy_grad_norms(trained.classifier, images, reduction=reduction,
-                                    normalization=normalization, chunk_size=8)
+  scores = query.entropy_grad_norms(
+    trained.classifier, images, reduction=reduction, normalization=normalization, chunk_size=8
+  )
   expected = fixture[f"query/{reduction}"]
   assert _relative_error(scores, expected) < 1e-4
   np.testing.assert_array_equal(np.argsort(scores), np.argsort(expected))

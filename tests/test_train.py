@@ -3,10 +3,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_config
 from flax import nnx
 
-from conftest import tiny_config
-from lplgrad_jax import models, train
+from lplgrad_jax import models
+from lplgrad_jax import train
 from lplgrad_jax.errors import ConfigError
 
 
@@ -26,20 +27,21 @@ def test_margin_ranking_loss_hand_computed():
 def test_margin_ranking_loss_matches_authors_formula():
   rng = np.random.default_rng(0)
   for n in (2, 8, 13):
-    p, l = rng.normal(size=n), rng.normal(size=n)
+    p, losses = rng.normal(size=n), rng.normal(size=n)
     # LossPredLoss of Learning Loss (PyTorch), transcribed to numpy.
     half = n // 2
     diff_p = (p - p[::-1])[:half]
-    diff_l = (l - l[::-1])[:half]
+    diff_l = (losses - losses[::-1])[:half]
     one = 2 * np.sign(np.clip(diff_l, 0, None)) - 1
     expected = np.sum(np.clip(1.0 - one * diff_p, 0, None)) / half
-    got = train.margin_ranking_loss(jnp.asarray(p), jnp.asarray(l), 1.0)
+    got = train.margin_ranking_loss(jnp.asarray(p), jnp.asarray(losses), 1.0)
     assert float(got) == pytest.approx(expected, rel=1e-6)
 
 
 def test_margin_loss_does_not_backpropagate_into_targets():
   grad = jax.grad(lambda t: train.margin_ranking_loss(jnp.array([0.0, 1.0]), t, 1.0))(
-      jnp.array([2.0, 1.0]))
+    jnp.array([2.0, 1.0])
+  )
   np.testing.assert_array_equal(grad, 0.0)
 
 
@@ -54,7 +56,8 @@ def test_learning_rate_step_decay():
   np.testing.assert_allclose([r.aux for r in rates], [0.1] * 7)
   config.train.aux_lr_schedule = "decay"
   assert [train.learning_rate_at(config.train, e) for e in range(7)] == [
-      (r.main, r.main) for r in rates]
+    (r.main, r.main) for r in rates
+  ]
   config.train.aux_lr_schedule = "never"
   with pytest.raises(ConfigError, match="unknown train.aux_lr_schedule 'never'"):
     train.learning_rate_at(config.train, 0)
@@ -65,10 +68,12 @@ def test_detach_rule():
   config.train.detach_features_epoch = 120
   assert config.train.detach_rule == "after"  # the authors' `epoch > epoch_loss`
   assert [train.detach_features_at(config.train, e) for e in (119, 120, 121)] == [
-      False, False, True]
+    False,
+    False,
+    True,
+  ]
   config.train.detach_rule = "from"
-  assert [train.detach_features_at(config.train, e) for e in (119, 120, 121)] == [
-      False, True, True]
+  assert [train.detach_features_at(config.train, e) for e in (119, 120, 121)] == [False, True, True]
   config.train.detach_rule = "later"
   with pytest.raises(ConfigError, match="unknown train.detach_rule 'later'"):
     train.detach_features_at(config.train, 0)
@@ -81,8 +86,11 @@ def test_augment_crop_and_flip():
   cropped = train.augment(key, images, 2, False)
   assert cropped.shape == images.shape and cropped.dtype == jnp.uint8
   flipped = [np.asarray(train.augment(jax.random.key(s), images, 0, True)) for s in range(20)]
-  assert all(np.array_equal(f[i], images[i]) or np.array_equal(f[i], images[i, :, ::-1])
-             for f in flipped for i in range(2))
+  assert all(
+    np.array_equal(f[i], images[i]) or np.array_equal(f[i], images[i, :, ::-1])
+    for f in flipped
+    for i in range(2)
+  )
   assert any(np.array_equal(f[0], images[0, :, ::-1]) for f in flipped)
   # Every crop of a padded image is a window of it: its centre pixel stays in the image.
   shifts = set()
@@ -115,8 +123,9 @@ def test_train_step_lowers_the_loss(compute_dtype, learner_and_batch, fp32_losse
   cfg = train.StepConfig(**{**cfg.__dict__, "compute_dtype": compute_dtype})
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   mask = jnp.ones(16)
-  step = jax.jit(lambda s: train.train_step(graphdef, cfg, s, train.Batch(images, labels, mask),
-                                                      0.05, False))
+  step = jax.jit(
+    lambda s: train.train_step(graphdef, cfg, s, train.Batch(images, labels, mask), 0.05, False)
+  )
   losses = []
   for _ in range(15):
     state, metrics = step(state)
@@ -136,13 +145,16 @@ def test_sgd_matches_pytorch_update_rule(learner_and_batch):
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   mask = jnp.ones(16)
   grads, _ = jax.grad(train._loss_fn, has_aux=True)(
-      state.params, graphdef, state.batch_stats, train.Batch(images, labels, mask), False, cfg)
+    state.params, graphdef, state.batch_stats, train.Batch(images, labels, mask), False, cfg
+  )
   lr = 0.1
-  new_state, _ = train.train_step(graphdef, cfg, state, train.Batch(images, labels, mask), lr,
-                                  False)
+  new_state, _ = train.train_step(
+    graphdef, cfg, state, train.Batch(images, labels, mask), lr, False
+  )
   # First step of torch.optim.SGD(momentum=0.9, weight_decay=wd): p - lr * (g + wd * p).
-  for p, g, q in zip(jax.tree.leaves(state.params), jax.tree.leaves(grads),
-                     jax.tree.leaves(new_state.params)):
+  for p, g, q in zip(
+    jax.tree.leaves(state.params), jax.tree.leaves(grads), jax.tree.leaves(new_state.params)
+  ):
     np.testing.assert_allclose(q, p - lr * (g + cfg.weight_decay * p), rtol=1e-5, atol=1e-7)
 
 
@@ -152,14 +164,17 @@ def test_loss_head_steps_with_its_own_learning_rate(learner_and_batch):
   learner, cfg, images, labels = learner_and_batch
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   assert jax.tree.structure(state.opt_state) == jax.tree.structure(
-      optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                  optax.sgd(0.1, momentum=cfg.momentum)).init(state.params))
+    optax.chain(
+      optax.add_decayed_weights(cfg.weight_decay), optax.sgd(0.1, momentum=cfg.momentum)
+    ).init(state.params)
+  )
   grads, _ = jax.grad(train._loss_fn, has_aux=True)(
-      state.params, graphdef, state.batch_stats, train.Batch(images, labels, jnp.ones(16)),
-      False, cfg)
+    state.params, graphdef, state.batch_stats, train.Batch(images, labels, jnp.ones(16)), False, cfg
+  )
   one, _ = train.make_optimizer(0.1, cfg).update(grads, state.opt_state, state.params)
   two, _ = train.make_optimizer(train.LearningRates(0.1, 0.025), cfg).update(
-      grads, state.opt_state, state.params)
+    grads, state.opt_state, state.params
+  )
   for part, ratio in (("classifier", 1.0), ("loss_head", 0.25)):
     for a, b in zip(jax.tree.leaves(one[part]), jax.tree.leaves(two[part])):
       np.testing.assert_allclose(b, ratio * a, rtol=1e-6)
@@ -173,15 +188,16 @@ def test_detached_features_stop_aux_gradients_reaching_the_classifier(learner_an
 
   def classifier_grads(detach, step_cfg):
     grads, _ = jax.grad(train._loss_fn, has_aux=True)(
-        state.params, graphdef, state.batch_stats, train.Batch(images, labels, mask), detach,
-        step_cfg)
+      state.params, graphdef, state.batch_stats, train.Batch(images, labels, mask), detach, step_cfg
+    )
     return jax.tree.leaves(grads["classifier"])
 
   without_aux = classifier_grads(False, main_only)
   for a, b in zip(classifier_grads(True, cfg), without_aux):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  assert any(not np.allclose(a, b, atol=1e-6)
-             for a, b in zip(classifier_grads(False, cfg), without_aux))
+  assert any(
+    not np.allclose(a, b, atol=1e-6) for a, b in zip(classifier_grads(False, cfg), without_aux)
+  )
 
 
 def test_padded_batch_equals_the_unpadded_one(learner_and_batch):
@@ -190,12 +206,16 @@ def test_padded_batch_equals_the_unpadded_one(learner_and_batch):
   args = (state.params, graphdef, state.batch_stats)
   real = 11
   full, (stats_full, m_full) = train._loss_fn(
-      *args, train.Batch(images[:real], labels[:real], jnp.ones(real)), False, cfg)
+    *args, train.Batch(images[:real], labels[:real], jnp.ones(real)), False, cfg
+  )
   padded = jnp.concatenate([images[:real], jnp.zeros((5, 16, 16, 3))])
   padded_labels = jnp.concatenate([labels[:real], jnp.zeros(5, labels.dtype)])
   part, (stats_part, m_part) = train._loss_fn(
-      *args, train.Batch(padded, padded_labels, (jnp.arange(16) < real).astype(jnp.float32)),
-      False, cfg)
+    *args,
+    train.Batch(padded, padded_labels, (jnp.arange(16) < real).astype(jnp.float32)),
+    False,
+    cfg,
+  )
   assert float(part) == pytest.approx(float(full), rel=1e-5)
   for a, b in zip(jax.tree.leaves(stats_full), jax.tree.leaves(stats_part)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -207,14 +227,16 @@ def test_epoch_visits_every_labeled_image_once():
   np.testing.assert_array_equal(np.sort(np.asarray(order[:27])), np.arange(100, 127))
 
 
-
 def test_scan_epoch_equals_the_host_loop(learner_and_batch):
   # One device-side loop per epoch (accelerators) and the host loop (CPU) take the same
   # steps on the same batches; a resumed epoch (first_step=2) too.
   learner, cfg, _, _ = learner_and_batch
   pool = train.Pool(
-      jax.random.randint(jax.random.key(4), (40, 16, 16, 3), 0, 256).astype(jnp.uint8),
-      jax.random.randint(jax.random.key(5), (40,), 0, 10), jnp.full(3, 0.5), jnp.full(3, 0.25))
+    jax.random.randint(jax.random.key(4), (40, 16, 16, 3), 0, 256).astype(jnp.uint8),
+    jax.random.randint(jax.random.key(5), (40,), 0, 10),
+    jnp.full(3, 0.5),
+    jnp.full(3, 0.25),
+  )
   labeled = jnp.zeros(cfg.steps_per_epoch * cfg.batch_size, jnp.int32).at[:37].set(jnp.arange(37))
   plan = train.plan_epoch(cfg, labeled, 37, jax.random.key(6), 0.05, False)
   finals = {}
@@ -223,12 +245,16 @@ def test_scan_epoch_equals_the_host_loop(learner_and_batch):
     for first_step in (0, 2):
       graphdef, state = train.create_train_state(nnx.clone(learner), loop_cfg)
       state = jax.tree.map(jnp.copy, state)  # the epoch donates it; `learner` shares its arrays
-      state, totals, next_step = train.train_epoch(graphdef, loop_cfg, state, pool, plan,
-                                                   first_step=first_step)
+      state, totals, next_step = train.train_epoch(
+        graphdef, loop_cfg, state, pool, plan, first_step=first_step
+      )
       assert next_step == 3  # ceil(37 / 16)
       finals[loop, first_step] = state, totals
   for first_step, seen in ((0, 37), (2, 5)):
-    (host, host_totals), (scan, scan_totals) = finals["host", first_step], finals["scan", first_step]
+    (host, host_totals), (scan, scan_totals) = (
+      finals["host", first_step],
+      finals["scan", first_step],
+    )
     assert float(scan_totals["count"]) == float(host_totals["count"]) == seen
     np.testing.assert_allclose(scan_totals["loss"], host_totals["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(scan)):  # up to float reassociation
@@ -239,8 +265,11 @@ def test_scan_epoch_equals_the_host_loop(learner_and_batch):
 
 def test_recipe_summary_names_the_choices():
   from configs import cifar10
+
   line = train.recipe_summary(cifar10.get_config())
-  assert line == ("recipe: init pytorch, BatchNorm running variance unbiased, normalisation "
-                  "fixed mean (0.4914, 0.4822, 0.4465) std (0.2023, 0.1994, 0.201); lr 0.1 x0.1 "
-                  "at epochs (160,), loss-head lr constant, features detached after epoch 120")
+  assert line == (
+    "recipe: init pytorch, BatchNorm running variance unbiased, normalisation "
+    "fixed mean (0.4914, 0.4822, 0.4465) std (0.2023, 0.1994, 0.201); lr 0.1 x0.1 "
+    "at epochs (160,), loss-head lr constant, features detached after epoch 120"
+  )
   assert "normalisation pool statistics" in train.recipe_summary(tiny_config())
