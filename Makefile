@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test browser clean wheels accelerator-check
+.PHONY: demo test lint browser clean wheels accelerator-check
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,15 @@ demo: $(STAMP)
 
 # The labeling page's browser test drives headless Chromium; without it (no root, no Debian
 # packages) the test is skipped with its reason and the HTTP tests still run.
-test: $(STAMP)
+test: $(STAMP) lint
 	-@$(MAKE) --no-print-directory browser
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# The code base stays clean under the linter and the formatter (pyproject.toml [tool.ruff]);
+# `$(BIN)/ruff format . && $(BIN)/ruff check --fix .` repairs most of what this reports.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
