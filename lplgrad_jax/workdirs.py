@@ -76,11 +76,13 @@ class WorkdirLock:
     self.workdir = workdir
     self.path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), LOCK_FILE)
     self._fd = None
+    self._created = None  # the outermost folder this run created, if it created the workdir
 
   def __enter__(self) -> WorkdirLock:
     error = None
     try:
       if jax.process_index() == 0:  # first, so that a refused run writes nothing
+        self._created = _first_missing(os.path.dirname(self.path))
         _directory(self.workdir)
         self._lock()
       check_workdir(self.workdir)
@@ -121,6 +123,28 @@ class WorkdirLock:
     if self._fd is not None:
       os.close(self._fd)  # releases the lock; the file stays (unlinking it would race)
       self._fd = None
+      self._remove_if_unused()
+
+  def _remove_if_unused(self) -> None:
+    """A workdir this run created and left holding only its lock (the run failed before
+    writing anything, e.g. offline) is removed with the folders created for it."""
+    folder = os.path.dirname(self.path)
+    if self._created is None or os.listdir(folder) != [LOCK_FILE]:
+      return
+    os.unlink(self.path)
+    while True:
+      os.rmdir(folder)
+      if folder == self._created or os.listdir(os.path.dirname(folder)):
+        return
+      folder = os.path.dirname(folder)
+
+
+def _first_missing(path: str) -> str | None:
+  """The outermost folder of `path` that does not exist yet (None if `path` exists)."""
+  missing = None
+  while not os.path.exists(path):
+    missing, path = path, os.path.dirname(path)
+  return missing
 
 
 def _agree(error: ConfigError | None) -> None:
