@@ -31,6 +31,7 @@ import json
 import mimetypes
 import os
 import shlex
+import signal
 import sys
 import threading
 import urllib.parse
@@ -498,14 +499,27 @@ def main(argv):
     f"this-host, then open http://127.0.0.1:{port}/); Ctrl-C stops",
     flush=True,
   )
+  _stop_on_signals(server)
   try:
     server.serve_forever()
-  except KeyboardInterrupt:
-    pass
   finally:
     server.server_close()
   if query:
     print(f"stopped; the answers are in {query.csv_path}. Continue with:\n  {query.command}")
+
+
+def _stop_on_signals(server: http.server.HTTPServer) -> None:
+  """Ctrl-C (or SIGTERM) ends `serve_forever` at its next poll, from a helper thread: a
+  KeyboardInterrupt could land anywhere in the main thread, holding a lock at exit."""
+  asked = threading.Event()
+
+  def stop(signum, frame):
+    if not asked.is_set():
+      asked.set()
+      threading.Thread(target=server.shutdown, daemon=True).start()
+
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, stop)
 
 
 if __name__ == "__main__":

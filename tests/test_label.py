@@ -270,7 +270,7 @@ def test_cli_serves_until_ctrl_c_then_prints_the_command(stopped, workdir):
       assert json.load(response)["total"] == 10
   finally:
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=30)
+    out, err = process.communicate(timeout=60)
   assert process.returncode == 0 and err == ""
   command = label.continue_command(workdir, stopped[2]["config"])
   assert out.endswith(f"Continue with:\n  {command}\n")
