@@ -66,7 +66,15 @@ def test_user_model_batch_norm_ignores_padded_rows():
 
 
 @pytest.mark.parametrize(
-  "name,width", [("resnet34", 2), ("resnet50", 1), ("wide_resnet28", 1), ("vit", 8), (OWN_MODEL, 1)]
+  "name,width",
+  [
+    # resnet34 is resnet18's block, deeper: its campaign runs with the slow variants.
+    pytest.param("resnet34", 2, marks=pytest.mark.slow),
+    ("resnet50", 1),
+    ("wide_resnet28", 1),
+    ("vit", 8),
+    (OWN_MODEL, 1),
+  ],
 )
 def test_campaign_runs_with_each_backbone(name, width, tmp_path):
   config = tiny_config(
