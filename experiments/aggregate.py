@@ -6,9 +6,13 @@ Reads ROOT/<budget>/<strategy>/seed<k>/results.json and writes to OUT:
   accuracy_<budget>.md/.csv   Table III style: mean +- std test accuracy (%) per labeled count
   curves_<budget>.png         Figs 3-4 style: accuracy vs labeled images, std bands
   times_<budget>.md           Table IV style: mean train / query seconds per round
-  aux_<budget>.md             Tables V-VI style: LPLgrad with vs without the loss-prediction module
-  comparison_<budget>.md      each strategy against lplgrad: difference of means, and whether
-                              it exceeds the sum of the two stds
+  aux_<budget>.md             Tables V-VI style: LPLgrad with vs without the loss-prediction module,
+                              and their difference paired by seed
+  comparison_<budget>.md      lplgrad minus each strategy, paired by seed, with a paired t-test
+
+Runs with the same seed share the initial labeled set and the main model's initialisation, so
+differences are taken seed by seed ("paired"); one is marked beyond noise where a two-sided
+paired t-test over the seeds gives p < 0.05.
 """
 
 import collections
@@ -21,6 +25,7 @@ import sys
 import numpy as np
 from absl import app
 from absl import flags
+from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -94,25 +99,58 @@ def write_accuracy(out: str, budget: str, counts, table) -> None:
         writer.writerow([s, c, f"{m:.4f}", f"{d:.4f}", n])
 
 
-def write_comparison(out: str, budget: str, counts, table) -> None:
-  if "lplgrad" not in table:
+def paired_differences(runs_of_budget: dict, counts, first: str, second: str) -> list:
+  """Per labeled count, the accuracy points `first` minus `second` for each seed both ran."""
+
+  def by_seed(strategy):
+    return {
+      res["config"]["seed"]: {r["num_labeled"]: 100 * r["test_accuracy"] for r in res["rounds"]}
+      for res in runs_of_budget.get(strategy, [])
+    }
+
+  a, b = by_seed(first), by_seed(second)
+  seeds = sorted(set(a) & set(b))
+  return [[a[s][c] - b[s][c] for s in seeds if c in a[s] and c in b[s]] for c in counts]
+
+
+def paired_test(diffs) -> tuple[float, float, float]:
+  """(mean, std over seeds, two-sided paired t-test p-value; nan below two seeds)."""
+  d = np.asarray(diffs, float)
+  if len(d) < 2:
+    return (float(d.mean()) if len(d) else float("nan")), float("nan"), float("nan")
+  mean, std = float(d.mean()), float(d.std(ddof=1))
+  if std == 0:
+    return mean, std, 0.0 if mean else 1.0
+  t = mean / (std / np.sqrt(len(d)))
+  return mean, std, float(2 * stats.t.sf(abs(t), len(d) - 1))
+
+
+def _paired_cell(diffs) -> str:
+  if not len(diffs):
+    return "-"
+  mean, std, p = paired_test(diffs)
+  if np.isnan(std):
+    return f"{mean:+.2f}"
+  return f"{mean:+.2f} ± {std:.2f}{' *' if p < 0.05 else ''}"
+
+
+def write_comparison(out: str, budget: str, counts, runs_of_budget: dict) -> None:
+  if "lplgrad" not in runs_of_budget:
     return
-  ref_means, ref_stds, _ = table["lplgrad"]
   rows = []
-  for s, (means, stds, _) in table.items():
+  for s in sorted(runs_of_budget):
     if s == "lplgrad":
       continue
-    cells = []
-    for rm, rd, m, d in zip(ref_means, ref_stds, means, stds):
-      diff = rm - m
-      cells.append(f"{diff:+.2f}{' *' if abs(diff) > rd + d else ''}")
-    rows.append([s] + cells)
+    diffs = paired_differences(runs_of_budget, counts, "lplgrad", s)
+    over_rounds = [float(np.mean(seeds)) for seeds in zip(*diffs)] if diffs else []
+    rows.append([s, len(over_rounds)] + [_paired_cell(d) for d in diffs + [over_rounds]])
   with open(os.path.join(out, f"comparison_{budget}.md"), "w") as f:
     f.write(
-      "LPLgrad minus each strategy, accuracy points; * = the difference exceeds the sum "
-      "of the two standard deviations\n\n"
+      "LPLgrad minus each strategy, accuracy points, paired by seed: mean ± std of the per-seed "
+      "differences; * = beyond noise (paired t-test over the seeds, p < 0.05)\n\n"
     )
-    f.write(_markdown(["strategy"] + [str(c) for c in counts], rows))
+    header = ["strategy", "seeds"] + [str(c) for c in counts] + ["mean over rounds"]
+    f.write(_markdown(header, rows))
 
 
 def write_curves(out: str, budget: str, counts, table, title: str) -> None:
@@ -150,7 +188,7 @@ def write_times(out: str, budget: str, runs_of_budget: dict) -> None:
     f.write(_markdown(["strategy", "train s / round", "query s / round", "seeds"], rows))
 
 
-def write_aux(out: str, budget: str, counts, table) -> None:
+def write_aux(out: str, budget: str, counts, runs_of_budget: dict, table) -> None:
   pairs = [
     (name, label)
     for name, label in (
@@ -160,16 +198,23 @@ def write_aux(out: str, budget: str, counts, table) -> None:
     )
     if name in table
   ]
-  if len(pairs) < 2:
+  if len(pairs) < 2 or pairs[0][0] != "lplgrad":
     return
   rows = [
     [f"{name}: {label}"] + [f"{m:.2f} ± {d:.2f}" for m, d in zip(*table[name][:2])]
     for name, label in pairs
   ]
+  for name, _ in pairs[1:]:
+    diffs = paired_differences(runs_of_budget, counts, "lplgrad", name)
+    rows.append([f"with minus {name}, paired by seed"] + [_paired_cell(d) for d in diffs])
+    rows.append(
+      [f"with minus {name}, per seed"] + [" / ".join(f"{x:+.2f}" for x in d) for d in diffs]
+    )
   with open(os.path.join(out, f"aux_{budget}.md"), "w") as f:
     f.write(
       "The entropy-gradient-norm query with and without joint training of the "
-      "loss-prediction module, accuracy (%)\n\n"
+      "loss-prediction module, accuracy (%); differences in points, mean ± std over seeds, "
+      "* = beyond noise (paired t-test, p < 0.05)\n\n"
     )
     f.write(_markdown(["training"] + [str(c) for c in counts], rows))
 
@@ -183,10 +228,10 @@ def aggregate(root: str, out: str) -> list[str]:
     counts, table = accuracy_table(runs_of_budget)
     name = next(iter(runs_of_budget.values()))[0].get("data", {}).get("name", "")
     write_accuracy(out, budget, counts, table)
-    write_comparison(out, budget, counts, table)
+    write_comparison(out, budget, counts, runs_of_budget)
     write_curves(out, budget, counts, table, f"{name} ({budget} budget)")
     write_times(out, budget, runs_of_budget)
-    write_aux(out, budget, counts, table)
+    write_aux(out, budget, counts, runs_of_budget, table)
   return sorted(os.listdir(out))
 
 

@@ -5,7 +5,9 @@
       --root=runs/cifar10 [--set=model.width=16 --set=train.epochs=50] [--shard=0/4]
 
 Workdirs: ROOT/<budget>/<strategy>/seed<k>. Finished runs are skipped and
-interrupted ones resume (the campaign's own checkpoints). Runs execute one
+interrupted ones resume (the campaign's own checkpoints). A first SIGTERM / Ctrl-C
+checkpoints the running campaign and ends the sweep (exit 0); a diverged run is reported
+and the others go on (exit 3 at the end). Runs execute one
 after another in this process, so they share compiled functions; `--shard=i/n`
 takes every n-th run, to spread a sweep over processes or machines.
 Then: python experiments/aggregate.py --root=ROOT
@@ -84,11 +86,13 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
   from lplgrad_jax import campaign
   from lplgrad_jax.errors import ConfigError
+  from lplgrad_jax.errors import Diverged
 
   index, count = (int(x) for x in _SHARD.value.split("/"))
   runs = [
     (b, s, int(seed)) for b in _BUDGETS.value for s in _STRATEGIES.value for seed in _SEEDS.value
   ][index::count]
+  diverged = []
   for number, (budget, strategy, seed) in enumerate(runs, 1):
     config = load_config(_CONFIG.value, budget)
     for assignment in _SET.value:
@@ -107,7 +111,18 @@ def main(argv):
     except ConfigError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
+    except Diverged as e:  # the other runs are independent: go on, and say so at the end
+      print(f"{label}: error: {e}", file=sys.stderr, flush=True)
+      diverged.append(label)
+      continue
+    if not is_finished(workdir, config.al.num_rounds):
+      # A first SIGTERM / Ctrl-C checkpointed this campaign: the sweep stops too.
+      print(f"{label}: stopped; rerun the same command to resume the sweep", flush=True)
+      return
     print(f"{label}: done in {time.perf_counter() - start:.0f}s", flush=True)
+  if diverged:
+    print(f"error: {len(diverged)} run(s) diverged: {', '.join(diverged)}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -33,6 +34,7 @@ def _write_run(root, budget, strategy, seed, accuracies, use_aux=None, num_round
   results = {
     "config": {
       "strategy": strategy,
+      "seed": seed,
       "train": {"use_aux": use_aux},
       "al": {"num_rounds": num_rounds or len(accuracies)},
     },
@@ -46,10 +48,12 @@ def _write_run(root, budget, strategy, seed, accuracies, use_aux=None, num_round
 @pytest.fixture
 def sweep_root(tmp_path):
   root = tmp_path / "sweep"
-  for seed, shift in enumerate((0.0, 0.02)):
-    _write_run(root, "high", "lplgrad", seed, [0.50 + shift, 0.70 + shift])
-    _write_run(root, "high", "random", seed, [0.50 + shift, 0.60 + shift])
-    _write_run(root, "high", "ent_gradnorm", seed, [0.49 + shift, 0.69 + shift])
+  _write_run(root, "high", "lplgrad", 0, [0.50, 0.70])
+  _write_run(root, "high", "lplgrad", 1, [0.52, 0.72])
+  _write_run(root, "high", "random", 0, [0.50, 0.60])
+  _write_run(root, "high", "random", 1, [0.52, 0.61])
+  _write_run(root, "high", "ent_gradnorm", 0, [0.49, 0.69])
+  _write_run(root, "high", "ent_gradnorm", 1, [0.53, 0.70])
   _write_run(root, "high", "lplgrad", 5, [0.4, 0.5], use_aux=False)
   _write_run(root, "high", "random", 7, [0.9], num_rounds=2)  # unfinished: left out
   return root
@@ -68,15 +72,38 @@ def test_aggregator_writes_the_tables_and_curves(sweep_root, tmp_path):
   } <= set(files)
   table = (out / "accuracy_high.md").read_text()
   assert "| lplgrad | 2 | 51.00 ± 1.00 | 71.00 ± 1.00 | 61.00 |" in table
-  assert "| random | 2 | 51.00 ± 1.00 | 61.00 ± 1.00 | 56.00 |" in table
+  assert "| random | 2 | 51.00 ± 1.00 | 60.50 ± 0.50 | 55.75 |" in table
   assert "| lplgrad (no aux) | 1 | 40.00 ± 0.00 | 50.00 ± 0.00 | 45.00 |" in table
   comparison = (out / "comparison_high.md").read_text()
-  assert "| random | +0.00 | +10.00 * |" in comparison
-  assert "| ent_gradnorm | +1.00 | +1.00 |" in comparison  # within the stds: no star
-  assert "with loss-prediction module" in (out / "aux_high.md").read_text()
+  # Paired by seed: differences 10 and 11 points (t = 21, 1 df: p = 0.03) are beyond noise;
+  # +1 / -1 and +1 / +2 (p = 0.21) are not.
+  assert "| random | 2 | +0.00 ± 0.00 | +10.50 ± 0.71 * | +5.25 ± 0.35 * |" in comparison
+  assert "| ent_gradnorm | 2 | +0.00 ± 1.41 | +1.50 ± 0.71 | +0.75 ± 0.35 |" in comparison
+  aux = (out / "aux_high.md").read_text()
+  assert "| lplgrad: with loss-prediction module | 51.00 ± 1.00 | 71.00 ± 1.00 |" in aux
+  assert "| with minus ent_gradnorm, per seed | +1.00 / -1.00 | +1.00 / +2.00 |" in aux
+  assert "| with minus lplgrad (no aux), paired by seed | - | - |" in aux  # no seed in common
   assert "| lplgrad | 2.0 | 0.50 | 2 |" in (out / "times_high.md").read_text()
   rows = (out / "accuracy_high.csv").read_text().splitlines()
   assert rows[0] == "strategy,num_labeled,mean,std,seeds" and len(rows) == 1 + 4 * 2
+
+
+@pytest.mark.parametrize("diffs", [[1.0, 2.0, 4.0], [-0.5, 0.25, -2.0, -1.0, -0.75], [3.0, -3.0]])
+def test_paired_test_agrees_with_scipy_ttest_rel(diffs):
+  from scipy import stats
+
+  mean, std, p = aggregate.paired_test(diffs)
+  reference = stats.ttest_rel(np.asarray(diffs), np.zeros(len(diffs)))
+  np.testing.assert_allclose(
+    [mean, std, p], [np.mean(diffs), np.std(diffs, ddof=1), reference.pvalue]
+  )
+
+
+def test_paired_test_edge_cases():
+  assert aggregate.paired_test([2.0, 2.0])[2] == 0.0  # identical nonzero differences
+  assert aggregate.paired_test([0.0, 0.0])[2] == 1.0
+  mean, std, p = aggregate.paired_test([1.5])
+  assert mean == 1.5 and np.isnan(std) and np.isnan(p)
 
 
 def test_sweep_runs_skips_finished_and_shards(tmp_path):
@@ -109,6 +136,36 @@ def test_sweep_runs_skips_finished_and_shards(tmp_path):
   assert "finished, skipped" in again.stdout
   results = json.loads((root / "high" / "entropy" / "seed0" / "results.json").read_text())
   assert results["config"]["model"]["width"] == 4 and len(results["rounds"]) == 2
+
+
+def test_sweep_stops_at_the_first_sigint(tmp_path):
+  """Ctrl-C checkpoints the running campaign and ends the sweep (it used to go on)."""
+  root = tmp_path / "runs"
+  args = [
+    sys.executable,
+    os.path.join(REPO_ROOT, "experiments", "sweep.py"),
+    "--config=configs/digits.py",
+    f"--root={root}",
+    "--strategies=random,entropy",
+    "--seeds=0",
+    "--set=model.width=4",
+    "--set=train.epochs=40",
+    "--set=al.num_rounds=2",
+    "--set=log.tensorboard=False",
+  ]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  sweep_process = subprocess.Popen(
+    args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  for line in sweep_process.stdout:  # the campaign's handler is installed before this line
+    if line.startswith("recipe:"):
+      break
+  sweep_process.send_signal(signal.SIGINT)
+  out, err = sweep_process.communicate(timeout=600)
+  assert sweep_process.returncode == 0, err[-2000:]
+  assert "[1/2] high random seed 0: stopped; rerun the same command" in out
+  assert os.listdir(root / "high" / "random" / "seed0" / "checkpoints")
+  assert not os.path.exists(root / "high" / "entropy")  # the sweep did not go on
 
 
 def test_override_parsing():
