@@ -710,7 +710,6 @@ def campaign_section(clock, sizes, config, dataset, startup_s):
 
   from lplgrad_jax import campaign
   from lplgrad_jax import predict
-  from lplgrad_jax import query
 
   config = config.copy_and_resolve_references()
   config.model.width = sizes.width
@@ -769,21 +768,7 @@ def campaign_section(clock, sizes, config, dataset, startup_s):
     if clock.allow("campaign bf16 error", need_s=2 * clock.slowest_first / 3):
       model = predict.load_model(workdir)
       pool = dataset.x_train[: config.al.subset_size]
-      scores = {
-        dtype: query.entropy_grad_norms(
-          model.learner.classifier,
-          pool,
-          reduction=config.query.reduction,
-          chunk_size=config.query.chunk_size,
-          normalization=model.normalization,
-          compute_dtype=dtype,
-        )
-        for dtype in ("float32", "bfloat16")
-      }
-      report["bf16_error"] = {
-        "images": len(pool),
-        **bf16_error.compare_scores(scores["float32"], scores["bfloat16"], config.al.query_size),
-      }
+      report["bf16_error"] = bf16_error.score_error(model, pool, config.query, config.al.query_size)
     return report
   finally:
     shutil.rmtree(workdir, ignore_errors=True)

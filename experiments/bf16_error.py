@@ -44,32 +44,34 @@ def compare_scores(fp32, bf16, k: int) -> dict:
   }
 
 
-def main(_):
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs its restores at INFO
-  from lplgrad_jax import data
-  from lplgrad_jax import predict
+def score_error(model, pool, query_config, k: int) -> dict:
+  """Scores `pool` with the checkpoint's classifier in float32 and in bfloat16; compares them."""
   from lplgrad_jax import query
 
-  model = predict.load_model(_WORKDIR.value)
-  config = _CONFIG.value
-  pool = data.load_dataset(config.data).x_train[: _IMAGES.value]
   scores = {
     dtype: query.entropy_grad_norms(
       model.learner.classifier,
       pool,
-      reduction=config.query.reduction,
-      chunk_size=config.query.chunk_size,
+      reduction=query_config.reduction,
+      chunk_size=query_config.chunk_size,
       normalization=model.normalization,
       compute_dtype=dtype,
     )
     for dtype in ("float32", "bfloat16")
   }
-  report = {
-    "images": len(pool),
-    "width": config.model.width,
-    "rounds_trained": model.rounds_trained,
-  }
-  report.update(compare_scores(scores["float32"], scores["bfloat16"], config.al.query_size))
+  return {"images": len(pool), **compare_scores(scores["float32"], scores["bfloat16"], k)}
+
+
+def main(_):
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs its restores at INFO
+  from lplgrad_jax import data
+  from lplgrad_jax import predict
+
+  model = predict.load_model(_WORKDIR.value)
+  config = _CONFIG.value
+  pool = data.load_dataset(config.data).x_train[: _IMAGES.value]
+  report = {"width": config.model.width, "rounds_trained": model.rounds_trained}
+  report.update(score_error(model, pool, config.query, config.al.query_size))
   print(json.dumps(report, indent=1))
 
 

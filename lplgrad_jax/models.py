@@ -119,17 +119,6 @@ class BatchNorm(nnx.BatchNorm):
     return y
 
 
-def _layer(module, x, tap, mask=None):
-  """Applies a parametrised layer; `tap(module, input, output) -> output` may observe it.
-
-  The fast per-example gradient norms (query.py) use the tap to read each
-  layer's input and to add a zero perturbation whose gradient is the layer's
-  per-example output gradient.
-  """
-  y = module(x, mask=mask) if isinstance(module, nnx.BatchNorm) else module(x)
-  return y if tap is None else tap(module, x, y)
-
-
 def _projection(layers: Layers, cin: int, cout: int, stride: int, rngs: nnx.Rngs):
   """(1x1 conv, BatchNorm) of a residual shortcut where the shape changes, else (None, None)."""
   if stride == 1 and cin == cout:
@@ -147,11 +136,11 @@ class BasicBlock(nnx.Module):
     self.bn2 = layers.batch_norm(cout, rngs)
     self.shortcut_conv, self.shortcut_bn = _projection(layers, cin, cout, stride, rngs)
 
-  def __call__(self, x, mask=None, tap=None):
-    y = nnx.relu(_layer(self.bn1, _layer(self.conv1, x, tap), tap, mask))
-    y = _layer(self.bn2, _layer(self.conv2, y, tap), tap, mask)
+  def __call__(self, x, mask=None):
+    y = nnx.relu(self.bn1(self.conv1(x), mask=mask))
+    y = self.bn2(self.conv2(y), mask=mask)
     if self.shortcut_conv is not None:
-      x = _layer(self.shortcut_bn, _layer(self.shortcut_conv, x, tap), tap, mask)
+      x = self.shortcut_bn(self.shortcut_conv(x), mask=mask)
     return nnx.relu(y + x)
 
 
@@ -161,7 +150,7 @@ class ResNet18(nnx.Module):
   stem="cifar": 3x3/stride-1 convolution, no max-pool (32x32 inputs).
   stem="imagenet": 7x7/stride-2 convolution and 3x3/stride-2 max-pool.
   `mask` (N,) marks the real examples of a padded batch: BatchNorm statistics
-  are computed over those alone. `tap` observes every parametrised layer (see `_layer`).
+  are computed over those alone.
   """
 
   stage_sizes = (2, 2, 2, 2)
@@ -198,20 +187,20 @@ class ResNet18(nnx.Module):
     self.stages = nnx.List(blocks)
     self.head = layers.dense(cin, num_classes, rngs)
 
-  def __call__(self, x, mask=None, tap=None):
+  def __call__(self, x, mask=None):
     if mask is not None:
       mask = mask.astype(bool).reshape(-1, 1, 1, 1)
-    y = nnx.relu(_layer(self.stem_bn, _layer(self.stem_conv, x, tap), tap, mask))
+    y = nnx.relu(self.stem_bn(self.stem_conv(x), mask=mask))
     if self.stem == "imagenet":
       y = nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     features = []
     for stage in self.stages:
       for block in stage:
-        y = block(y, mask, tap)
+        y = block(y, mask)
       features.append(y)
     pooled = jnp.mean(y, axis=(1, 2))
     # float32 logits whatever the compute dtype: softmax, entropy and losses need the range.
-    return _layer(self.head, pooled, tap).astype(jnp.float32), tuple(features)
+    return self.head(pooled).astype(jnp.float32), tuple(features)
 
 
 def pool_feature(feature: jax.Array) -> jax.Array:
@@ -256,12 +245,12 @@ class Bottleneck(nnx.Module):
     self.conv3, self.bn3 = layers.conv(mid, cout, 1, 1, rngs), layers.batch_norm(cout, rngs)
     self.shortcut_conv, self.shortcut_bn = _projection(layers, cin, cout, stride, rngs)
 
-  def __call__(self, x, mask=None, tap=None):
-    y = nnx.relu(_layer(self.bn1, _layer(self.conv1, x, tap), tap, mask))
-    y = nnx.relu(_layer(self.bn2, _layer(self.conv2, y, tap), tap, mask))
-    y = _layer(self.bn3, _layer(self.conv3, y, tap), tap, mask)
+  def __call__(self, x, mask=None):
+    y = nnx.relu(self.bn1(self.conv1(x), mask=mask))
+    y = nnx.relu(self.bn2(self.conv2(y), mask=mask))
+    y = self.bn3(self.conv3(y), mask=mask)
     if self.shortcut_conv is not None:
-      x = _layer(self.shortcut_bn, _layer(self.shortcut_conv, x, tap), tap, mask)
+      x = self.shortcut_bn(self.shortcut_conv(x), mask=mask)
     return nnx.relu(y + x)
 
 
