@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny digits configuration and one campaign run shared by many tests."""
+"""Shared fixtures: a tiny digits configuration, one campaign run shared by many tests, and
+the command line run as a subprocess."""
 
 import contextlib
 import os
 import socket
+import subprocess
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -13,6 +15,27 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CIFAR = os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10_subset.npz")
 sys.path.insert(0, REPO_ROOT)  # `configs` is imported from the repo root, as the CLI does
+
+
+def cli_env(**extra) -> dict:
+  """This process's environment for a CLI subprocess: JAX on the CPU, no TensorFlow notices,
+  unbuffered output, and `extra` on top."""
+  return dict(
+    os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra
+  )
+
+
+def run_cli(*args, env=None, cwd=REPO_ROOT, timeout=600, module="lplgrad_jax.main"):
+  """`python -m module *args` run to its end, stdout and stderr captured as text; `env`
+  defaults to cli_env(). `module=None`: `args` starts with the script to run."""
+  return subprocess.run(
+    [sys.executable, *(["-m", module] if module else []), *args],
+    cwd=cwd,
+    env=cli_env() if env is None else env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def tiny_config(**overrides):

@@ -2,28 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from conftest import REPO_ROOT
-
-
-def _run_cli(*args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run(
-    [sys.executable, "-m", "lplgrad_jax.main", *args],
-    cwd=REPO_ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+from conftest import cli_env
+from conftest import run_cli
 
 
 def test_cli_campaign_on_digits_learns(tmp_path):
   workdir = tmp_path / "demo"
-  proc = _run_cli(
+  proc = run_cli(
     "--config=configs/digits.py",
     f"--workdir={workdir}",
     "--config.model.width=8",
@@ -66,7 +54,7 @@ def test_cli_campaign_on_digits_learns(tmp_path):
   ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
-  proc = _run_cli(*args, f"--workdir={tmp_path / 'w'}", timeout=120)
+  proc = run_cli(*args, f"--workdir={tmp_path / 'w'}", timeout=120)
   assert proc.returncode == 2
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
@@ -104,15 +92,7 @@ def _run_elsewhere(cwd, *args, timeout=600, without_tensorflow=False):
       os.makedirs(os.path.join(path[0], package))
       with open(os.path.join(path[0], package, "__init__.py"), "w") as f:
         f.write(f"raise ImportError('{package} is not installed (test)')\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
-  return subprocess.run(
-    [sys.executable, "-m", "lplgrad_jax.main", *args],
-    cwd=cwd,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+  return run_cli(*args, env=cli_env(PYTHONPATH=os.pathsep.join(path)), cwd=cwd, timeout=timeout)
 
 
 def test_default_workdir_from_any_directory_and_rerun_finishes_at_once(tmp_path):

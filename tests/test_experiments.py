@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import cli_env
+from conftest import run_cli
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 import aggregate  # noqa: E402
@@ -109,7 +111,6 @@ def test_paired_test_edge_cases():
 def test_sweep_runs_skips_finished_and_shards(tmp_path):
   root = tmp_path / "runs"
   args = [
-    sys.executable,
     os.path.join(REPO_ROOT, "experiments", "sweep.py"),
     "--config=configs/digits.py",
     f"--root={root}",
@@ -123,16 +124,11 @@ def test_sweep_runs_skips_finished_and_shards(tmp_path):
     "--set=al.subset_size=30",
     "--set=log.tensorboard=False",
   ]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  first = subprocess.run(
-    args + ["--shard=1/2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
-  )
+  first = run_cli(*args, "--shard=1/2", module=None)
   assert first.returncode == 0, first.stderr[-2000:]
   assert os.path.exists(root / "high" / "entropy" / "seed0" / "results.json")
   assert not os.path.exists(root / "high" / "random")  # the other shard
-  again = subprocess.run(
-    args + ["--shard=1/2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
-  )
+  again = run_cli(*args, "--shard=1/2", module=None)
   assert "finished, skipped" in again.stdout
   results = json.loads((root / "high" / "entropy" / "seed0" / "results.json").read_text())
   assert results["config"]["model"]["width"] == 4 and len(results["rounds"]) == 2
@@ -153,9 +149,8 @@ def test_sweep_stops_at_the_first_sigint(tmp_path):
     "--set=al.num_rounds=2",
     "--set=log.tensorboard=False",
   ]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
   sweep_process = subprocess.Popen(
-    args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    args, cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
   for line in sweep_process.stdout:  # the campaign's handler is installed before this line
     if line.startswith("recipe:"):

@@ -21,6 +21,8 @@ import types
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import cli_env
+from conftest import run_cli
 from conftest import tiny_config
 
 from lplgrad_jax import campaign
@@ -58,30 +60,15 @@ KILLS = [2, pytest.param(10, marks=pytest.mark.slow)]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("jax_cache"))
-  return dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    TF_CPP_MIN_LOG_LEVEL="2",
-    PYTHONUNBUFFERED="1",
+  return cli_env(
     JAX_COMPILATION_CACHE_DIR=cache,
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
   )
 
 
-def _command(workdir, *extra, args=ARGS):
-  return [sys.executable, "-m", "lplgrad_jax.main", *args, *extra, f"--workdir={workdir}"]
-
-
 def _cli(env, workdir, *extra, args=ARGS):
-  return subprocess.run(
-    _command(workdir, *extra, args=args),
-    cwd=REPO_ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  return run_cli(*args, *extra, f"--workdir={workdir}", env=env)
 
 
 def _outcome(workdir):
@@ -385,7 +372,7 @@ def test_divergence_stops_with_exit_3_and_resumes_with_a_lower_rate(reference, e
 # Signals.
 def _start(env, workdir):
   return subprocess.Popen(
-    _command(workdir),
+    [sys.executable, "-m", "lplgrad_jax.main", *ARGS, f"--workdir={workdir}"],
     cwd=REPO_ROOT,
     env=env,
     stdout=subprocess.PIPE,

@@ -14,6 +14,8 @@ import time
 
 import pytest
 from conftest import REPO_ROOT
+from conftest import cli_env
+from conftest import run_cli
 from test_resume import CLI_ARGS as RESUME_ARGS
 
 # test_resume's tiny campaign, two rounds of 3 epochs at a gentle learning rate. The
@@ -36,13 +38,7 @@ TIMEOUT_S = 600
 
 
 def _env(num_devices: int) -> dict:
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
-    TF_CPP_MIN_LOG_LEVEL="2",
-    PYTHONUNBUFFERED="1",
-    JAX_NUM_CPU_DEVICES=str(num_devices),
-  )
+  env = cli_env(JAX_NUM_CPU_DEVICES=str(num_devices))
   env.pop("XLA_FLAGS", None)  # the device count comes from JAX_NUM_CPU_DEVICES alone
   return env
 
@@ -122,14 +118,7 @@ def _rounds(workdir):
 @pytest.fixture(scope="module")
 def one_process_four_devices(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("single")
-  proc = subprocess.run(
-    [sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS, f"--workdir={workdir}"],
-    cwd=REPO_ROOT,
-    env=_env(4),
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT_S,
-  )
+  proc = run_cli(*CLI_ARGS, f"--workdir={workdir}", env=_env(4), timeout=TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return _rounds(workdir)
 

@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import cli_env
+from conftest import run_cli
 from conftest import tiny_config
 
 from lplgrad_jax import campaign
@@ -34,19 +36,8 @@ CLI_ARGS = [
 ]
 
 
-def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-
-
 def _run(workdir):
-  proc = subprocess.run(
-    [sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS, f"--workdir={workdir}"],
-    cwd=REPO_ROOT,
-    env=_env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  proc = run_cli(*CLI_ARGS, f"--workdir={workdir}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
@@ -56,7 +47,7 @@ def _run_until(workdir, trigger: str, sig: int, delay: float = 0.0):
   proc = subprocess.Popen(
     [sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS, f"--workdir={workdir}"],
     cwd=REPO_ROOT,
-    env=_env(),
+    env=cli_env(),
     stdout=subprocess.PIPE,
     stderr=subprocess.DEVNULL,
     text=True,

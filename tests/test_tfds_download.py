@@ -9,15 +9,15 @@ replaces only TFDS's HTTP transfer (`_Downloader._sync_download`).
 import contextlib
 import os
 import socket
-import subprocess
-import sys
 import tarfile
 from unittest import mock
 
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import cli_env
 from conftest import local_proxy
+from conftest import run_cli
 from test_data import _data_config
 from test_data import _write_cifar10_binaries
 
@@ -75,15 +75,8 @@ def test_offline_main_command_fails_fast_with_one_error_line(route, tmp_path, mo
       stack.enter_context(local_proxy(monkeypatch, reachable=False))
     elif not _host_unreachable("www.cs.toronto.edu"):
       pytest.skip("this machine reaches the CIFAR host")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
-    proc = subprocess.run(
-      [sys.executable, "-m", "lplgrad_jax.main", "--config=configs/cifar100.py"],
-      cwd=REPO_ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=120,
-    )
+    env = cli_env(TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    proc = run_cli("--config=configs/cifar100.py", env=env, timeout=120)
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.splitlines()
   assert len(lines) == 1, proc.stderr  # nothing but the error: no TF, absl or retry lines
