@@ -123,7 +123,9 @@ def one_process_four_devices(tmp_path_factory):
   return _rounds(workdir)
 
 
-@pytest.mark.parametrize("shard_pool", [False, True])
+# CI runs the split pool (the harder path: batches and query images gathered across the
+# processes); the replicated pool, and kill -9 of both processes, with `-m slow`.
+@pytest.mark.parametrize("shard_pool", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_two_processes_equal_one_process_with_four_devices(
   shard_pool, one_process_four_devices, tmp_path
 ):
@@ -146,6 +148,7 @@ def test_two_processes_equal_one_process_with_four_devices(
   assert not [line for line in outputs[1].splitlines() if line.startswith("round")]
 
 
+@pytest.mark.slow
 def test_both_processes_killed_then_rerun_resumes(one_process_four_devices, tmp_path):
   # Killed after the second checkpoint, so the first one is surely committed.
   codes, _ = _run_hosts(
