@@ -108,22 +108,26 @@ def test_paired_test_edge_cases():
   assert mean == 1.5 and np.isnan(std) and np.isnan(p)
 
 
-def test_sweep_runs_skips_finished_and_shards(tmp_path):
-  root = tmp_path / "runs"
-  args = [
+def _sweep_args(root, *overrides):
+  """A sweep of random and entropy, seed 0, on a width-4 digits campaign of two rounds."""
+  return [
     os.path.join(REPO_ROOT, "experiments", "sweep.py"),
     "--config=configs/digits.py",
     f"--root={root}",
     "--strategies=random,entropy",
     "--seeds=0",
     "--set=model.width=4",
-    "--set=train.epochs=1",
     "--set=al.num_rounds=2",
-    "--set=al.initial_size=20",
-    "--set=al.query_size=10",
-    "--set=al.subset_size=30",
     "--set=log.tensorboard=False",
+    *(f"--set={o}" for o in overrides),
   ]
+
+
+def test_sweep_runs_skips_finished_and_shards(tmp_path):
+  root = tmp_path / "runs"
+  args = _sweep_args(
+    root, "train.epochs=1", "al.initial_size=20", "al.query_size=10", "al.subset_size=30"
+  )
   first = run_cli(*args, "--shard=1/2", module=None)
   assert first.returncode == 0, first.stderr[-2000:]
   assert os.path.exists(root / "high" / "entropy" / "seed0" / "results.json")
@@ -137,18 +141,7 @@ def test_sweep_runs_skips_finished_and_shards(tmp_path):
 def test_sweep_stops_at_the_first_sigint(tmp_path):
   """Ctrl-C checkpoints the running campaign and ends the sweep (it used to go on)."""
   root = tmp_path / "runs"
-  args = [
-    sys.executable,
-    os.path.join(REPO_ROOT, "experiments", "sweep.py"),
-    "--config=configs/digits.py",
-    f"--root={root}",
-    "--strategies=random,entropy",
-    "--seeds=0",
-    "--set=model.width=4",
-    "--set=train.epochs=40",
-    "--set=al.num_rounds=2",
-    "--set=log.tensorboard=False",
-  ]
+  args = [sys.executable, *_sweep_args(root, "train.epochs=40")]
   sweep_process = subprocess.Popen(
     args, cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
