@@ -114,25 +114,7 @@ def _torch_models(width: int, hidden: int):
   import torch
   import torch.nn.functional as F
   from torch import nn
-
-  class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(cout)
-      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(cout)
-      self.shortcut = nn.Sequential()
-      if stride != 1 or cin != cout:
-        self.shortcut = nn.Sequential(
-          nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-        )
-
-    def forward(self, x):
-      out = F.relu(self.bn1(self.conv1(x)))
-      out = self.bn2(self.conv2(out))
-      out += self.shortcut(x)
-      return F.relu(out)
+  from torch_reference import BasicBlock  # the authors' block, as the benchmark runs it
 
   class ResNet(nn.Module):
     """Their ResNet-18 at `width`: returns (out, out_cons, out5, [out1..out4])."""

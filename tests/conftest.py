@@ -2,6 +2,7 @@
 the command line run as a subprocess."""
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -36,6 +37,22 @@ def run_cli(*args, env=None, cwd=REPO_ROOT, timeout=600, module="lplgrad_jax.mai
     text=True,
     timeout=timeout,
   )
+
+
+def campaign_outcome(workdir):
+  """What a campaign decided and measured, round by round, from its results.json."""
+  with open(os.path.join(workdir, "results.json")) as f:
+    rounds = json.load(f)["rounds"]
+  return [
+    (
+      r["num_labeled"],
+      r["labeled_ids"],
+      r["queried_ids"],
+      r["test_accuracy"],
+      r["per_class_accuracy"],
+    )
+    for r in rounds
+  ]
 
 
 def tiny_config(**overrides):

@@ -21,6 +21,7 @@ import types
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import campaign_outcome
 from conftest import cli_env
 from conftest import run_cli
 from conftest import tiny_config
@@ -71,21 +72,6 @@ def _cli(env, workdir, *extra, args=ARGS):
   return run_cli(*args, *extra, f"--workdir={workdir}", env=env)
 
 
-def _outcome(workdir):
-  with open(os.path.join(workdir, "results.json")) as f:
-    rounds = json.load(f)["rounds"]
-  return [
-    (
-      r["num_labeled"],
-      r["labeled_ids"],
-      r["queried_ids"],
-      r["test_accuracy"],
-      r["per_class_accuracy"],
-    )
-    for r in rounds
-  ]
-
-
 def _stderr_lines(proc):
   return [line for line in proc.stderr.splitlines() if line.strip()]
 
@@ -116,7 +102,7 @@ def reference(env, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   proc = _cli(env, workdir)
   assert proc.returncode == 0 and not _stderr_lines(proc), proc.stderr[-3000:]
-  return workdir, _outcome(workdir)
+  return workdir, campaign_outcome(workdir)
 
 
 def _copy(reference, tmp_path):
@@ -366,7 +352,7 @@ def test_divergence_stops_with_exit_3_and_resumes_with_a_lower_rate(reference, e
   assert len(results["rounds"]) == 1  # round 1 only: nothing of round 2 was published
   resumed = _cli(env, workdir)  # the newest checkpoint is good: it resumes and finishes
   assert resumed.returncode == 0 and not _stderr_lines(resumed), resumed.stderr[-3000:]
-  assert _outcome(workdir) == reference[1]
+  assert campaign_outcome(workdir) == reference[1]
 
 
 # Signals.
@@ -407,7 +393,7 @@ def test_fast_double_sigint_exits_at_once_and_resumes(trigger, reference, env, t
   assert len(lines) == 1 and lines[0].startswith("stopped at once by a second SIGINT"), lines
   resumed = _cli(env, tmp_path)
   assert resumed.returncode == 0 and not _stderr_lines(resumed), resumed.stderr[-3000:]
-  assert _outcome(tmp_path) == reference[1]
+  assert campaign_outcome(tmp_path) == reference[1]
 
 
 @pytest.mark.parametrize("kills", KILLS)
@@ -419,7 +405,7 @@ def test_random_kill_9_then_resume_gives_the_uninterrupted_result(kills, referen
   start = time.monotonic()
   assert _cli(env, timed).returncode == 0
   span = time.monotonic() - start
-  assert _outcome(timed) == reference[1]
+  assert campaign_outcome(timed) == reference[1]
   tmp_path = tmp_path / "killed"
   for k in range(kills):
     proc = _start(env, tmp_path)
@@ -435,4 +421,4 @@ def test_random_kill_9_then_resume_gives_the_uninterrupted_result(kills, referen
     assert proc.returncode == -signal.SIGKILL, (seed, k, proc.returncode)
   final = _cli(env, tmp_path)
   assert final.returncode == 0 and not _stderr_lines(final), (seed, final.stderr[-3000:])
-  assert _outcome(tmp_path) == reference[1], f"kill seed {seed}"
+  assert campaign_outcome(tmp_path) == reference[1], f"kill seed {seed}"

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import campaign_outcome
 from conftest import cli_env
 from conftest import run_cli
 from conftest import tiny_config
@@ -64,26 +65,11 @@ def _run_until(workdir, trigger: str, sig: int, delay: float = 0.0):
   return proc.returncode, "".join(seen) + rest
 
 
-def _outcome(workdir):
-  with open(os.path.join(workdir, "results.json")) as f:
-    rounds = json.load(f)["rounds"]
-  return [
-    (
-      r["num_labeled"],
-      r["labeled_ids"],
-      r["queried_ids"],
-      r["test_accuracy"],
-      r["per_class_accuracy"],
-    )
-    for r in rounds
-  ]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   _run(workdir)
-  return _outcome(workdir)
+  return campaign_outcome(workdir)
 
 
 @pytest.mark.parametrize(
@@ -99,7 +85,7 @@ def test_kill_9_then_rerun_gives_the_same_results(trigger, delay, reference, tmp
   assert returncode == -signal.SIGKILL
   resumed = _run(tmp_path)
   assert "resuming from" in resumed.stdout
-  assert _outcome(tmp_path) == reference
+  assert campaign_outcome(tmp_path) == reference
 
 
 def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
@@ -109,7 +95,7 @@ def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
   assert os.listdir(tmp_path / "checkpoints")
   resumed = _run(tmp_path)
   assert "resuming from" in resumed.stdout
-  assert _outcome(tmp_path) == reference
+  assert campaign_outcome(tmp_path) == reference
 
 
 def _copy_campaign(tiny_campaign, tmp_path):
