@@ -2,34 +2,22 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import cli_env
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
 def four_device_run(tmp_path_factory):
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS="cpu",
+  env = cli_env(
     XLA_FLAGS="--xla_force_host_platform_device_count=4",
     PYTHONPATH=os.pathsep.join([os.path.join(REPO_ROOT, "tests"), REPO_ROOT]),
   )
-  proc = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(REPO_ROOT, "tests", "sharded_checks.py"),
-      str(tmp_path_factory.mktemp("four")),
-    ],
-    cwd=REPO_ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
+  script = os.path.join(REPO_ROOT, "tests", "sharded_checks.py")
+  proc = run_cli(script, str(tmp_path_factory.mktemp("four")), env=env, timeout=900, module=None)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
