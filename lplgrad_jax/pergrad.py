@@ -9,7 +9,7 @@ How. While the model is traced, the `__call__` of the standard layer classes
 input and adds a zero perturbation to its output. One batched backward pass of
 sum_i loss_i with respect to those perturbations gives, row by row, each
 example's output gradient g of every layer call (`_batched_grads`). Where that
-cannot be used (leftover parameters below, or a layer call not batched along
+cannot be used (some leftover parameters below, or a layer call not batched along
 axis 0), the model runs on each example as a batch of one under
 `jax.vmap(jax.grad)` (`_vmapped_grads`): XLA still sees one batched pass.
 From the layer's input a and g, each parameter tensor's per-example gradient
@@ -30,10 +30,14 @@ per-example gradient: the calls' tokens are concatenated (or per-example grads
 summed) before the norm.
 
 Every other parameter, and every parameter that is also read outside its layer's
-call (found in the jaxpr, `_plan`), is a "leftover": its per-example gradient is
-taken directly, as an extra argument of the vmapped pass, so it costs its own
-size per example and no second pass. Leftovers are reported once (`logging`),
-with their path and why.
+call (found in the jaxpr, `make_plan`), is a "leftover": its per-example gradient
+is taken directly. Where each use of a leftover meets the batch by broadcasting
+(a class token broadcast to the batch, positions added to the tokens, a custom
+layer's scale or shift: `_find_taps` reads the batched pass's jaxpr), a zero
+perturbation of that use's output gives it row by row in the batched pass.
+Otherwise the leftover is an extra argument of the vmapped pass. Either way it
+costs its own size per example and no second pass. Leftovers are reported once
+(`logging`), with their path, why, and which pass served them.
 
 Requirements: in inference mode (BatchNorm running averages, dropout off: see
 `inference_view`), each example's loss depends on that example alone, and the
@@ -74,7 +78,7 @@ INTERCEPTED = (
 _ORIGINAL_CALLS = {cls: cls.__call__ for cls in INTERCEPTED}
 _LOCK = threading.RLock()
 _STATE = threading.local()
-_REPORTED: set[str] = set()
+_REPORTED: set[tuple[str, bool]] = set()
 Path = tuple
 
 
@@ -267,16 +271,22 @@ def _modules(model):
 _LOG = logging.getLogger(__name__)
 
 
-def report(plan: Plan, log: logging.Logger = _LOG) -> None:
-  """Logs the leftover parameters once per distinct set."""
+def report(plan: Plan, batched: bool, log: logging.Logger = _LOG) -> None:
+  """Logs the leftover parameters, and which pass served them, once per distinct set."""
   if not plan.leftovers:
     return
   text = "; ".join(f"{'/'.join(map(str, path))} ({reason})" for path, reason in plan.leftovers)
-  if text not in _REPORTED:
-    _REPORTED.add(text)
+  how = (
+    "in the batched pass, where they meet the batch by broadcasting"
+    if batched
+    else "per example: the whole model runs as batches of one (vmap), slower"
+  )
+  if (text, batched) not in _REPORTED:
+    _REPORTED.add((text, batched))
     log.warning(
-      "per-example gradients taken directly (no closed form) for %d parameter tensor(s): %s",
+      "per-example gradients taken directly (no closed form) for %d parameter tensor(s), %s: %s",
       len(plan.leftovers),
+      how,
       text,
     )
 
@@ -485,9 +495,9 @@ def squared_norms(graphdef, params, rest, inputs, loss_fn: Callable) -> jax.Arra
   """
   apply = _example_loss(loss_fn)
   plan = make_plan(graphdef, params, rest, inputs[0], apply)
-  report(plan)
   model = nnx.merge(graphdef, params, rest)
-  grads = _batched_grads(model, plan, inputs, loss_fn) if not plan.leftovers else None
+  grads = _batched_grads(model, plan, inputs, loss_fn)
+  report(plan, batched=grads is not None)
   if grads is None:
     grads = _vmapped_grads(model, plan, inputs, apply)
   return _norms_from_grads(model, plan, *grads)
@@ -516,14 +526,22 @@ def _batched_grads(model, plan: Plan, inputs, loss_fn):
   """The whole batch at once, when every layer call is batched along axis 0 (else None).
 
   The gradient of sum_i loss_i with respect to a zero perturbation of a layer's
-  output is, row by row, each example's output gradient. Returned as the
-  vmapped pass would: a leading batch axis, then the example as a batch of one.
+  output is, row by row, each example's output gradient. Leftover parameters
+  take this pass too where each of their uses meets the batch by broadcasting
+  (`_find_taps`: a class token, positions added to the tokens, a layer scale);
+  otherwise None. Returned as the vmapped pass would: a leading batch axis, then
+  the example as a batch of one.
   """
   n = inputs.shape[0]
+  leftover_paths = {path for path, _ in plan.leftovers}
+  is_leftover = lambda path, node: isinstance(node, nnx.Param) and path in leftover_paths
+  graphdef, leftover, rest = nnx.split(model, is_leftover, ...)
+  left_values, left_tree = jax.tree.flatten(leftover)
 
-  def total(perturbations):
-    with _intercept(_Recorder(model, perturbations)) as recorder:
-      loss = jnp.sum(loss_fn(model(inputs)))
+  def total(perturbations, values, x):
+    m = nnx.merge(graphdef, jax.tree.unflatten(left_tree, values), rest)
+    with _intercept(_Recorder(m, perturbations)) as recorder:
+      loss = jnp.sum(loss_fn(m(x)))
     return loss, recorder.arrays
 
   recorder = _Recorder(model)
@@ -544,9 +562,163 @@ def _batched_grads(model, plan: Plan, inputs, loss_fn):
     ):
       return None
   zeros = [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
-  out_grads, arrays = jax.grad(total, has_aux=True)(zeros)
   expand = lambda tree: jax.tree.map(lambda a: jnp.expand_dims(a, 1), tree)
-  return expand(arrays), expand(out_grads), nnx.State({})
+  if not left_values:
+    out_grads, arrays = jax.grad(total, has_aux=True)(zeros, [], inputs)
+    return expand(arrays), expand(out_grads), []
+  closed, out_shapes = jax.make_jaxpr(total, return_shape=True)(zeros, left_values, inputs)
+  # The same trace one example larger tells which values carry the batch axis.
+  larger = lambda a: jax.ShapeDtypeStruct((n + 1,) + a.shape[1:], a.dtype)
+  closed_larger = jax.make_jaxpr(total)([larger(z) for z in zeros], left_values, larger(inputs))
+  first = len(zeros)
+  taps = _find_taps(closed.jaxpr, closed_larger.jaxpr, first, len(left_values))
+  if taps is None:
+    return None
+
+  def tapped(perturbations, tap_perturbations):
+    outs, saved = _eval_tapped(
+      closed, taps, tap_perturbations, [*perturbations, *left_values, inputs]
+    )
+    loss, arrays = jax.tree.unflatten(jax.tree.structure(out_shapes), outs)
+    return loss, (arrays, saved)
+
+  tap_zeros = [jnp.zeros(closed.jaxpr.eqns[t.eqn].outvars[0].aval.shape) for t in taps]
+  (out_grads, tap_grads), (arrays, saved) = jax.grad(tapped, argnums=(0, 1), has_aux=True)(
+    zeros, tap_zeros
+  )
+  left_grads = [jnp.zeros((n,) + v.shape, jnp.float32) for v in left_values]
+  for tap, ct, other in zip(taps, tap_grads, saved):
+    left_grads[tap.leftover] += _leftover_grad(
+      closed.jaxpr, tap, ct, other, left_values[tap.leftover]
+    )
+  return expand(arrays), expand(out_grads), left_grads
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tap:
+  """Where a leftover parameter meets the batch: the output of equation `eqn`.
+
+  `chain`: the batch-free equations from the parameter to `operand`, the
+  equation's input that the parameter reaches. The gradient with respect to a
+  zero perturbation of that output holds, row by row, each example's gradient.
+  """
+
+  eqn: int
+  leftover: int  # its index among the leftovers
+  source: int  # its index among the jaxpr's inputs
+  chain: tuple
+  operand: int
+
+
+_MEETS_THE_BATCH = ("broadcast_in_dim", "add", "sub", "mul")
+
+
+def _find_taps(jaxpr, larger, first: int, count: int) -> list[_Tap] | None:
+  """The taps of leftover invars first..first+count-1, or None where a use is not a broadcast.
+
+  `larger`: the same function traced one example larger (batched values differ in shape).
+  """
+  if len(jaxpr.eqns) != len(larger.eqns):
+    return None
+  derived = {v: (j, ()) for j, v in enumerate(jaxpr.invars[first : first + count])}
+  taps = []
+  for index, (eqn, twin) in enumerate(zip(jaxpr.eqns, larger.eqns)):
+    if eqn.primitive != twin.primitive:
+      return None
+    ins = [k for k, v in enumerate(eqn.invars) if not isinstance(v, jex_core.Literal)]
+    reached = [k for k in ins if eqn.invars[k] in derived]
+    if not reached:
+      continue
+    (j, chain), *others = [derived[eqn.invars[k]] for k in reached]
+    if any(o[0] != j for o in others) or len(eqn.outvars) != 1:
+      return None  # two leftovers combined, or a multi-output equation
+    batched = eqn.outvars[0].aval.shape != twin.outvars[0].aval.shape
+    if not batched and len(reached) == len(ins):
+      derived[eqn.outvars[0]] = (j, chain + (index,))  # still one tensor for the whole batch
+      continue
+    operand = reached[0]
+    shape = eqn.invars[operand].aval.shape
+    out = eqn.outvars[0].aval.shape
+    if not (
+      batched
+      and len(reached) == 1
+      and eqn.primitive.name in _MEETS_THE_BATCH
+      and (eqn.primitive.name == "broadcast_in_dim" or (len(shape) == len(out) and shape[0] == 1))
+      and (
+        eqn.primitive.name != "broadcast_in_dim"
+        or 0 not in eqn.params["broadcast_dimensions"]
+        or shape[eqn.params["broadcast_dimensions"].index(0)] == 1
+      )
+    ):
+      return None
+    taps.append(_Tap(index, j, first + j, chain, operand))
+  if any(v in derived for v in jaxpr.outvars if not isinstance(v, jex_core.Literal)):
+    return None
+  return taps
+
+
+def _eval_tapped(closed, taps, tap_perturbations, args):
+  """Evaluates `closed` with each tap's perturbation added to its equation's output.
+
+  Also returns, per tap, the other operand of a `mul` (what its gradient needs).
+  """
+  at = {t.eqn: (t, p) for t, p in zip(taps, tap_perturbations)}
+  env = dict(zip(closed.jaxpr.constvars, closed.consts))
+  env.update(zip(closed.jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
+  saved = {}
+  for index, eqn in enumerate(closed.jaxpr.eqns):
+    values = [read(v) for v in eqn.invars]
+    with eqn.ctx.manager:
+      out = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+    if index in at:
+      tap, perturbation = at[index]
+      saved[index] = values[1 - tap.operand] if eqn.primitive.name == "mul" else None
+      out = out + perturbation
+    if eqn.primitive.multiple_results:
+      env.update(zip(eqn.outvars, out))
+    else:
+      env[eqn.outvars[0]] = out
+  return [read(v) for v in closed.jaxpr.outvars], [saved[t.eqn] for t in taps]
+
+
+def _leftover_grad(jaxpr, tap: _Tap, ct, other, value) -> jax.Array:
+  """(N, *value.shape) per-example gradients of one leftover through one tap.
+
+  `ct`: (N, ...) the gradient with respect to the tap's perturbation; `other`:
+  the other operand of a `mul` tap.
+  """
+  eqn = jaxpr.eqns[tap.eqn]
+  operand = eqn.invars[tap.operand].aval
+  if eqn.primitive.name == "broadcast_in_dim":
+    # The same broadcast to a batch of one, transposed per example.
+    params = dict(eqn.params, shape=(1,) + tuple(ct.shape[1:]))
+    _, pullback = jax.vjp(
+      lambda v: eqn.primitive.bind(v, **params), jnp.zeros(operand.shape, operand.dtype)
+    )
+    per_example = jax.vmap(lambda c: pullback(c[None].astype(operand.dtype))[0])(ct)
+  else:
+    if eqn.primitive.name == "mul":
+      ct = ct * other
+    elif eqn.primitive.name == "sub" and tap.operand == 1:
+      ct = -ct
+    axes = tuple(a for a in range(1, ct.ndim) if operand.shape[a] == 1 and ct.shape[a] != 1)
+    per_example = jnp.sum(ct, axis=axes, keepdims=True).reshape((-1,) + operand.shape)
+  if tap.chain:
+    _, pullback = jax.vjp(functools.partial(_run_chain, jaxpr, tap), value)
+    per_example = jax.vmap(lambda c: pullback(c.astype(operand.dtype))[0])(per_example)
+  return per_example.astype(jnp.float32)
+
+
+def _run_chain(jaxpr, tap: _Tap, value):
+  """The batch-free equations from a leftover's value to the tap's operand."""
+  env = {jaxpr.invars[tap.source]: value}
+  for index in tap.chain:
+    eqn = jaxpr.eqns[index]
+    values = [v.val if isinstance(v, jex_core.Literal) else env[v] for v in eqn.invars]
+    with eqn.ctx.manager:
+      env[eqn.outvars[0]] = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+  return env[jaxpr.eqns[tap.eqn].invars[tap.operand]]
 
 
 def _norms_from_grads(model, plan: Plan, arrays, out_grads, left_grads):

@@ -26,6 +26,17 @@ def cli_env(**extra) -> dict:
   )
 
 
+def cached_cli_env(cache_dir) -> dict:
+  """cli_env() with a persistent JAX compilation cache in `cache_dir`: a module's runs of one
+  configuration compile once. One module's own directory (a run killed while it writes an
+  entry leaves a truncated one, which later runs warn about)."""
+  return cli_env(
+    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+  )
+
+
 def run_cli(*args, env=None, cwd=REPO_ROOT, timeout=600, module="lplgrad_jax.main"):
   """`python -m module *args` run to its end, stdout and stderr captured as text; `env`
   defaults to cli_env(). `module=None`: `args` starts with the script to run."""

@@ -21,8 +21,8 @@ import types
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import cached_cli_env
 from conftest import campaign_outcome
-from conftest import cli_env
 from conftest import run_cli
 from conftest import tiny_config
 
@@ -60,12 +60,7 @@ KILLS = [2, pytest.param(10, marks=pytest.mark.slow)]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp("jax_cache"))
-  return cli_env(
-    JAX_COMPILATION_CACHE_DIR=cache,
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-  )
+  return cached_cli_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _cli(env, workdir, *extra, args=ARGS):
@@ -382,18 +377,25 @@ def _wait_for(proc, text):
   ],
 )
 def test_fast_double_sigint_exits_at_once_and_resumes(trigger, reference, env, tmp_path):
-  proc = _start(env, tmp_path)
-  _wait_for(proc, trigger)
-  proc.send_signal(signal.SIGINT)
-  time.sleep(0.04)
-  proc.send_signal(signal.SIGINT)
-  _, stderr = proc.communicate(timeout=60)  # not the 300 s of an Orbax barrier
+  # The second signal must land while the campaign is still stopping; a loaded machine can
+  # delay it past the end of a short graceful stop (the stop then completed, exit 0, or the
+  # signal met the exit path, exit 130). Such an attempt says nothing here: another one runs.
+  for attempt in range(3):
+    workdir = tmp_path / f"attempt{attempt}"
+    proc = _start(env, workdir)
+    _wait_for(proc, trigger)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.04)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)  # not the 300 s of an Orbax barrier
+    if "stopped by SIGINT: checkpoint saved" not in stdout:
+      break
   lines = [line for line in stderr.splitlines() if line.strip()]
   assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
   assert len(lines) == 1 and lines[0].startswith("stopped at once by a second SIGINT"), lines
-  resumed = _cli(env, tmp_path)
+  resumed = _cli(env, workdir)
   assert resumed.returncode == 0 and not _stderr_lines(resumed), resumed.stderr[-3000:]
-  assert campaign_outcome(tmp_path) == reference[1]
+  assert campaign_outcome(workdir) == reference[1]
 
 
 @pytest.mark.parametrize("kills", KILLS)

@@ -82,24 +82,49 @@ class TiedMLP(nnx.Module):
     return self.out(nnx.tanh(self.hidden(y)))
 
 
-class Scale(nnx.Module):
-  """A custom layer: an elementwise learned scale pergrad has no rule for."""
+class Mix(nnx.Module):
+  """A custom layer pergrad has no rule for: a raw weight matrix applied by a matmul."""
 
   def __init__(self, features, *, rngs):
-    self.w = nnx.Param(1.0 + 0.1 * jax.random.normal(rngs.params(), (features,)))
+    noise = jax.random.normal(rngs.params(), (features, features))
+    self.w = nnx.Param(jnp.eye(features) + 0.1 * noise)
 
   def __call__(self, x):
-    return x * self.w[...]
+    return x @ self.w[...]
 
 
 class CustomLayerNet(nnx.Module):
   def __init__(self, num_classes, *, rngs):
     self.dense = nnx.Linear(12, 5, rngs=rngs)
-    self.scale = Scale(5, rngs=rngs)
+    self.mix = Mix(5, rngs=rngs)
     self.out = nnx.Linear(5, num_classes, rngs=rngs)
 
   def __call__(self, x):
-    return self.out(nnx.relu(self.scale(self.dense(x.reshape(x.shape[0], -1)))))
+    return self.out(nnx.tanh(self.mix(self.dense(x.reshape(x.shape[0], -1)))))
+
+
+class Affine(nnx.Module):
+  """A custom layer whose raw params meet the batch by broadcasting: x * tanh(w) - 2b."""
+
+  def __init__(self, features, *, rngs):
+    self.w = nnx.Param(1.0 + 0.1 * jax.random.normal(rngs.params(), (features,)))
+    self.b = nnx.Param(0.1 * jax.random.normal(rngs.params(), (features,)))
+
+  def __call__(self, x):
+    return x * jnp.tanh(self.w[...]) - 2.0 * self.b[...]
+
+
+class AffineNet(nnx.Module):
+  """The custom Affine layer applied twice (its params' per-example gradients add up)."""
+
+  def __init__(self, num_classes, *, rngs):
+    self.dense = nnx.Linear(12, 5, rngs=rngs)
+    self.affine = Affine(5, rngs=rngs)
+    self.out = nnx.Linear(5, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    y = self.affine(nnx.relu(self.affine(self.dense(x.reshape(x.shape[0], -1)))))
+    return self.out(y)
 
 
 class TokenNet(nnx.Module):
@@ -173,6 +198,7 @@ CASES = {
   "groupnorm_depthwise": (lambda: GroupNormCNN(5, rngs=nnx.Rngs(2)), _images),
   "tied_mlp": (lambda: TiedMLP(5, rngs=nnx.Rngs(3)), lambda: _images(size=2)),
   "custom_layer": (lambda: CustomLayerNet(5, rngs=nnx.Rngs(4)), lambda: _images(size=2)),
+  "affine_twice": (lambda: AffineNet(5, rngs=nnx.Rngs(10)), lambda: _images(size=2)),
   "tokens": (
     lambda: TokenNet(5, rngs=nnx.Rngs(5)),
     lambda: jnp.array([[1, 3, 1, 6], [0, 0, 0, 2], [5, 4, 3, 2]]),
@@ -203,7 +229,7 @@ def test_plan_names_each_leftover_and_why():
   # Attention's four projections and both LayerNorms have closed forms or layer rules.
   assert ("attn", "query", "kernel") in vit.tapped and ("ln2", "scale") in vit.tapped
   custom = _plan(CustomLayerNet(5, rngs=nnx.Rngs(4)), _images(size=2))
-  assert dict(custom.leftovers) == {("scale", "w"): "unsupported layer Scale"}
+  assert dict(custom.leftovers) == {("mix", "w"): "unsupported layer Mix"}
   tokens = _plan(TokenNet(5, rngs=nnx.Rngs(5)), jnp.zeros((1, 4), jnp.int32))
   assert dict(tokens.leftovers) == {("embed", "embedding"): "also read outside its Embed call"}
   tied = _plan(TiedMLP(5, rngs=nnx.Rngs(3)), _images(size=2))
@@ -211,28 +237,48 @@ def test_plan_names_each_leftover_and_why():
   assert [c.module_path for c in tied.calls] == [("inp",), ("hidden",), ("hidden",), ("out",)]
 
 
-def test_leftovers_are_reported_once(caplog):
-  model = CustomLayerNet(5, rngs=nnx.Rngs(6))
+def test_leftovers_are_reported_once_with_the_pass_they_took(caplog):
   pergrad._REPORTED.clear()
   with caplog.at_level(logging.WARNING, logger="lplgrad_jax.pergrad"):
-    for n in (2, 3):  # two compilations, one report
-      pergrad.per_example_grad_norms(model, _entropy, _images(n=n, size=2))
+    for n in (2, 3):  # two compilations, one report per model
+      for build in (CustomLayerNet, AffineNet):
+        pergrad.per_example_grad_norms(build(5, rngs=nnx.Rngs(6)), _entropy, _images(n, 2))
   messages = [r.getMessage() for r in caplog.records if "taken directly" in r.getMessage()]
-  assert len(messages) == 1 and "scale/w (unsupported layer Scale)" in messages[0]
+  assert len(messages) == 2, messages
+  assert "mix/w (unsupported layer Mix)" in messages[0] and "per example" in messages[0]
+  assert "affine/b (unsupported layer Affine); affine/w (unsupported" in messages[1]
+  assert "in the batched pass" in messages[1]
+
+
+def _passes(model, x):
+  """(batched or None, vmapped) per-example squared norms of the two passes."""
+  graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
+  apply = pergrad._example_loss(_entropy)
+  plan = pergrad.make_plan(graphdef, params, rest, x[0], apply)
+  merged = nnx.merge(graphdef, params, rest)
+  batched = pergrad._batched_grads(merged, plan, x, _entropy)
+  vmapped = pergrad._vmapped_grads(merged, plan, x, apply)
+  norms = lambda grads: None if grads is None else pergrad._norms_from_grads(merged, plan, *grads)
+  return norms(batched), norms(vmapped)
+
+
+@pytest.mark.parametrize("name", ["vit", "affine_twice", "custom_layer", "tokens"])
+def test_leftovers_take_the_batched_pass_where_they_meet_the_batch_by_broadcasting(name):
+  # A class token (broadcast), positions (add), a layer's scale and shift (mul, sub, with
+  # batch-free steps before them) take the batched pass; a raw matmul weight and an
+  # embedding also read by `attend` (a gather, a dot) make the whole model take the vmapped one.
+  build, inputs = CASES[name]
+  x = inputs()
+  batched, vmapped = _passes(_trained_like(build(), x), x)
+  if name in ("custom_layer", "tokens"):
+    assert batched is None
+  else:
+    np.testing.assert_allclose(batched, vmapped, rtol=1e-5)
 
 
 def test_batched_and_vmapped_passes_agree():
   # No leftovers: one batched pass; forcing the per-example pass gives the same norms.
-  model = _trained_like(GroupNormCNN(5, rngs=nnx.Rngs(2)), _images())
-  graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
-  x = _images()
-  apply = pergrad._example_loss(_entropy)
-  plan = pergrad.make_plan(graphdef, params, rest, x[0], apply)
-  merged = nnx.merge(graphdef, params, rest)
-  batched = pergrad._norms_from_grads(
-    merged, plan, *pergrad._batched_grads(merged, plan, x, _entropy)
-  )
-  vmapped = pergrad._norms_from_grads(merged, plan, *pergrad._vmapped_grads(merged, plan, x, apply))
+  batched, vmapped = _passes(_trained_like(GroupNormCNN(5, rngs=nnx.Rngs(2)), _images()), _images())
   np.testing.assert_allclose(batched, vmapped, rtol=1e-5)
 
 

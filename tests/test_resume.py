@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import cached_cli_env
 from conftest import campaign_outcome
-from conftest import cli_env
 from conftest import run_cli
 from conftest import tiny_config
 
@@ -37,18 +37,23 @@ CLI_ARGS = [
 ]
 
 
-def _run(workdir):
-  proc = run_cli(*CLI_ARGS, f"--workdir={workdir}")
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  return cached_cli_env(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _run(workdir, env):
+  proc = run_cli(*CLI_ARGS, f"--workdir={workdir}", env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
-def _run_until(workdir, trigger: str, sig: int, delay: float = 0.0):
+def _run_until(workdir, env, trigger: str, sig: int, delay: float = 0.0):
   """Starts the CLI and sends `sig` once a stdout line contains `trigger`."""
   proc = subprocess.Popen(
     [sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS, f"--workdir={workdir}"],
     cwd=REPO_ROOT,
-    env=cli_env(),
+    env=env,
     stdout=subprocess.PIPE,
     stderr=subprocess.DEVNULL,
     text=True,
@@ -66,34 +71,38 @@ def _run_until(workdir, trigger: str, sig: int, delay: float = 0.0):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, env):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  _run(workdir)
+  _run(workdir, env)
   return campaign_outcome(workdir)
 
 
 @pytest.mark.parametrize(
   "trigger, delay",
   [
-    ("checkpoint saved: round 2, epoch 2", 0.5),  # during training of round 2
-    ("round 2/3: querying", 0.0),  # during the query of round 2
-    ("checkpoint saved: round 1, epoch 4", 0.0),  # right after a checkpoint
+    # During the query of round 2. In training, test_faults kills at random times; these two
+    # fixed points run with -m slow.
+    ("round 2/3: querying", 0.0),
+    pytest.param("checkpoint saved: round 2, epoch 2", 0.5, marks=pytest.mark.slow),
+    pytest.param("checkpoint saved: round 1, epoch 4", 0.0, marks=pytest.mark.slow),
   ],
 )
-def test_kill_9_then_rerun_gives_the_same_results(trigger, delay, reference, tmp_path):
-  returncode, _ = _run_until(tmp_path, trigger, signal.SIGKILL, delay)
+def test_kill_9_then_rerun_gives_the_same_results(trigger, delay, reference, env, tmp_path):
+  returncode, _ = _run_until(tmp_path, env, trigger, signal.SIGKILL, delay)
   assert returncode == -signal.SIGKILL
-  resumed = _run(tmp_path)
+  resumed = _run(tmp_path, env)
   assert "resuming from" in resumed.stdout
   assert campaign_outcome(tmp_path) == reference
 
 
-def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
-  returncode, output = _run_until(tmp_path, "checkpoint saved: round 2, epoch 4", signal.SIGTERM)
+def test_sigterm_saves_and_exits_cleanly(reference, env, tmp_path):
+  returncode, output = _run_until(
+    tmp_path, env, "checkpoint saved: round 2, epoch 4", signal.SIGTERM
+  )
   assert returncode == 0
   assert "stopped by SIGTERM" in output and "rerun the same command to resume" in output
   assert os.listdir(tmp_path / "checkpoints")
-  resumed = _run(tmp_path)
+  resumed = _run(tmp_path, env)
   assert "resuming from" in resumed.stdout
   assert campaign_outcome(tmp_path) == reference
 
