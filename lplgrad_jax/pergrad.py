@@ -582,7 +582,8 @@ def _batched_grads(model, plan: Plan, inputs, loss_fn):
     loss, arrays = jax.tree.unflatten(jax.tree.structure(out_shapes), outs)
     return loss, (arrays, saved)
 
-  tap_zeros = [jnp.zeros(closed.jaxpr.eqns[t.eqn].outvars[0].aval.shape) for t in taps]
+  tap_avals = [closed.jaxpr.eqns[t.eqn].outvars[0].aval for t in taps]
+  tap_zeros = [jnp.zeros(a.shape, a.dtype) for a in tap_avals]
   (out_grads, tap_grads), (arrays, saved) = jax.grad(tapped, argnums=(0, 1), has_aux=True)(
     zeros, tap_zeros
   )
@@ -632,13 +633,15 @@ def _find_taps(jaxpr, larger, first: int, count: int) -> list[_Tap] | None:
     (j, chain), *others = [derived[eqn.invars[k]] for k in reached]
     if any(o[0] != j for o in others) or len(eqn.outvars) != 1:
       return None  # two leftovers combined, or a multi-output equation
-    batched = eqn.outvars[0].aval.shape != twin.outvars[0].aval.shape
+    out, out_larger = eqn.outvars[0].aval.shape, twin.outvars[0].aval.shape
+    batched = out != out_larger
+    if batched and (out[1:] != out_larger[1:] or out_larger[0] != out[0] + 1):
+      return None  # the batch is not (only) the leading axis
     if not batched and len(reached) == len(ins):
       derived[eqn.outvars[0]] = (j, chain + (index,))  # still one tensor for the whole batch
       continue
     operand = reached[0]
     shape = eqn.invars[operand].aval.shape
-    out = eqn.outvars[0].aval.shape
     if not (
       batched
       and len(reached) == 1
@@ -698,8 +701,9 @@ def _leftover_grad(jaxpr, tap: _Tap, ct, other, value) -> jax.Array:
     )
     per_example = jax.vmap(lambda c: pullback(c[None].astype(operand.dtype))[0])(ct)
   else:
+    ct = ct.astype(jnp.float32)
     if eqn.primitive.name == "mul":
-      ct = ct * other
+      ct = ct * other.astype(jnp.float32)
     elif eqn.primitive.name == "sub" and tap.operand == 1:
       ct = -ct
     axes = tuple(a for a in range(1, ct.ndim) if operand.shape[a] == 1 and ct.shape[a] != 1)

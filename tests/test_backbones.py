@@ -68,8 +68,7 @@ def test_user_model_batch_norm_ignores_padded_rows():
 @pytest.mark.parametrize(
   "name,width",
   [
-    # resnet34 is resnet18's block, deeper: its campaign runs with the slow variants.
-    pytest.param("resnet34", 2, marks=pytest.mark.slow),
+    ("resnet34", 1),
     ("resnet50", 1),
     ("wide_resnet28", 1),
     ("vit", 8),

@@ -127,6 +127,20 @@ class AffineNet(nnx.Module):
     return self.out(y)
 
 
+class TimeMajorNet(nnx.Module):
+  """Positions added with the tokens leading and the batch second: the per-example pass."""
+
+  def __init__(self, num_classes, *, rngs):
+    self.dense = nnx.Linear(3, 4, rngs=rngs)
+    self.pos = nnx.Param(jax.random.normal(rngs.params(), (4, 1, 4)))
+    self.out = nnx.Linear(4, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    y = self.dense(x.reshape(x.shape[0], -1, 3))  # (N, 4 tokens, 4)
+    y = jnp.swapaxes(jnp.swapaxes(y, 0, 1) + self.pos[...], 0, 1)
+    return self.out(jnp.mean(nnx.tanh(y), axis=1))
+
+
 class TokenNet(nnx.Module):
   """Embed with repeated ids, RMSNorm, LinearGeneral to heads, Einsum, tied output (attend)."""
 
@@ -199,6 +213,7 @@ CASES = {
   "tied_mlp": (lambda: TiedMLP(5, rngs=nnx.Rngs(3)), lambda: _images(size=2)),
   "custom_layer": (lambda: CustomLayerNet(5, rngs=nnx.Rngs(4)), lambda: _images(size=2)),
   "affine_twice": (lambda: AffineNet(5, rngs=nnx.Rngs(10)), lambda: _images(size=2)),
+  "time_major": (lambda: TimeMajorNet(5, rngs=nnx.Rngs(11)), lambda: _images(size=2)),
   "tokens": (
     lambda: TokenNet(5, rngs=nnx.Rngs(5)),
     lambda: jnp.array([[1, 3, 1, 6], [0, 0, 0, 2], [5, 4, 3, 2]]),
@@ -262,15 +277,16 @@ def _passes(model, x):
   return norms(batched), norms(vmapped)
 
 
-@pytest.mark.parametrize("name", ["vit", "affine_twice", "custom_layer", "tokens"])
+@pytest.mark.parametrize("name", ["vit", "affine_twice", "custom_layer", "tokens", "time_major"])
 def test_leftovers_take_the_batched_pass_where_they_meet_the_batch_by_broadcasting(name):
   # A class token (broadcast), positions (add), a layer's scale and shift (mul, sub, with
-  # batch-free steps before them) take the batched pass; a raw matmul weight and an
-  # embedding also read by `attend` (a gather, a dot) make the whole model take the vmapped one.
+  # batch-free steps before them) take the batched pass; a raw matmul weight, an embedding
+  # also read by `attend` (a gather, a dot) and positions added where the batch is not the
+  # leading axis make the whole model take the vmapped one.
   build, inputs = CASES[name]
   x = inputs()
   batched, vmapped = _passes(_trained_like(build(), x), x)
-  if name in ("custom_layer", "tokens"):
+  if name in ("custom_layer", "tokens", "time_major"):
     assert batched is None
   else:
     np.testing.assert_allclose(batched, vmapped, rtol=1e-5)
