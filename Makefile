@@ -19,7 +19,7 @@ demo: $(STAMP)
 # packages) the test is skipped with its reason and the HTTP tests still run.
 test: $(STAMP) lint
 	-@$(MAKE) --no-print-directory browser
-	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The code base stays clean under the linter and the formatter (pyproject.toml [tool.ruff]);
 # `$(BIN)/ruff format . && $(BIN)/ruff check --fix .` repairs most of what this reports.

@@ -21,9 +21,9 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
-from absl import logging as absl_logging
+
+from lplgrad_jax import cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -82,8 +82,7 @@ def is_finished(workdir: str, num_rounds: int) -> bool:
 
 
 def main(argv):
-  del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+  cli.start(argv)  # Orbax logs every save at INFO
   from lplgrad_jax import campaign
   from lplgrad_jax.errors import ConfigError
   from lplgrad_jax.errors import Diverged
@@ -126,4 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)  # Ctrl-C between campaigns: one line, exit 130, no traceback

@@ -18,6 +18,31 @@ SHARED_CIFAR = os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10_subset.n
 sys.path.insert(0, REPO_ROOT)  # `configs` is imported from the repo root, as the CLI does
 
 
+# pytest-xdist hands out whole files (`make test`: --dist loadfile, for the module-scoped
+# campaigns), in collection order (--no-loadscope-reorder). The files with long runs go first so
+# that the short ones fill the end and both workers finish together.
+_LONG_FILES_FIRST = (
+  "test_multihost.py",
+  "test_faults.py",
+  "test_pergrad.py",
+  "test_backbones.py",
+  "test_resume.py",
+  "test_cli.py",
+  "test_sharding.py",
+  "test_query.py",
+  "test_accelerator_check.py",
+  "test_train.py",
+  "test_experiments.py",
+  "test_strategies.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_LONG_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order
+
+
 def cli_env(**extra) -> dict:
   """This process's environment for a CLI subprocess: JAX on the CPU, no TensorFlow notices,
   unbuffered output, and `extra` on top."""

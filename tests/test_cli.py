@@ -201,3 +201,18 @@ def test_first_line_says_how_far_the_workdir_got(tmp_path):
   assert launch.first_line(config, str(tmp_path), "").endswith(
     "(complete: 10 of 10 rounds done, nothing to train)"
   )
+
+
+def test_ctrl_c_outside_a_campaign_is_one_line_and_exit_130():
+  # What main, predict and the sweep share for a Ctrl-C outside a campaign's own handling
+  # (start-up, between a sweep's campaigns): no traceback.
+  program = (
+    "from lplgrad_jax import cli\n"
+    "def main(argv):\n"
+    "  cli.start(argv)\n"
+    "  raise KeyboardInterrupt\n"
+    "cli.run(main)\n"
+  )
+  proc = run_cli("-c", program, module=None, timeout=120)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert proc.stderr.splitlines() == ["interrupted: rerun the same command to resume"]
