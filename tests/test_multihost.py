@@ -124,7 +124,8 @@ def one_process_four_devices(tmp_path_factory):
 
 
 # CI runs the split pool (the harder path: batches and query images gathered across the
-# processes); the replicated pool, and kill -9 of both processes, with `-m slow`.
+# processes); the replicated pool, kill -9 of both processes and SIGTERM to one (the
+# two-process variant of test_resume's SIGTERM test) with `-m slow`.
 @pytest.mark.parametrize("shard_pool", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_two_processes_equal_one_process_with_four_devices(
   shard_pool, one_process_four_devices, tmp_path
@@ -161,6 +162,7 @@ def test_both_processes_killed_then_rerun_resumes(one_process_four_devices, tmp_
   assert _rounds(tmp_path / "w")[1] == one_process_four_devices[1]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_with_a_checkpoint(one_process_four_devices, tmp_path):
   # Preemption of one host: the processes agree to stop at the next epoch boundary,
   # save together and exit 0; rerunning resumes.
