@@ -668,12 +668,10 @@ def _eval_tapped(closed, taps, tap_perturbations, args):
   at = {t.eqn: (t, p) for t, p in zip(taps, tap_perturbations)}
   env = dict(zip(closed.jaxpr.constvars, closed.consts))
   env.update(zip(closed.jaxpr.invars, args))
-  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
   saved = {}
   for index, eqn in enumerate(closed.jaxpr.eqns):
-    values = [read(v) for v in eqn.invars]
-    with eqn.ctx.manager:
-      out = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+    values = [_read(env, v) for v in eqn.invars]
+    out = _bind(eqn, values)
     if index in at:
       tap, perturbation = at[index]
       saved[index] = values[1 - tap.operand] if eqn.primitive.name == "mul" else None
@@ -682,7 +680,17 @@ def _eval_tapped(closed, taps, tap_perturbations, args):
       env.update(zip(eqn.outvars, out))
     else:
       env[eqn.outvars[0]] = out
-  return [read(v) for v in closed.jaxpr.outvars], [saved[t.eqn] for t in taps]
+  return [_read(env, v) for v in closed.jaxpr.outvars], [saved[t.eqn] for t in taps]
+
+
+def _read(env: dict, var):
+  return var.val if isinstance(var, jex_core.Literal) else env[var]
+
+
+def _bind(eqn, values):
+  """One jaxpr equation applied to `values` (as `jax.core.eval_jaxpr` applies it)."""
+  with eqn.ctx.manager:
+    return eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
 
 
 def _leftover_grad(jaxpr, tap: _Tap, ct, other, value) -> jax.Array:
@@ -719,9 +727,7 @@ def _run_chain(jaxpr, tap: _Tap, value):
   env = {jaxpr.invars[tap.source]: value}
   for index in tap.chain:
     eqn = jaxpr.eqns[index]
-    values = [v.val if isinstance(v, jex_core.Literal) else env[v] for v in eqn.invars]
-    with eqn.ctx.manager:
-      env[eqn.outvars[0]] = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
+    env[eqn.outvars[0]] = _bind(eqn, [_read(env, v) for v in eqn.invars])
   return env[jaxpr.eqns[tap.eqn].invars[tap.operand]]
 
 

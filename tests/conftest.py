@@ -51,12 +51,13 @@ def cli_env(**extra) -> dict:
   )
 
 
-def cached_cli_env(cache_dir) -> dict:
-  """cli_env() with a persistent JAX compilation cache in `cache_dir`: a module's runs of one
-  configuration compile once. One module's own directory (a run killed while it writes an
-  entry leaves a truncated one, which later runs warn about)."""
+@pytest.fixture(scope="module")
+def cached_env(tmp_path_factory) -> dict:
+  """cli_env() with a persistent JAX compilation cache: a module's runs of one configuration
+  compile once. Each module has its own directory (a run killed while it writes an entry
+  leaves a truncated one, which later runs warn about)."""
   return cli_env(
-    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
   )

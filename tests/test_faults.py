@@ -21,7 +21,6 @@ import types
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from conftest import cached_cli_env
 from conftest import campaign_outcome
 from conftest import run_cli
 from conftest import tiny_config
@@ -58,13 +57,8 @@ ARGS = [
 KILLS = [2, pytest.param(10, marks=pytest.mark.slow)]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  return cached_cli_env(tmp_path_factory.mktemp("jax_cache"))
-
-
-def _cli(env, workdir, *extra, args=ARGS):
-  return run_cli(*args, *extra, f"--workdir={workdir}", env=env)
+def _cli(cached_env, workdir, *extra, args=ARGS):
+  return run_cli(*args, *extra, f"--workdir={workdir}", env=cached_env)
 
 
 def _stderr_lines(proc):
@@ -92,10 +86,10 @@ def _snapshot(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(env, tmp_path_factory):
+def reference(cached_env, tmp_path_factory):
   """(workdir, outcome) of the uninterrupted campaign."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  proc = _cli(env, workdir)
+  proc = _cli(cached_env, workdir)
   assert proc.returncode == 0 and not _stderr_lines(proc), proc.stderr[-3000:]
   return workdir, campaign_outcome(workdir)
 
@@ -171,7 +165,7 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
-def test_bad_input_is_one_error_line(case, env, tmp_path):
+def test_bad_input_is_one_error_line(case, cached_env, tmp_path):
   extra, fragments = BAD_INPUT[case]
   extra = extra(tmp_path)
   args = [
@@ -180,7 +174,7 @@ def test_bad_input_is_one_error_line(case, env, tmp_path):
     if not (a.startswith("--config=") and any(e.startswith("--config=") for e in extra))
   ]
   workdir = tmp_path / "w"
-  _one_error(_cli(env, workdir, *extra, args=args), 2, *fragments)
+  _one_error(_cli(cached_env, workdir, *extra, args=args), 2, *fragments)
   assert not os.path.exists(workdir / "results.json")
   assert not os.path.exists(workdir / "checkpoints")
 
@@ -189,11 +183,11 @@ def test_bad_input_is_one_error_line(case, env, tmp_path):
   "where, fragment",
   [("file", "is a file, not a directory"), ("/proc/lplgrad_w", "is not a writable directory")],
 )
-def test_unusable_workdir_is_one_error_line(where, fragment, env, tmp_path):
+def test_unusable_workdir_is_one_error_line(where, fragment, cached_env, tmp_path):
   workdir = where if where.startswith("/") else tmp_path / "a_file"
   if where == "file":
     workdir.write_text("keep me")
-  _one_error(_cli(env, workdir), 2, fragment)
+  _one_error(_cli(cached_env, workdir), 2, fragment)
   if where == "file":
     assert workdir.read_text() == "keep me"
 
@@ -279,7 +273,7 @@ def test_non_finite_query_scores_never_reach_a_query(monkeypatch):
 
 
 # One live campaign per workdir.
-def test_locked_workdir_is_refused_and_untouched(reference, env, tmp_path):
+def test_locked_workdir_is_refused_and_untouched(reference, cached_env, tmp_path):
   workdir = _copy(reference, tmp_path)
   before = _snapshot(workdir)
   with open(workdir / workdirs.LOCK_FILE, "r+") as lock:
@@ -290,7 +284,7 @@ def test_locked_workdir_is_refused_and_untouched(reference, env, tmp_path):
     held = _snapshot(workdir)
     for extra in ([], ["--restart"]):  # --restart must not delete a live campaign either
       _one_error(
-        _cli(env, workdir, *extra),
+        _cli(cached_env, workdir, *extra),
         2,
         "is in use by a running campaign",
         "host testhost, pid 4242, started 2026-01-01",
@@ -301,7 +295,7 @@ def test_locked_workdir_is_refused_and_untouched(reference, env, tmp_path):
   }
 
 
-def test_every_checkpoint_corrupt_is_reported_in_a_few_lines(reference, env, tmp_path):
+def test_every_checkpoint_corrupt_is_reported_in_a_few_lines(reference, cached_env, tmp_path):
   workdir = _copy(reference, tmp_path)
   root = workdir / "checkpoints"
   rng = np.random.default_rng(0)
@@ -312,7 +306,7 @@ def test_every_checkpoint_corrupt_is_reported_in_a_few_lines(reference, env, tmp
         with open(path, "r+b") as f:
           f.write(rng.bytes(max(os.path.getsize(path), 1)))
   steps = sorted(os.listdir(root))
-  proc = _cli(env, workdir)
+  proc = _cli(cached_env, workdir)
   lines = _stderr_lines(proc)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert lines[-1].startswith("error: no checkpoint in") and "--restart" in lines[-1]
@@ -322,15 +316,17 @@ def test_every_checkpoint_corrupt_is_reported_in_a_few_lines(reference, env, tmp
 
 
 # Divergence: exit 3, nothing non-finite saved, and the workdir resumes.
-def test_divergence_stops_with_exit_3_and_resumes_with_a_lower_rate(reference, env, tmp_path):
+def test_divergence_stops_with_exit_3_and_resumes_with_a_lower_rate(
+  reference, cached_env, tmp_path
+):
   workdir = tmp_path / "w"
-  first = _cli(env, workdir, "--config.al.num_rounds=1")
+  first = _cli(cached_env, workdir, "--config.al.num_rounds=1")
   assert first.returncode == 0, first.stderr[-3000:]
   # Extended with a learning rate that diverges (both keys may change on resume), and no
   # checkpoint inside the round: the last good checkpoint is then the one after round 1's query.
   before = [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
   diverged = _cli(
-    env, workdir, "--config.train.learning_rate=1e6", "--config.checkpoint.every_epochs=0"
+    cached_env, workdir, "--config.train.learning_rate=1e6", "--config.checkpoint.every_epochs=0"
   )
   _one_error(
     diverged,
@@ -345,17 +341,17 @@ def test_divergence_stops_with_exit_3_and_resumes_with_a_lower_rate(reference, e
   assert after[-1] == int(max(before, key=int)) + 1  # round 1's query, nothing of round 2
   results = json.loads((workdir / "results.json").read_text())
   assert len(results["rounds"]) == 1  # round 1 only: nothing of round 2 was published
-  resumed = _cli(env, workdir)  # the newest checkpoint is good: it resumes and finishes
+  resumed = _cli(cached_env, workdir)  # the newest checkpoint is good: it resumes and finishes
   assert resumed.returncode == 0 and not _stderr_lines(resumed), resumed.stderr[-3000:]
   assert campaign_outcome(workdir) == reference[1]
 
 
 # Signals.
-def _start(env, workdir):
+def _start(cached_env, workdir):
   return subprocess.Popen(
     [sys.executable, "-m", "lplgrad_jax.main", *ARGS, f"--workdir={workdir}"],
     cwd=REPO_ROOT,
-    env=env,
+    env=cached_env,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
@@ -376,13 +372,13 @@ def _wait_for(proc, text):
     "checkpoint saved: round 1, epoch 1",  # a save being written, the next one follows
   ],
 )
-def test_fast_double_sigint_exits_at_once_and_resumes(trigger, reference, env, tmp_path):
+def test_fast_double_sigint_exits_at_once_and_resumes(trigger, reference, cached_env, tmp_path):
   # The second signal must land while the campaign is still stopping; a loaded machine can
   # delay it past the end of a short graceful stop (the stop then completed, exit 0, or the
   # signal met the exit path, exit 130). Such an attempt says nothing here: another one runs.
   for attempt in range(3):
     workdir = tmp_path / f"attempt{attempt}"
-    proc = _start(env, workdir)
+    proc = _start(cached_env, workdir)
     _wait_for(proc, trigger)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.04)
@@ -393,24 +389,26 @@ def test_fast_double_sigint_exits_at_once_and_resumes(trigger, reference, env, t
   lines = [line for line in stderr.splitlines() if line.strip()]
   assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
   assert len(lines) == 1 and lines[0].startswith("stopped at once by a second SIGINT"), lines
-  resumed = _cli(env, workdir)
+  resumed = _cli(cached_env, workdir)
   assert resumed.returncode == 0 and not _stderr_lines(resumed), resumed.stderr[-3000:]
   assert campaign_outcome(workdir) == reference[1]
 
 
 @pytest.mark.parametrize("kills", KILLS)
-def test_random_kill_9_then_resume_gives_the_uninterrupted_result(kills, reference, env, tmp_path):
+def test_random_kill_9_then_resume_gives_the_uninterrupted_result(
+  kills, reference, cached_env, tmp_path
+):
   """`kills` runs killed at random times over the campaign's span, each resumed by the next."""
   seed = int(os.environ.get("LPLGRAD_KILL_SEED", "0"))
   rng = random.Random(seed)
   timed = tmp_path / "timed"  # how long a campaign takes once compiled (the cache is warm)
   start = time.monotonic()
-  assert _cli(env, timed).returncode == 0
+  assert _cli(cached_env, timed).returncode == 0
   span = time.monotonic() - start
   assert campaign_outcome(timed) == reference[1]
   tmp_path = tmp_path / "killed"
   for k in range(kills):
-    proc = _start(env, tmp_path)
+    proc = _start(cached_env, tmp_path)
     try:
       proc.wait(timeout=rng.uniform(0.5, span))
     except subprocess.TimeoutExpired:
@@ -421,6 +419,6 @@ def test_random_kill_9_then_resume_gives_the_uninterrupted_result(kills, referen
     if proc.returncode == 0:
       break  # the campaign finished before its kill time
     assert proc.returncode == -signal.SIGKILL, (seed, k, proc.returncode)
-  final = _cli(env, tmp_path)
+  final = _cli(cached_env, tmp_path)
   assert final.returncode == 0 and not _stderr_lines(final), (seed, final.stderr[-3000:])
   assert campaign_outcome(tmp_path) == reference[1], f"kill seed {seed}"

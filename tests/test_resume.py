@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from conftest import cached_cli_env
 from conftest import campaign_outcome
 from conftest import run_cli
 from conftest import tiny_config
@@ -37,23 +36,18 @@ CLI_ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  return cached_cli_env(tmp_path_factory.mktemp("jax_cache"))
-
-
-def _run(workdir, env):
-  proc = run_cli(*CLI_ARGS, f"--workdir={workdir}", env=env)
+def _run(workdir, cached_env):
+  proc = run_cli(*CLI_ARGS, f"--workdir={workdir}", env=cached_env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
-def _run_until(workdir, env, trigger: str, sig: int, delay: float = 0.0):
+def _run_until(workdir, cached_env, trigger: str, sig: int, delay: float = 0.0):
   """Starts the CLI and sends `sig` once a stdout line contains `trigger`."""
   proc = subprocess.Popen(
     [sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS, f"--workdir={workdir}"],
     cwd=REPO_ROOT,
-    env=env,
+    env=cached_env,
     stdout=subprocess.PIPE,
     stderr=subprocess.DEVNULL,
     text=True,
@@ -71,9 +65,9 @@ def _run_until(workdir, env, trigger: str, sig: int, delay: float = 0.0):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, env):
+def reference(tmp_path_factory, cached_env):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  _run(workdir, env)
+  _run(workdir, cached_env)
   return campaign_outcome(workdir)
 
 
@@ -87,22 +81,22 @@ def reference(tmp_path_factory, env):
     pytest.param("checkpoint saved: round 1, epoch 4", 0.0, marks=pytest.mark.slow),
   ],
 )
-def test_kill_9_then_rerun_gives_the_same_results(trigger, delay, reference, env, tmp_path):
-  returncode, _ = _run_until(tmp_path, env, trigger, signal.SIGKILL, delay)
+def test_kill_9_then_rerun_gives_the_same_results(trigger, delay, reference, cached_env, tmp_path):
+  returncode, _ = _run_until(tmp_path, cached_env, trigger, signal.SIGKILL, delay)
   assert returncode == -signal.SIGKILL
-  resumed = _run(tmp_path, env)
+  resumed = _run(tmp_path, cached_env)
   assert "resuming from" in resumed.stdout
   assert campaign_outcome(tmp_path) == reference
 
 
-def test_sigterm_saves_and_exits_cleanly(reference, env, tmp_path):
+def test_sigterm_saves_and_exits_cleanly(reference, cached_env, tmp_path):
   returncode, output = _run_until(
-    tmp_path, env, "checkpoint saved: round 2, epoch 4", signal.SIGTERM
+    tmp_path, cached_env, "checkpoint saved: round 2, epoch 4", signal.SIGTERM
   )
   assert returncode == 0
   assert "stopped by SIGTERM" in output and "rerun the same command to resume" in output
   assert os.listdir(tmp_path / "checkpoints")
-  resumed = _run(tmp_path, env)
+  resumed = _run(tmp_path, cached_env)
   assert "resuming from" in resumed.stdout
   assert campaign_outcome(tmp_path) == reference
 
