@@ -17,9 +17,13 @@ demo: $(STAMP)
 
 # The labeling page's browser test drives headless Chromium; without it (no root, no Debian
 # packages) the test is skipped with its reason and the HTTP tests still run.
+# The tests whose results depend on float32 rounding run a second time with XLA's code
+# generation limited to AVX2, as on a CPU without AVX-512 (docs/cpu_numerics.md).
 test: $(STAMP) lint
 	-@$(MAKE) --no-print-directory browser
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	XLA_FLAGS="--xla_cpu_max_isa=AVX2 $$XLA_FLAGS" $(BIN)/python -m pytest -n 2 --dist loadfile \
+	  --no-loadscope-reorder -m "numerics and not slow" $(PYTEST_ARGS)
 
 # The code base stays clean under the linter and the formatter (pyproject.toml [tool.ruff]);
 # `$(BIN)/ruff format . && $(BIN)/ruff check --fix .` repairs most of what this reports.

@@ -50,6 +50,13 @@ _EPOCH_STEPS = flags.DEFINE_integer("epoch_steps", 0, "Steps per timed epoch (0:
 _LOOPS = flags.DEFINE_list("loops", ["host", "scan"], "Epoch loops to time.")
 _TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch reference.")
 _OUT = flags.DEFINE_string("out", None, "Write the JSON report here too.")
+_BN_VARIANCE = flags.DEFINE_enum(
+  "bn_variance",
+  "two_pass",
+  ["two_pass", "fast"],
+  "BatchNorm's batch variance: the project's mean((x - mean)^2), or Flax's E[x^2] - E[x]^2 "
+  "(the earlier default, less accurate: docs/cpu_numerics.md), to time one against the other.",
+)
 SUBSET = 25_000  # the paper's R for CIFAR
 
 
@@ -286,6 +293,16 @@ def main(_):
   import numpy as np
 
   n, size = _BATCH.value, _SIZE.value
+  if _BN_VARIANCE.value == "fast":
+    from flax import nnx
+
+    from lplgrad_jax import models
+
+    def flax_default_variance(self, features, *, unbiased_running_var, **kwargs):
+      nnx.BatchNorm.__init__(self, features, **kwargs)  # use_fast_variance=True
+      self.unbiased_running_var = unbiased_running_var
+
+    models.BatchNorm.__init__ = flax_default_variance
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, n).astype(np.int32)
@@ -298,6 +315,7 @@ def main(_):
     "width": _WIDTH.value,
     "batch": n,
     "image_size": size,
+    "bn_variance": _BN_VARIANCE.value,
   }
   _jax_report(report, n, images, labels, mean, std)
   if _TORCH.value:

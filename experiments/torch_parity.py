@@ -99,6 +99,19 @@ def jax_learner(config):
   return learner, params, stats
 
 
+def update_error(actual: dict, reference: dict, init: dict) -> float:
+  """||actual - reference|| / ||reference - init|| over every "after/" array: the error of
+  the whole update, relative to its size. One array's error can be a large fraction of a
+  tiny, cancelling update (a BatchNorm bias next to another BatchNorm) in any float32
+  implementation, PyTorch's included; the whole update's error cannot."""
+  keys = [k for k in reference if k.startswith("after/")]
+  diff = sum(np.sum(np.square(np.asarray(actual[k], np.float64) - reference[k])) for k in keys)
+  size = sum(
+    np.sum(np.square(reference[k] - init["init/" + k[6:]].astype(np.float64))) for k in keys
+  )
+  return float(np.sqrt(diff / size))
+
+
 def _relative_error(actual, expected) -> float:
   """max |actual - expected| / max |expected|."""
   expected = np.asarray(expected, np.float64)
@@ -208,13 +221,43 @@ def loss_pred_loss(predicted, target, margin):
   return torch.sum(torch.clamp(margin - one * predicted, min=0)) / predicted.size(0)
 
 
-def torch_side(config, arrays: dict, images, labels, query_images, dtype: str) -> dict:
+def torch_side(
+  config, arrays: dict, images, labels, query_images, dtype: str, variant: str = "plain"
+) -> dict:
   """Runs the authors' recipe from the weights in `arrays` ("init/..."); returns new arrays.
 
   `dtype` "float64": the network computes in float64 on the same float32 inputs and
   weights (the reference the fixture stores: PyTorch's own float32 rounding removed);
-  "float32": as the authors ran it.
+  "float32": as the authors ran it. `variant` (FLOAT32_VARIANTS: "+"-joined parts) changes
+  only the rounding of float32 operations: "channels_last" runs NHWC kernels, "one_thread"
+  sums on one thread, "reciprocal" normalises pixels by multiplying by 1/255 (as XLA does),
+  "ulpN" moves a random half of the normalised inputs by one ulp (seed N): the rounding
+  any two implementations may differ by.
   """
+  import torch
+
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1 if "one_thread" in variant.split("+") else threads)
+  try:
+    return _torch_side(config, arrays, images, labels, query_images, dtype, variant)
+  finally:
+    torch.set_num_threads(threads)
+
+
+# Equally valid float32 runs of the same recipe: their spread from the float64 reference is
+# how far float32 arithmetic honestly drifts on each array (the fixture's "drift/..." arrays).
+FLOAT32_VARIANTS = (
+  "plain",
+  "channels_last",
+  "one_thread",
+  "reciprocal",
+  "channels_last+reciprocal",
+  *(f"ulp{seed}" for seed in range(4)),
+  *(f"channels_last+ulp{seed}" for seed in range(4, 6)),
+)
+
+
+def _torch_side(config, arrays, images, labels, query_images, dtype, variant):
   import torch
   import torch.nn.functional as F
   from torch.distributions import Categorical
@@ -223,6 +266,11 @@ def torch_side(config, arrays: dict, images, labels, query_images, dtype: str) -
   tc = config.train
   backbone, module = _torch_models(config.model.width, config.model.loss_head_width)
   backbone, module = backbone.to(getattr(torch, dtype)), module.to(getattr(torch, dtype))
+  parts = variant.split("+")
+  layout = torch.channels_last if "channels_last" in parts else torch.contiguous_format
+  ulp_seeds = [int(p[3:]) for p in parts if p.startswith("ulp")]
+  flips = np.random.default_rng(ulp_seeds[0] if ulp_seeds else 0)
+  backbone = backbone.to(memory_format=layout)
   names = _torch_names(config.model.width)
   state = {
     **{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
@@ -234,8 +282,15 @@ def torch_side(config, arrays: dict, images, labels, query_images, dtype: str) -
   mean, std = (torch.tensor(config.data[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
 
   def normalise(x):  # ToTensor + Normalize, in float32 as torchvision's
-    x = (torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255) - mean) / std
-    return x.to(getattr(torch, dtype))
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).float()
+    x = x * torch.tensor(1 / 255) if "reciprocal" in parts else x.div(255)
+    x = (x - mean) / std
+    if ulp_seeds:
+      direction = torch.from_numpy(
+        flips.choice([-np.inf, 0.0, np.inf], x.shape, p=[0.25, 0.5, 0.25])
+      )
+      x = torch.where(direction == 0, x, torch.nextafter(x, direction.float()))
+    return x.to(getattr(torch, dtype)).contiguous(memory_format=layout)
 
   optim_backbone = torch.optim.SGD(
     backbone.parameters(), lr=tc.learning_rate, momentum=tc.momentum, weight_decay=tc.weight_decay
@@ -248,10 +303,10 @@ def torch_side(config, arrays: dict, images, labels, query_images, dtype: str) -
   )
   torch.optim.lr_scheduler.MultiStepLR(optim_module, milestones=list(tc.lr_milestones))
   out = {}
-  for epoch in range(max(STEP_EPOCHS) + 1):  # train_LPL: one batch per epoch here
+  for epoch in range(len(images)):  # train_LPL: one batch per epoch here (STEP_EPOCHS)
     backbone.train()
     module.train()
-    step = STEP_EPOCHS.index(epoch)
+    step = epoch
     optim_backbone.zero_grad()
     optim_module.zero_grad()
     scores, _, _, features = backbone(normalise(images[step]))
@@ -288,9 +343,10 @@ def torch_side(config, arrays: dict, images, labels, query_images, dtype: str) -
       for path, name in names.items()
     }
   )
-  out.update(_torch_query(backbone, normalise(query_images), Categorical))
-  # float32 storage: 6e-8 relative, far below the tolerances
-  return {k: v.detach().numpy().astype(np.float32) for k, v in out.items()}
+  if len(query_images):
+    out.update(_torch_query(backbone, normalise(query_images), Categorical))
+  # Each in its own precision: the float64 reference is checked at float64 precision.
+  return {k: v.detach().numpy() for k, v in out.items()}
 
 
 def _torch_query(backbone, inputs, categorical) -> dict:
@@ -316,6 +372,50 @@ def _torch_query(backbone, inputs, categorical) -> dict:
   }
 
 
+def float32_drift(config, arrays, inputs, reference) -> dict[str, np.float64]:
+  """{"drift/" + key: the largest relative error of PyTorch's float32 variants on key}."""
+  drift = {}
+  for variant in FLOAT32_VARIANTS:
+    run = torch_side(config, arrays, *inputs, "float32", variant)
+    errors = {k: _relative_error(run[k], v) for k, v in reference.items()}
+    errors["update"] = update_error(run, reference, arrays)
+    for k, e in errors.items():
+      drift[f"drift/{k}"] = np.float64(max(drift.get(f"drift/{k}", 0.0), e))
+    for kind in ("forward", "after", "query", "update"):
+      worst = max(e for k, e in errors.items() if k.startswith(kind))
+      print(f"{kind}: PyTorch float32 ({variant}) vs float64, largest relative error {worst:.2g}")
+  return drift
+
+
+FULL_WIDTH = 64
+
+
+def full_width_config():
+  """The paper's width: one joint step on the fixture's first batch."""
+  config = parity_config()
+  config.model.width = FULL_WIDTH
+  config.model.loss_head_width = 128
+  return config
+
+
+def full_width_drift() -> dict[str, np.float64]:
+  """{"drift/w64/update": how far PyTorch's float32 variants' one full-width step is from
+  float64}: the bound the full-width test scales (its float64 side is lplgrad_jax's own,
+  which the width-4 fixture ties to PyTorch's float64)."""
+  config = full_width_config()
+  images, labels, _ = make_inputs()
+  _, params, stats = jax_learner(config)
+  arrays = {**flatten(params, "init"), **flatten(stats, "init")}
+  inputs = (images[:1], labels[:1], images[:0, 0])
+  reference = torch_side(config, arrays, *inputs, "float64")
+  worst = 0.0
+  for variant in FLOAT32_VARIANTS:
+    error = update_error(torch_side(config, arrays, *inputs, "float32", variant), reference, arrays)
+    print(f"width {FULL_WIDTH}, one step: PyTorch float32 ({variant}) update error {error:.2g}")
+    worst = max(worst, error)
+  return {"drift/w64/update": np.float64(worst)}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=FIXTURE)
@@ -325,12 +425,10 @@ def main():
   _, params, stats = jax_learner(config)
   arrays = {**flatten(params, "init"), **flatten(stats, "init")}
   reference = torch_side(config, arrays, images, labels, query_images, "float64")
-  as_run = torch_side(config, arrays, images, labels, query_images, "float32")
-  # What PyTorch's own float32 rounding amounts to, per kind of result.
-  for kind in ("forward", "after", "query"):
-    error = max(_relative_error(as_run[k], v) for k, v in reference.items() if k.startswith(kind))
-    print(f"{kind}: PyTorch float32 vs float64, largest relative error {error:.2g}")
+  drift = float32_drift(config, arrays, (images, labels, query_images), reference)
   arrays.update(reference)
+  arrays.update(drift)
+  arrays.update(full_width_drift())
   arrays.update(
     {
       "images": images,

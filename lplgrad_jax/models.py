@@ -25,6 +25,13 @@ from lplgrad_jax.errors import check_choice
 
 # Activations and matmul inputs; parameters and BatchNorm statistics stay float32.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+  """`x` in float32, or in float64 where it already is (the tests' float64 reference)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 # model.init: "pytorch" (the authors' code: PyTorch's default for every conv and linear
@@ -87,16 +94,20 @@ class Layers:
 
 
 class BatchNorm(nnx.BatchNorm):
-  """Flax's BatchNorm whose running variance may follow PyTorch's unbiased update.
+  """Flax's BatchNorm with two-pass batch statistics and PyTorch's running variance.
 
-  With `unbiased_running_var` the training-mode update stores
+  The batch variance is mean((x - mean)^2), as PyTorch computes it, not Flax's
+  default E[x^2] - E[x]^2: in float32 that difference cancels wherever the mean is
+  large against the spread (after every ReLU), about ten times the error of the
+  two-pass form, and the error depends on how XLA:CPU sums on each machine
+  (docs/cpu_numerics.md). With `unbiased_running_var` the training-mode update stores
   momentum * var + (1 - momentum) * batch_var * n / (n - 1), n the number of
-  (unmasked) values per channel over the whole batch; the batch is still
-  normalised with the biased batch variance, as in PyTorch.
+  (unmasked) values per channel over the whole batch; the batch is still normalised
+  with the biased batch variance, as in PyTorch.
   """
 
   def __init__(self, features: int, *, unbiased_running_var: bool, **kwargs):
-    super().__init__(features, **kwargs)
+    super().__init__(features, use_fast_variance=False, **kwargs)
     self.unbiased_running_var = unbiased_running_var
 
   def __call__(self, x, use_running_average=None, *, mask=None):
@@ -106,13 +117,13 @@ class BatchNorm(nnx.BatchNorm):
       self.use_running_average if use_running_average is None else use_running_average
     )
     if training and self.unbiased_running_var:
-      x = x.astype(jnp.float32)
+      x = at_least_float32(x)
       axes = tuple(range(x.ndim - 1))
       where = None if mask is None else jnp.broadcast_to(mask, x.shape)
-      # The batch variance as Flax's BatchNorm computes it (E[x^2] - E[x]^2).
+      # The same expressions as Flax's two-pass statistics: XLA computes them once.
       mean = jnp.mean(x, axes, where=where)
-      var = jnp.maximum(0.0, jnp.mean(jnp.square(x), axes, where=where) - jnp.square(mean))
-      n = x[..., 0].size if mask is None else jnp.sum(where[..., 0].astype(jnp.float32))
+      var = jnp.mean(jnp.square(x - mean), axes, where=where)
+      n = x[..., 0].size if mask is None else jnp.sum(where[..., 0].astype(x.dtype))
       self.var[...] = jax.lax.stop_gradient(
         self.momentum * previous + (1 - self.momentum) * var * (n / jnp.maximum(n - 1, 1))
       )
@@ -200,7 +211,7 @@ class ResNet18(nnx.Module):
       features.append(y)
     pooled = jnp.mean(y, axis=(1, 2))
     # float32 logits whatever the compute dtype: softmax, entropy and losses need the range.
-    return self.head(pooled).astype(jnp.float32), tuple(features)
+    return at_least_float32(self.head(pooled)), tuple(features)
 
 
 def pool_feature(feature: jax.Array) -> jax.Array:
@@ -224,7 +235,7 @@ class LossPredictionModule(nnx.Module):
 
   def __call__(self, features) -> jax.Array:
     hidden = [nnx.relu(dense(pool_feature(f))) for dense, f in zip(self.stage_dense, features)]
-    return self.out(jnp.concatenate(hidden, axis=-1))[:, 0].astype(jnp.float32)
+    return at_least_float32(self.out(jnp.concatenate(hidden, axis=-1))[:, 0])
 
 
 class ActiveLearner(nnx.Module):
@@ -319,7 +330,7 @@ class WideResNet(nnx.Module):
         y = block(y)
       features.append(y)
     y = jnp.mean(nnx.relu(self.bn(y)), axis=(1, 2))
-    return self.head(y).astype(jnp.float32), tuple(features)
+    return at_least_float32(self.head(y)), tuple(features)
 
 
 class ViTBlock(nnx.Module):
@@ -377,7 +388,7 @@ class ViT(nnx.Module):
     for block in self.blocks:
       y = block(y)
       features.append(y)
-    return self.head(self.ln(y)[:, 0]).astype(jnp.float32), tuple(features)
+    return at_least_float32(self.head(self.ln(y)[:, 0])), tuple(features)
 
 
 _MASK_LOCK = threading.RLock()

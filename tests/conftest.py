@@ -28,6 +28,7 @@ _LONG_FILES_FIRST = (
   "test_backbones.py",
   "test_resume.py",
   "test_cli.py",
+  "test_torch_parity.py",
   "test_sharding.py",
   "test_query.py",
   "test_accelerator_check.py",

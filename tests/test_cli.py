@@ -9,6 +9,7 @@ from conftest import cli_env
 from conftest import run_cli
 
 
+@pytest.mark.numerics
 def test_cli_campaign_on_digits_learns(tmp_path):
   workdir = tmp_path / "demo"
   proc = run_cli(
