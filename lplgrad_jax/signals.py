@@ -38,6 +38,7 @@ class StopRequest:
     self._previous = {}
     self._pipe = None
     self._previous_wakeup = -1
+    self._watcher = None
     self._count = 0
 
   def __enter__(self):
@@ -48,9 +49,10 @@ class StopRequest:
       os.set_blocking(write_end, False)
       self._pipe = (read_end, write_end)
       self._previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-      threading.Thread(
+      self._watcher = threading.Thread(
         target=self._watch, args=(read_end,), daemon=True, name="stop-request-watcher"
-      ).start()
+      )
+      self._watcher.start()
     return self
 
   def _handle(self, signum, frame):
@@ -100,8 +102,12 @@ class StopRequest:
       signal.signal(sig, handler)
     if self._pipe is not None:
       signal.set_wakeup_fd(self._previous_wakeup)
-      os.close(self._pipe[1])  # ends the watcher
+      os.close(self._pipe[1])  # ends the watcher once it has read what is left
       self._pipe = None
+      # A second signal already written to the pipe ends the process with 128 + its number
+      # (within SAVE_GRACE_SECONDS and a flush): the main thread must not exit 0 meanwhile,
+      # which would leave its message printed under status 0.
+      self._watcher.join()
 
   def __call__(self) -> bool:
     """Checked between steps: this process's request, when it runs alone."""

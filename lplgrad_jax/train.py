@@ -216,18 +216,21 @@ def normalize(images_uint8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.A
 
 
 def augment(key: jax.Array, images: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
-  """Random crop after zero padding, and random horizontal flip, per image."""
+  """Random crop after zero padding, and random horizontal flip, per image.
+
+  The random draws have fixed dtypes: a float64 run (jax_enable_x64) augments alike.
+  """
   n, h, w, _ = images.shape
   crop_key, flip_key = jax.random.split(key)
   if crop_padding:
     p = crop_padding
     padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-    offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1)
+    offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * p + 1, jnp.int32)
     images = jax.vmap(
-      lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))
+      lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], jnp.int32(0)), (h, w, im.shape[-1]))
     )(padded, offsets)
   if flip:
-    do_flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
+    do_flip = jax.random.bernoulli(flip_key, jnp.float32(0.5), (n, 1, 1, 1))
     images = jnp.where(do_flip, images[:, :, ::-1], images)
   return images
 
@@ -299,7 +302,7 @@ def train_step(
 @functools.partial(jax.jit, static_argnames=("capacity",))
 def epoch_order(key, labeled_ids, num_labeled, capacity: int):
   """The labeled ids in a random order, padded to `capacity` (padding after the real ids)."""
-  sort_keys = jax.random.uniform(key, (capacity,))
+  sort_keys = jax.random.uniform(key, (capacity,), jnp.float32)
   sort_keys = jnp.where(jnp.arange(capacity) < num_labeled, sort_keys, 2.0)
   return labeled_ids[jnp.argsort(sort_keys)]
 

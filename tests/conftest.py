@@ -11,7 +11,13 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
+
+from lplgrad_jax import train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CIFAR = os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10_subset.npz")
@@ -38,10 +44,53 @@ _LONG_FILES_FIRST = (
 )
 
 
+def pytest_report_header(config):
+  """The CPU that computed the results: float32 rounding depends on its instruction set
+  (docs/cpu_numerics.md), so a log from another machine says which one it was."""
+  del config
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return None
+  fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+  model = fields.get("model name\t", "?").strip()
+  flags = set(fields.get("flags\t\t", "").split())
+  isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "below AVX2"
+  flags_env = os.environ.get("XLA_FLAGS", "")
+  return f"cpu: {model}, {os.cpu_count()} cores, {isa}; XLA_FLAGS={flags_env!r}"
+
+
 def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: i for i, name in enumerate(_LONG_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order
+
+
+def train_state_in(learner, cfg, dtype):
+  """(graphdef, TrainState) of `learner` computing in `dtype`. float32: the campaign's own
+  path; float64 (under jax.enable_x64()): every parameter and statistic cast, as PyTorch's
+  `.double()`, the reference against which float32 tolerances are measured."""
+  if dtype == jnp.float32:
+    return train.create_train_state(nnx.clone(learner), cfg)
+  learner = nnx.clone(learner)
+  learner.train()
+  graphdef, params, stats = nnx.split(learner, nnx.Param, nnx.BatchStat)
+  params, stats = jax.tree.map(lambda a: jnp.asarray(a, dtype), (params, stats))
+  return graphdef, train.TrainState(params, stats, train.make_optimizer(0.0, cfg).init(params))
+
+
+def relative_distance(actual, reference, start) -> float:
+  """||actual - reference|| / ||reference - start|| over all leaves of the pytrees: how far
+  a result is from a reference, relative to how far the reference moved from the start."""
+
+  def sq(a, b):
+    return sum(
+      float(np.sum(np.square(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+  return (sq(actual, reference) / sq(reference, start)) ** 0.5
 
 
 def cli_env(**extra) -> dict:

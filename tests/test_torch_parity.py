@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import train_state_in
 from flax import nnx
 
 from lplgrad_jax import query
@@ -73,18 +74,6 @@ def parity():
   return fixture, config, learner, normalization
 
 
-def _train_state(learner, cfg, dtype):
-  """(graphdef, TrainState) of the learner computing in `dtype` (float64: every layer, as
-  PyTorch's `.double()`; float32: the campaign's own path)."""
-  if dtype == jnp.float32:
-    return train.create_train_state(nnx.clone(learner), cfg)
-  learner = nnx.clone(learner)
-  learner.train()
-  graphdef, params, stats = nnx.split(learner, nnx.Param, nnx.BatchStat)
-  params, stats = jax.tree.map(lambda a: jnp.asarray(a, dtype), (params, stats))
-  return graphdef, train.TrainState(params, stats, train.make_optimizer(0.0, cfg).init(params))
-
-
 def _normalized(images, normalization, dtype):
   """float32: the campaign's train.normalize. float64: torchvision's float32 arithmetic
   exactly, as the PyTorch side ran it: XLA turns the division by the constant 255 into a
@@ -102,7 +91,7 @@ def run_recipe(learner, config, images, labels, normalization, dtype) -> dict[st
   ("forward/..."), then all parameters and statistics after one SGD step per batch, in
   epochs 0, 1, 2... ("after/..."). Images are normalised in float32, as torchvision does."""
   cfg = train.StepConfig.from_config(config.train, torch_parity.BATCH, use_aux=True)
-  graphdef, state = _train_state(learner, cfg, dtype)
+  graphdef, state = train_state_in(learner, cfg, dtype)
   batches = [
     train.Batch(_normalized(x, normalization, dtype), jnp.asarray(y), jnp.ones(len(y), dtype))
     for x, y in zip(images, labels)

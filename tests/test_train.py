@@ -3,7 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import relative_distance
 from conftest import tiny_config
+from conftest import train_state_in
 from flax import nnx
 
 from lplgrad_jax import models
@@ -227,9 +229,15 @@ def test_epoch_visits_every_labeled_image_once():
   np.testing.assert_array_equal(np.sort(np.asarray(order[:27])), np.arange(100, 127))
 
 
+# Two float32 runs of the same computation summed in different orders may differ this many
+# times as far as float32 is from float64 on it (a float64 run measures that distance).
+DRIFT_FACTOR = 10
+
+
 def test_scan_epoch_equals_the_host_loop(learner_and_batch):
   # One device-side loop per epoch (accelerators) and the host loop (CPU) take the same
-  # steps on the same batches; a resumed epoch (first_step=2) too.
+  # steps on the same batches; a resumed epoch (first_step=2) too. XLA fuses the two
+  # differently, so they agree up to float32 reassociation, bounded by a float64 run.
   learner, cfg, _, _ = learner_and_batch
   pool = train.Pool(
     jax.random.randint(jax.random.key(4), (40, 16, 16, 3), 0, 256).astype(jnp.uint8),
@@ -240,25 +248,30 @@ def test_scan_epoch_equals_the_host_loop(learner_and_batch):
   labeled = jnp.zeros(cfg.steps_per_epoch * cfg.batch_size, jnp.int32).at[:37].set(jnp.arange(37))
   plan = train.plan_epoch(cfg, labeled, 37, jax.random.key(6), 0.05, False)
   finals = {}
-  for loop in ("host", "scan"):
+  for loop, dtype in (("host", jnp.float32), ("scan", jnp.float32), ("host", jnp.float64)):
     loop_cfg = train.StepConfig(**{**cfg.__dict__, "epoch_loop": loop})
     for first_step in (0, 2):
-      graphdef, state = train.create_train_state(nnx.clone(learner), loop_cfg)
-      state = jax.tree.map(jnp.copy, state)  # the epoch donates it; `learner` shares its arrays
-      state, totals, next_step = train.train_epoch(
-        graphdef, loop_cfg, state, pool, plan, first_step=first_step
-      )
+      with jax.enable_x64(dtype == jnp.float64):
+        graphdef, state = train_state_in(learner, loop_cfg, dtype)
+        start = jax.tree.map(np.asarray, state)
+        state = jax.tree.map(jnp.copy, state)  # the epoch donates it; `learner` shares its arrays
+        state, totals, next_step = train.train_epoch(
+          graphdef, loop_cfg, state, pool, plan, first_step=first_step
+        )
       assert next_step == 3  # ceil(37 / 16)
-      finals[loop, first_step] = state, totals
+      finals[loop, dtype, first_step] = start, state, totals
   for first_step, seen in ((0, 37), (2, 5)):
-    (host, host_totals), (scan, scan_totals) = (
-      finals["host", first_step],
-      finals["scan", first_step],
-    )
+    start, host, host_totals = finals["host", jnp.float32, first_step]
+    _, scan, scan_totals = finals["scan", jnp.float32, first_step]
+    _, reference, reference_totals = finals["host", jnp.float64, first_step]
     assert float(scan_totals["count"]) == float(host_totals["count"]) == seen
-    np.testing.assert_allclose(scan_totals["loss"], host_totals["loss"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(scan)):  # up to float reassociation
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    drift = relative_distance(host, reference, start)
+    assert 0 < drift < 1e-3  # float32 ran in float32, float64 in float64
+    assert relative_distance(scan, host, start) <= DRIFT_FACTOR * drift
+    loss_drift = abs(float(host_totals["loss"]) - float(reference_totals["loss"]))
+    assert abs(float(scan_totals["loss"]) - float(host_totals["loss"])) <= DRIFT_FACTOR * max(
+      loss_drift, 1e-6 * abs(float(reference_totals["loss"]))
+    )
   with pytest.raises(ConfigError, match="unknown train.epoch_loop 'gpu'"):
     train.resolve_epoch_loop("gpu")
 
