@@ -94,16 +94,15 @@ class Layers:
 
 
 class BatchNorm(nnx.BatchNorm):
-  """Flax's BatchNorm with two-pass batch statistics and PyTorch's running variance.
+  """Flax's BatchNorm (its parameters, statistics and inference) with PyTorch's training mode.
 
-  The batch variance is mean((x - mean)^2), as PyTorch computes it, not Flax's
-  default E[x^2] - E[x]^2: in float32 that difference cancels wherever the mean is
-  large against the spread (after every ReLU), about ten times the error of the
-  two-pass form, and the error depends on how XLA:CPU sums on each machine
-  (docs/cpu_numerics.md). With `unbiased_running_var` the training-mode update stores
-  momentum * var + (1 - momentum) * batch_var * n / (n - 1), n the number of
-  (unmasked) values per channel over the whole batch; the batch is still normalised
-  with the biased batch variance, as in PyTorch.
+  Training mode computes the batch statistics once: the mean, then the variance as
+  mean((x - mean)^2), as PyTorch does, not Flax's default E[x^2] - E[x]^2, which in
+  float32 cancels wherever the mean is large against the spread (after every ReLU):
+  about ten times the error, and an error that depends on how XLA:CPU sums on each
+  machine (docs/cpu_numerics.md). The batch is normalised with the biased variance;
+  with `unbiased_running_var` the running variance takes var * n / (n - 1), n the
+  (unmasked) values per channel, as in PyTorch.
   """
 
   def __init__(self, features: int, *, unbiased_running_var: bool, **kwargs):
@@ -111,23 +110,28 @@ class BatchNorm(nnx.BatchNorm):
     self.unbiased_running_var = unbiased_running_var
 
   def __call__(self, x, use_running_average=None, *, mask=None):
-    previous = self.var[...]
-    y = super().__call__(x, use_running_average, mask=mask)
-    training = not (
-      self.use_running_average if use_running_average is None else use_running_average
-    )
-    if training and self.unbiased_running_var:
-      x = at_least_float32(x)
-      axes = tuple(range(x.ndim - 1))
-      where = None if mask is None else jnp.broadcast_to(mask, x.shape)
-      # The same expressions as Flax's two-pass statistics: XLA computes them once.
-      mean = jnp.mean(x, axes, where=where)
-      var = jnp.mean(jnp.square(x - mean), axes, where=where)
-      n = x[..., 0].size if mask is None else jnp.sum(where[..., 0].astype(x.dtype))
-      self.var[...] = jax.lax.stop_gradient(
-        self.momentum * previous + (1 - self.momentum) * var * (n / jnp.maximum(n - 1, 1))
-      )
-    return y
+    inference = self.use_running_average if use_running_average is None else use_running_average
+    plain = self.axis_name is None and self.axis in (-1, x.ndim - 1)
+    if inference or not plain or self.scale is None or self.bias is None:
+      return super().__call__(x, use_running_average, mask=mask)
+    x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+    values = at_least_float32(x)  # statistics in float32 also under a bfloat16 compute dtype
+    axes = tuple(range(x.ndim - 1))
+    where = None if mask is None else jnp.broadcast_to(mask, x.shape)
+    mean = jnp.mean(values, axes, where=where)
+    if self.use_fast_variance:  # Flax's default, kept for experiments/bench.py --bn_variance
+      var = jnp.maximum(jnp.mean(jnp.square(values), axes, where=where) - jnp.square(mean), 0)
+    else:
+      var = jnp.mean(jnp.square(values - mean), axes, where=where)
+    running_var = var
+    if self.unbiased_running_var:
+      n = x[..., 0].size if mask is None else jnp.sum(where[..., 0].astype(values.dtype))
+      running_var = var * (n / jnp.maximum(n - 1, 1))
+    m = self.momentum
+    self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
+    self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * running_var)
+    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype or jnp.result_type(x, scale, bias))
 
 
 def _projection(layers: Layers, cin: int, cout: int, stride: int, rngs: nnx.Rngs):
