@@ -891,6 +891,9 @@ def start_watchdog(report: dict, out: str, hard_s: float):
   3): a compile that runs long must not cost the whole lease's results."""
   import threading
 
+  import accelerator_report  # noqa: F401 - imported here: an import on the timer's thread
+  # races the main thread's imports (module locks) at the moment the budget is short
+
   def expire():
     report["failed"].append(
       {
@@ -900,6 +903,12 @@ def start_watchdog(report: dict, out: str, hard_s: float):
     )
     try:
       finish(json.loads(json.dumps(report, default=str)), out)
+    except BaseException as e:  # noqa: BLE001 - the process ends here either way
+      print(
+        f"error: the watchdog could not write the report: {type(e).__name__}: {e}",
+        file=sys.stderr,
+        flush=True,
+      )
     finally:
       os._exit(3)
 

@@ -13,10 +13,6 @@ takes every n-th run, to spread a sweep over processes or machines.
 Then: python experiments/aggregate.py --root=ROOT
 """
 
-import ast
-import importlib.util
-import inspect
-import json
 import os
 import sys
 import time
@@ -27,6 +23,10 @@ from lplgrad_jax import cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sweep_common import apply_override  # noqa: E402
+from sweep_common import is_finished  # noqa: E402
+from sweep_common import load_config  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "Data set config file (configs/NAME.py).")
 _BUDGETS = flags.DEFINE_list("budgets", ["high"], "Budget rows: high, low.")
@@ -50,35 +50,6 @@ _ROOT = flags.DEFINE_string("root", None, "Directory holding the sweep's workdir
 _SET = flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE (Python literal), repeated.")
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run every n-th run starting at i.")
 flags.mark_flags_as_required(["config", "root"])
-
-
-def load_config(path: str, budget: str):
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  takes_budget = bool(inspect.signature(module.get_config).parameters)
-  return module.get_config(budget) if takes_budget else module.get_config()
-
-
-def apply_override(config, assignment: str) -> None:
-  key, _, text = assignment.partition("=")
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    value = text
-  *path, leaf = key.split(".")
-  node = config
-  for part in path:
-    node = node[part]
-  node[leaf] = value
-
-
-def is_finished(workdir: str, num_rounds: int) -> bool:
-  try:
-    with open(os.path.join(workdir, "results.json")) as f:
-      return len(json.load(f)["rounds"]) >= num_rounds
-  except (OSError, ValueError, KeyError):
-    return False
 
 
 def main(argv):

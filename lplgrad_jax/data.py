@@ -15,6 +15,7 @@ Sources (chosen by `config.data.source`):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import socket
 import urllib.parse
@@ -133,15 +134,12 @@ def _keep_rows(dataset: Dataset, rows: RowRange | None) -> Dataset:
 
 def load_digits(data_config, rows: RowRange | None = None) -> Dataset:
   """scikit-learn's 1,797 real 8x8 digits, upsampled; fixed 80/20 split (seed 0)."""
-  from sklearn import datasets as sk_datasets
-
-  digits = sk_datasets.load_digits()
-  images = _to_rgb_uint8(digits.images * (255.0 / 16.0), "digits")
+  pixels, labels = _digits_arrays()
+  images = _to_rgb_uint8(pixels * (255.0 / 16.0), "digits")
   images = _resize(images, data_config.image_size)
   order = np.random.default_rng(0).permutation(len(images))
   num_test = len(images) // 5
   test, train = order[:num_test], order[num_test:]
-  labels = digits.target.astype(np.int32)
   return _keep_rows(
     Dataset(
       "digits",
@@ -153,6 +151,22 @@ def load_digits(data_config, rows: RowRange | None = None) -> Dataset:
     ),
     rows,
   )
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """(1797, 8, 8) float pixels 0..16 and int32 labels: sklearn.datasets.load_digits()'s
+  images and target, read from its CSV file directly. Importing scikit-learn takes about
+  a second of every start-up; its function reads the same file where the layout differs."""
+  spec = importlib.util.find_spec("sklearn")
+  folder = os.path.dirname(spec.origin) if spec and spec.origin else ""
+  path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
+  if not (folder and os.path.exists(path)):
+    from sklearn import datasets as sk_datasets
+
+    digits = sk_datasets.load_digits()
+    return digits.images, digits.target.astype(np.int32)
+  table = np.loadtxt(path, delimiter=",")
+  return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int32)
 
 
 def _open_npz(path: str):

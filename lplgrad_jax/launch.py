@@ -1,5 +1,5 @@
-"""What the command line adds around a campaign: configs by name, the default workdir, the first
-line of a run and the advice to install an accelerator build of JAX.
+"""What the command line adds around a campaign: configs by name, the default workdir, the
+compilation cache, the first line of a run and the advice to install an accelerator build of JAX.
 
 Shipped configs live in `lplgrad_jax/configs/` (at the repository root: `configs/`, the same
 files), so `--config=cifar100` works from any directory once the package is installed.
@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+
+import jax
 
 from lplgrad_jax.errors import ConfigError
 
@@ -73,6 +76,46 @@ def default_workdir(config_name: str, config) -> str:
   folder, so rerunning it resumes its campaign.
   """
   return os.path.join("runs", config_name, str(config.strategy), f"seed{config.seed}")
+
+
+COMPILATION_CACHE = ".jax_cache"
+# Programs that compile faster than this are not worth a file (the cache's default is 1 s,
+# which leaves out the evaluation and query programs of a small model).
+_CACHE_MIN_COMPILE_SECONDS = 0.1
+
+
+def enable_compilation_cache(workdir: str, backend: str) -> str | None:
+  """Turns on JAX's persistent compilation cache in `.jax_cache` beside `workdir`, so a rerun,
+  a resume or the next seed loads its compiled programs instead of compiling them.
+
+  A cache directory the user chose (JAX_COMPILATION_CACHE_DIR) is kept. Returns the
+  directory in use, or None where none can be created (the run compiles as without one) or
+  where `backend` is the CPU of a jaxlib that rejects its own cached CPU programs.
+  """
+  directory = jax.config.jax_compilation_cache_dir
+  if not directory:
+    if backend == "cpu" and not cpu_cache_loads():
+      return None
+    directory = os.path.join(os.path.dirname(os.path.abspath(workdir)), COMPILATION_CACHE)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_COMPILE_SECONDS)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError:
+    return None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
+
+
+def cpu_cache_loads(version: str | None = None) -> bool:
+  """Whether this jaxlib's CPU backend loads the programs it cached. Up to 0.10.1, XLA:CPU
+  marks AVX-512 programs with the tuning hints +prefer-no-gather/scatter and then refuses to
+  load them as built for another CPU, with error lines on every start (jax-ml/jax#38445,
+  openxla/xla#44565); 0.10.2 loads them cleanly on this project's AVX-512 CPU."""
+  import jaxlib
+
+  release = re.match(r"(\d+)\.(\d+)\.(\d+)", version or jaxlib.__version__)
+  return release is not None and tuple(map(int, release.groups())) >= (0, 10, 2)
 
 
 def first_line(config, workdir: str, devices: str) -> str:

@@ -36,6 +36,12 @@ _RESTART = flags.DEFINE_bool(
   False,
   "Discard the campaign already in --workdir (checkpoints and results) and start over.",
 )
+_COMPILATION_CACHE = flags.DEFINE_bool(
+  "compilation_cache",
+  True,
+  "Keep compiled XLA programs in .jax_cache beside the workdir, so that a rerun, a resume or "
+  "another seed starts without compiling (JAX_COMPILATION_CACHE_DIR, if set, is used instead).",
+)
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   None,
@@ -102,6 +108,8 @@ def _parse_flags(argv):
 def _start(config, workdir: str) -> None:
   """Starts the devices and prints the run's first line (and a CPU-only warning, if due)."""
   distributed.initialize(config.distributed)  # before anything touches a device
+  if _COMPILATION_CACHE.value:  # before anything compiles
+    launch.enable_compilation_cache(workdir, jax.default_backend())
   distributed.say(launch.first_line(config, workdir, distributed.device_summary()))
   # On stdout beside the first line: stderr stays for errors (an offline run prints one alone).
   warning = launch.accelerator_warning(config, jax.default_backend())

@@ -547,17 +547,45 @@ def create_learner(
   layers = Layers(
     model_config.get("init", "pytorch"), model_config.get("bn_running_var", "unbiased")
   )
-  rngs = nnx.Rngs(params=key)
-  classifier = (
-    _user_model(name, num_classes, image_size, rngs)
-    if name.startswith("module:")
-    else _MODELS[name](model_config, num_classes, image_size, layers, rngs)
-  )
-  loss_head = (
-    LossPredictionModule(
-      classifier.stage_channels, hidden=model_config.loss_head_width, layers=layers, rngs=rngs
+
+  def build(key: jax.Array) -> ActiveLearner:
+    rngs = nnx.Rngs(params=key)
+    classifier = (
+      _user_model(name, num_classes, image_size, rngs)
+      if name.startswith("module:")
+      else _MODELS[name](model_config, num_classes, image_size, layers, rngs)
     )
-    if use_aux
-    else None
-  )
-  return ActiveLearner(classifier, loss_head)
+    loss_head = (
+      LossPredictionModule(
+        classifier.stage_channels, hidden=model_config.loss_head_width, layers=layers, rngs=rngs
+      )
+      if use_aux
+      else None
+    )
+    return ActiveLearner(classifier, loss_head)
+
+  # One compiled program draws every initial weight. Built eagerly, each initialiser
+  # compiles once per parameter shape: ~70 small programs, seconds of every start-up.
+  graphdef = None
+
+  def initial_state(key: jax.Array) -> nnx.State:
+    nonlocal graphdef  # the structure, known once traced
+    graphdef, state = nnx.split(build(key))
+    return state
+
+  options = _RUN_ONCE_OPTIONS if jax.default_backend() == "cpu" else None
+  try:
+    state = jax.jit(initial_state, compiler_options=options)(key)
+  except _NEEDS_CONCRETE_VALUES:  # a user's factory that computes with its weights' values
+    return build(key)
+  return nnx.merge(graphdef, state)
+
+
+# XLA:CPU's LLVM optimisations cost seconds on the initialisers' random draws and save
+# nothing on a program that runs once.
+_RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_NEEDS_CONCRETE_VALUES = (
+  jax.errors.ConcretizationTypeError,
+  jax.errors.TracerArrayConversionError,
+  jax.errors.TracerIntegerConversionError,
+)

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import sys
 import tempfile
 
 RESULTS_FILE = "results.json"
@@ -112,9 +113,7 @@ class MetricsLogger:
   def __init__(self, workdir: str, enabled: bool, epochs_done: int):
     self.writer = None
     if enabled:
-      from tensorboardX import SummaryWriter
-
-      self.writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+      self.writer = _summary_writer_class()(os.path.join(workdir, TENSORBOARD_DIR))
     self.epochs_done = epochs_done
 
   def epoch(self, metrics: dict) -> dict:
@@ -136,3 +135,18 @@ class MetricsLogger:
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch
+  wherever it is installed (2 s of every start-up) only to accept torch tensors, and this
+  project passes floats."""
+  hidden = "torch" not in sys.modules
+  if hidden:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hidden:
+      del sys.modules["torch"]
+  return SummaryWriter

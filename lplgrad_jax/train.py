@@ -164,8 +164,12 @@ def create_train_state(learner: nnx.Module, cfg: StepConfig):
   graphdef, params, batch_stats = nnx.split(
     models.with_compute_dtype(learner, cfg.compute_dtype), nnx.Param, nnx.BatchStat
   )
-  opt_state = make_optimizer(0.0, cfg).init(params)
-  return graphdef, TrainState(params, batch_stats, opt_state)
+  return graphdef, TrainState(params, batch_stats, _fresh_optimizer_state(params, cfg))
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one program per campaign, not one per shape
+def _fresh_optimizer_state(params, cfg: StepConfig):
+  return make_optimizer(0.0, cfg).init(params)
 
 
 def learning_rate_at(train_config, epoch: int) -> LearningRates:

@@ -139,6 +139,7 @@ def test_refuses_a_cpu_without_force_and_bad_values(tmp_path):
 def test_watchdog_writes_what_was_measured_and_exits_3(tmp_path):
   result = _run("--smoke", "--budget_s=0.5", "--grace_s=0.5", f"--out={tmp_path}", timeout=300)
   assert result.returncode == 3, result.stderr[-2000:]
+  assert (tmp_path / "accelerator_cpu.json").exists(), result.stderr[-2000:]
   report = json.loads(
     (tmp_path / "accelerator_cpu.json").read_text(),
     parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"),

@@ -16,9 +16,9 @@ def test_cli_campaign_on_digits_learns(tmp_path):
     "--config=configs/digits.py",
     f"--workdir={workdir}",
     "--config.model.width=8",
-    "--config.train.epochs=10",
-    "--config.train.lr_milestones=(8,)",
-    "--config.train.detach_features_epoch=6",
+    "--config.train.epochs=20",
+    "--config.train.lr_milestones=(16,)",
+    "--config.train.detach_features_epoch=12",
     "--config.al.num_rounds=3",
     "--config.al.subset_size=150",
     "--config.log.progress=False",
@@ -27,7 +27,9 @@ def test_cli_campaign_on_digits_learns(tmp_path):
   results = json.loads((workdir / "results.json").read_text())
   accuracies = [r["test_accuracy"] for r in results["rounds"]]
   assert [r["num_labeled"] for r in results["rounds"]] == [50, 100, 150]
-  assert accuracies[-1] > max(0.35, accuracies[0])  # 10 classes: chance is 0.1
+  # Seeds 0-7 of this setting (2-core AMD EPYC, 2026-12-05): final accuracy 0.82-0.91, mean 0.87;
+  # at 10 epochs (1 step an epoch in round 1) it was 0.27-0.72: a bound there was a coin toss.
+  assert accuracies[-1] > max(0.6, accuracies[0])  # 10 classes: chance is 0.1
   assert "round 3/3" in proc.stdout and "test acc" in proc.stdout  # progress and summary table
   assert (workdir / "accuracy.png").exists()
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
@@ -136,7 +138,7 @@ def test_config_names_resolve_to_shipped_files(tmp_path):
     ConfigError,
     match=r"'cifar1000' is neither a config file nor a shipped "
     r"config: expected a config file or one of caltech101, "
-    r"cdd, cifar10, cifar100, cifar10_subset, digits, svhn",
+    r"cdd, cifar10, cifar100, cifar10_subset, digits, own_data, svhn",
   ):
     launch.resolve_config("cifar1000")
   with pytest.raises(

@@ -14,7 +14,9 @@ from conftest import run_cli
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 import aggregate  # noqa: E402
+import recipes  # noqa: E402
 import sweep  # noqa: E402
+import sweep_common  # noqa: E402
 
 
 def _write_run(root, budget, strategy, seed, accuracies, use_aux=None, num_rounds=None):
@@ -168,3 +170,46 @@ def test_override_parsing():
   np.testing.assert_equal(
     sweep.load_config(os.path.join(REPO_ROOT, "configs", "cifar10.py"), "low").al.initial_size, 500
   )
+
+
+def test_recipe_summary_is_mean_and_sample_sd_over_seeds():
+  summary = recipes.summarize(
+    {"a": {0: [0.2, 0.5], 1: [0.4, 0.7], 2: [0.6, 0.9]}, "b": {0: [0.1, 0.6]}}
+  )
+  a = summary["a"]
+  np.testing.assert_allclose(
+    [a["final_mean"], a["final_sd"], a["round_mean"], a["round_sd"]],
+    [0.7, 0.2, 0.55, 0.2],  # finals 0.5/0.7/0.9; round means 0.35/0.55/0.75
+    rtol=1e-12,
+  )
+  np.testing.assert_allclose(a["per_round_mean"], [0.4, 0.7], rtol=1e-12)
+  assert summary["b"]["seeds"] == 1 and summary["b"]["final_sd"] == 0.0
+  table = recipes.markdown(summary, "python x")
+  assert table.index("| a |") < table.index("| b |")  # best final accuracy first
+
+
+def test_own_data_config_is_cdd_with_the_measured_recipe():
+  """configs/own_data.py is the paper's CDD config at its low budget (same loader, schedule and
+  budget) but for its name and the recipe that experiments/results/own_data_recipe measured."""
+  configs = os.path.join(REPO_ROOT, "configs")
+  own = sweep_common.load_config(os.path.join(configs, "own_data.py"), "low")
+  paper = sweep_common.load_config(os.path.join(configs, "cdd.py"), "low")
+
+  def flat(tree, prefix=""):
+    for key, value in tree.items():
+      if hasattr(value, "items"):
+        yield from flat(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}", value
+
+  own_values, paper_values = dict(flat(own)), dict(flat(paper))
+  assert own_values.keys() == paper_values.keys()
+  changed = {k: v for k, v in own_values.items() if v != paper_values[k]}
+  recipe = recipes.RECIPES["he_detached"]
+  assert {k: changed.pop(k) for k in recipe} == recipe
+  assert changed == {"data.name": "own_data"}  # the budget is CDD's low one
+  results = os.path.join(REPO_ROOT, "experiments", "results", "own_data_recipe")
+  for name in ("image_folder", "digits"):
+    with open(os.path.join(results, f"{name}.json")) as f:
+      summary = json.load(f)["summary"]
+    assert summary["he_detached"]["final_mean"] >= summary["faithful"]["final_mean"] - 1e-9
