@@ -59,6 +59,25 @@ def _revision(checkout: str) -> str:
   return proc.stdout.strip() + (" + changes" if dirty else "")
 
 
+def _machine() -> str:
+  """CPU model, cores, vector ISA and jax version: what the times depend on."""
+  model, flags_ = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          flags_ = set(value.split())
+  except OSError:
+    pass
+  isa = "AVX-512" if "avx512f" in flags_ else "AVX2" if "avx2" in flags_ else "no AVX2"
+  import jax
+
+  return f"{model}, {os.cpu_count()} cores, {isa}, jax {jax.__version__}"
+
+
 def main(argv):
   del argv
   results = []
@@ -74,7 +93,8 @@ def main(argv):
     print(f"{checkout} ({results[-1]['revision']}): cold {cold}, warm {warm}", flush=True)
   report = {
     "command": " ".join(["python", *sys.argv]),
-    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    "machine": _machine(),
+    "date": time.strftime("%Y-%m-%d"),
     "runs": results,
   }
 
@@ -85,7 +105,11 @@ def main(argv):
   lines.append("|---|---|---|")
   for r in results:
     lines.append(f"| {r['revision']} | {cell(r['cold_s'])} | {cell(r['warm_s'])} |")
-  table = "\n".join(lines) + f"\n\nCommand: `{report['command']}`\n"
+  table = (
+    f"{report['machine']}, {report['date']}\n\n"
+    + "\n".join(lines)
+    + f"\n\nCommand: `{report['command']}`\n"
+  )
   print(table)
   if _OUT.value:
     with open(_OUT.value, "w") as f:

@@ -209,7 +209,34 @@ def test_own_data_config_is_cdd_with_the_measured_recipe():
   assert {k: changed.pop(k) for k in recipe} == recipe
   assert changed == {"data.name": "own_data"}  # the budget is CDD's low one
   results = os.path.join(REPO_ROOT, "experiments", "results", "own_data_recipe")
-  for name in ("image_folder", "digits"):
+  for name in ("image_folder", "image_folder_6seeds", "digits"):
     with open(os.path.join(results, f"{name}.json")) as f:
       summary = json.load(f)["summary"]
     assert summary["he_detached"]["final_mean"] >= summary["faithful"]["final_mean"] - 1e-9
+
+
+def test_image_folder_from_an_npz_holds_its_images(tmp_path):
+  import make_image_folder
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  x_train = rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+  x_test = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+  source = tmp_path / "small.npz"
+  np.savez(source, x_train=x_train, y_train=[0, 3, 0, 9, 3], x_test=x_test, y_test=[9, 0])
+  make_image_folder.main(str(source), str(tmp_path / "folder"))
+  for split, images, expected in (
+    ("train", x_train, {"airplane": [0, 2], "cat": [1, 4], "truck": [3]}),
+    ("test", x_test, {"truck": [0], "airplane": [1]}),
+  ):
+    written = {
+      name: sorted(os.listdir(tmp_path / "folder" / split / name))
+      for name in make_image_folder.CLASSES
+    }
+    assert {n: f for n, f in written.items() if f} == {
+      n: [f"{i:05d}.png" for i in ids] for n, ids in expected.items()
+    }
+    for name, ids in expected.items():
+      for i in ids:
+        png = Image.open(tmp_path / "folder" / split / name / f"{i:05d}.png")
+        np.testing.assert_array_equal(np.asarray(png), images[i])
