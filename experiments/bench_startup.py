@@ -13,15 +13,17 @@ checkout's own code with this interpreter (`PYTHONPATH`).
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 from absl import app
 from absl import flags
+
+from lplgrad_jax import reporting
 
 _CHECKOUTS = flags.DEFINE_list("checkouts", ["."], "Repository checkouts to time.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Cold + warm pairs per checkout.")
@@ -59,25 +61,6 @@ def _revision(checkout: str) -> str:
   return proc.stdout.strip() + (" + changes" if dirty else "")
 
 
-def _machine() -> str:
-  """CPU model, cores, vector ISA and jax version: what the times depend on."""
-  model, flags_ = platform.processor() or platform.machine(), set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          model = value.strip()
-        elif key.strip() == "flags":
-          flags_ = set(value.split())
-  except OSError:
-    pass
-  isa = "AVX-512" if "avx512f" in flags_ else "AVX2" if "avx2" in flags_ else "no AVX2"
-  import jax
-
-  return f"{model}, {os.cpu_count()} cores, {isa}, jax {jax.__version__}"
-
-
 def main(argv):
   del argv
   results = []
@@ -93,7 +76,7 @@ def main(argv):
     print(f"{checkout} ({results[-1]['revision']}): cold {cold}, warm {warm}", flush=True)
   report = {
     "command": " ".join(["python", *sys.argv]),
-    "machine": _machine(),
+    "machine": f"{reporting.cpu_description()}, jax {jax.__version__}",
     "date": time.strftime("%Y-%m-%d"),
     "runs": results,
   }

@@ -15,7 +15,6 @@ seeds of the final and the round-averaged accuracy.
 import json
 import os
 import sys
-import time
 
 from absl import flags
 
@@ -45,7 +44,7 @@ def main(argv):
   cli.start(argv)
   from lplgrad_jax import campaign
 
-  accuracies, seconds = {}, {}
+  accuracies = {}
   for recipe in _RECIPES.value:
     for seed in (int(s) for s in _SEEDS.value):
       config = sweep_common.load_config(_CONFIG.value, "high")
@@ -55,13 +54,11 @@ def main(argv):
         sweep_common.apply_override(config, f"{key}={value!r}")
       config.seed, config.log.progress = seed, False
       workdir = os.path.join(_ROOT.value, recipe, f"seed{seed}")
-      start = time.perf_counter()
       if not sweep_common.is_finished(workdir, config.al.num_rounds):
         campaign.run(config, workdir)
       with open(os.path.join(workdir, "results.json")) as f:
         rounds = json.load(f)["rounds"]
       accuracies.setdefault(recipe, {})[seed] = [r["test_accuracy"] for r in rounds]
-      seconds.setdefault(recipe, {})[seed] = time.perf_counter() - start
       print(f"{recipe} seed {seed}: {accuracies[recipe][seed][-1]:.3f}", flush=True)
   summary = summarize(accuracies)
   command = " ".join(["python", *sys.argv])

@@ -108,11 +108,12 @@ def _parse_flags(argv):
 def _start(config, workdir: str) -> None:
   """Starts the devices and prints the run's first line (and a CPU-only warning, if due)."""
   distributed.initialize(config.distributed)  # before anything touches a device
+  backend = jax.default_backend()
   if _COMPILATION_CACHE.value:  # before anything compiles
-    launch.enable_compilation_cache(workdir, jax.default_backend())
+    launch.enable_compilation_cache(workdir, backend)
   distributed.say(launch.first_line(config, workdir, distributed.device_summary()))
   # On stdout beside the first line: stderr stays for errors (an offline run prints one alone).
-  warning = launch.accelerator_warning(config, jax.default_backend())
+  warning = launch.accelerator_warning(config, backend)
   if warning:
     distributed.say(warning)
 

@@ -137,6 +137,21 @@ class MetricsLogger:
       self.writer.close()
 
 
+def cpu_description() -> str:
+  """ "AMD EPYC, 2 cores, AVX-512": the CPU that computed a result. Its vector instruction set
+  decides float32 rounding (docs/cpu_numerics.md) and speed."""
+  fields = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+  except OSError:
+    pass
+  model = fields.get("model name\t", "?").strip()
+  flags = set(fields.get("flags\t\t", "").split())
+  isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "below AVX2"
+  return f"{model}, {os.cpu_count()} cores, {isa}"
+
+
 def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch
   wherever it is installed (2 s of every start-up) only to accept torch tensors, and this

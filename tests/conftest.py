@@ -48,17 +48,10 @@ def pytest_report_header(config):
   """The CPU that computed the results: float32 rounding depends on its instruction set
   (docs/cpu_numerics.md), so a log from another machine says which one it was."""
   del config
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-  except OSError:
-    return None
-  fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-  model = fields.get("model name\t", "?").strip()
-  flags = set(fields.get("flags\t\t", "").split())
-  isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "below AVX2"
+  from lplgrad_jax import reporting
+
   flags_env = os.environ.get("XLA_FLAGS", "")
-  return f"cpu: {model}, {os.cpu_count()} cores, {isa}; XLA_FLAGS={flags_env!r}"
+  return f"cpu: {reporting.cpu_description()}; XLA_FLAGS={flags_env!r}"
 
 
 def pytest_collection_modifyitems(config, items):
