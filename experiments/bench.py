@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lplgrad_jax  # noqa: E402, F401 - its XLA:CPU setting, before JAX starts (xla_flags.py)
 
 _MODEL = flags.DEFINE_string(
   "model",

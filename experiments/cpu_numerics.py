@@ -4,6 +4,7 @@ Pure jax.lax / jax.numpy at the shapes of a width-64 ResNet-18 on a batch of 8 C
 each against the same computation in float64 (NumPy), under each XLA:CPU path:
 
   default      XLA's defaults (YNNPACK takes reductions and convolutions where it can)
+  project      what lplgrad_jax sets (lplgrad_jax/xla_flags.py): YNNPACK for reductions only
   avx2         --xla_cpu_max_isa=AVX2: LLVM code generation limited to AVX2, as on a CPU
                without AVX-512 (YNNPACK picks its kernels by CPUID regardless)
   no_ynn       --xla_cpu_experimental_ynn_fusion_type= : XLA's own loops and Eigen
@@ -28,6 +29,8 @@ import numpy as np
 
 PATHS = {
   "default": "",
+  # lplgrad_jax's own (lplgrad_jax/xla_flags.py): YNNPACK for reductions only
+  "project": "--xla_cpu_experimental_ynn_fusion_type=reduce",
   "avx2": "--xla_cpu_max_isa=AVX2",
   "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
   "no_ynn_avx2": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_max_isa=AVX2",

@@ -82,6 +82,8 @@ COMPILATION_CACHE = ".jax_cache"
 # Programs that compile faster than this are not worth a file (the cache's default is 1 s,
 # which leaves out the evaluation and query programs of a small model).
 _CACHE_MIN_COMPILE_SECONDS = 0.1
+# The least recently used programs are deleted beyond this size (a campaign caches ~20 MB).
+COMPILATION_CACHE_BYTES = 4 << 30
 
 
 def enable_compilation_cache(workdir: str, backend: str) -> str | None:
@@ -103,6 +105,11 @@ def enable_compilation_cache(workdir: str, backend: str) -> str | None:
     os.makedirs(directory, exist_ok=True)
   except OSError:
     return None
+  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+    # A bounded cache reads and writes each entry under a file lock (the `filelock`
+    # package); an unbounded one writes in place, and a campaign started beside another
+    # (the next seed, a second host) could read half an entry and warn on stderr.
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
   jax.config.update("jax_compilation_cache_dir", directory)
   return directory
 

@@ -4,9 +4,11 @@ the command line run as a subprocess."""
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -17,7 +19,28 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lplgrad_jax import launch
 from lplgrad_jax import train
+
+# One persistent compilation cache for a test session: its CLI subprocesses (most run the same
+# tiny digits configuration) and the xdist workers themselves (tests that build the same
+# model and program anew) compile a program once per session instead of once per test. The
+# controller creates it before the workers start (they inherit the variable); entries are
+# read and written under JAX's file lock (the cache is bounded), so concurrent runs are safe.
+_SESSION_CACHE = "LPLGRAD_TEST_COMPILATION_CACHE"
+
+
+def pytest_configure(config):
+  if not hasattr(config, "workerinput") and _SESSION_CACHE not in os.environ:
+    os.environ[_SESSION_CACHE] = tempfile.mkdtemp(prefix="lplgrad-jax-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(_SESSION_CACHE), True))
+
+
+if os.environ.get(_SESSION_CACHE):  # an xdist worker (the controller imports this first)
+  jax.config.update("jax_compilation_cache_dir", os.environ[_SESSION_CACHE])
+  jax.config.update("jax_compilation_cache_max_size", launch.COMPILATION_CACHE_BYTES)
+  # In-process, only programs that are worth a file: eager operations compile too.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CIFAR = os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10_subset.npz")
@@ -88,22 +111,27 @@ def relative_distance(actual, reference, start) -> float:
 
 def cli_env(**extra) -> dict:
   """This process's environment for a CLI subprocess: JAX on the CPU, no TensorFlow notices,
-  unbuffered output, and `extra` on top."""
-  return dict(
-    os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra
+  unbuffered output, the session's compilation cache (every program, however fast it
+  compiles), and `extra` on top."""
+  cache = {}
+  if os.environ.get(_SESSION_CACHE):
+    cache = {
+      "JAX_COMPILATION_CACHE_DIR": os.environ[_SESSION_CACHE],
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+      "JAX_COMPILATION_CACHE_MAX_SIZE": str(launch.COMPILATION_CACHE_BYTES),
+    }
+  return (
+    dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **cache)
+    | extra
   )
 
 
 @pytest.fixture(scope="module")
 def cached_env(tmp_path_factory) -> dict:
-  """cli_env() with a persistent JAX compilation cache: a module's runs of one configuration
-  compile once. Each module has its own directory (a run killed while it writes an entry
-  leaves a truncated one, which later runs warn about)."""
-  return cli_env(
-    JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-  )
+  """cli_env() with the module's own compilation cache, for runs that are killed: one killed
+  while it writes an entry leaves a truncated one, which later runs would warn about."""
+  return cli_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")))
 
 
 def run_cli(*args, env=None, cwd=REPO_ROOT, timeout=600, module="lplgrad_jax.main"):

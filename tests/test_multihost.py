@@ -21,8 +21,9 @@ from test_resume import CLI_ARGS as RESUME_ARGS
 # test_resume's tiny campaign, two rounds of 3 epochs at a gentle learning rate. The
 # processes sum over gloo in another order than one process does; one step agrees to 4e-7,
 # but a width-4 network trained on 20-30 images amplifies that noise within a round or two
-# (as going from 1 to 2 or 4 devices in one process does), reordering near-tied scores.
-# The first query, and so both rounds' labeled sets, is far from that.
+# (as going from 1 to 2 or 4 devices in one process does): the first query's scores agree
+# to ~1e-2 (measured: 6e-3 on the largest), about the spacing of 40 scores, so a near-tied
+# pair at the boundary of the 10 picks may swap.
 _CHANGED = {
   "--config.train.epochs": "3",
   "--config.train.lr_milestones": "(2,)",
@@ -112,12 +113,19 @@ def _run_hosts(workdir, tmp_path, name, extra_args=(), **signal_args):
   return codes, [_output(log) for log in logs]
 
 
-def _assert_same_selections(selections, expected):
-  """The first query decides every round's labeled set: the same ids exactly. The last one
-  follows another round of training, in which the processes' other summation order has
-  grown (see above) and may swap near-tied scores: most of its ids are shared."""
-  assert [labeled for labeled, _ in selections] == [labeled for labeled, _ in expected]
-  assert selections[0][1] == expected[0][1]
+def _assert_same_selections(run, expected_run):
+  """The same initial set exactly; the first query the same picks but for at most one
+  near-tied swap (see above), from scores that agree within their drift; the last one
+  follows another round of training, in which the drift has grown: most ids shared.
+  `run`, `expected_run`: (results, selections) of two campaigns (`_rounds`)."""
+  (results, selections), (expected_results, expected) = run, expected_run
+  assert selections[0][0] == expected[0][0]
+  first, expected_first = set(selections[0][1]), set(expected[0][1])
+  assert len(first) == len(expected_first) and len(first ^ expected_first) <= 2
+  assert set(selections[1][0]) == set(selections[0][0]) | first
+  scores = results["rounds"][0]["query_scores"]
+  for name, expected_score in expected_results["rounds"][0]["query_scores"].items():
+    assert scores[name] == pytest.approx(expected_score, rel=1e-2), name
   last, expected_last = set(selections[-1][1]), set(expected[-1][1])
   assert len(last) == len(expected_last) and len(last & expected_last) >= len(last) // 2
 
@@ -150,11 +158,11 @@ def test_two_processes_equal_one_process_with_four_devices(
     tmp_path / "w", tmp_path, "run", extra_args=[f"--config.data.shard_pool={shard_pool}"]
   )
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
-  results, selections = _rounds(tmp_path / "w")
-  single, single_selections = one_process_four_devices
+  results, _ = run = _rounds(tmp_path / "w")
+  single, _ = one_process_four_devices
   assert results["num_processes"] == 2 and results["num_devices"] == 4
   assert single["num_processes"] == 1 and single["num_devices"] == 4
-  _assert_same_selections(selections, single_selections)
+  _assert_same_selections(run, one_process_four_devices)
   assert results["rounds"][0]["test_accuracy"] == pytest.approx(
     single["rounds"][0]["test_accuracy"], abs=0.01
   )
@@ -173,7 +181,7 @@ def test_both_processes_killed_then_rerun_resumes(one_process_four_devices, tmp_
   codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "resumed")
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
   assert "resuming from" in outputs[0]
-  _assert_same_selections(_rounds(tmp_path / "w")[1], one_process_four_devices[1])
+  _assert_same_selections(_rounds(tmp_path / "w"), one_process_four_devices)
 
 
 @pytest.mark.slow
@@ -193,4 +201,4 @@ def test_sigterm_to_one_process_stops_both_with_a_checkpoint(one_process_four_de
   codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "resumed")
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
   assert "resuming from" in outputs[0]
-  _assert_same_selections(_rounds(tmp_path / "w")[1], one_process_four_devices[1])
+  _assert_same_selections(_rounds(tmp_path / "w"), one_process_four_devices)

@@ -32,6 +32,7 @@ def _env():
   # Every program is cached, however fast this machine compiles it.
   env = cli_env(JAX_LOG_COMPILES="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env.pop("JAX_COMPILATION_CACHE_MAX_SIZE", None)
   return env
 
 
@@ -72,6 +73,9 @@ def test_compiled_programs_and_the_cache_beside_the_workdir(tmp_path):
   stored = {name.rsplit("-", 2)[0] for name in os.listdir(cache)}
   assert {"jit__train_batch", "jit_initial_state", "jit_score_shard"} <= stored, stored
   assert "_train_batch" not in _cache_hits(cold)
+  # Bounded, so entries are read and written under a file lock (access times kept for the
+  # eviction): a campaign started beside a running one never reads half an entry.
+  assert any(name.endswith("-atime") for name in os.listdir(cache))
 
   warm = _run(tmp_path / "cached" / "second")
   assert "Machine type used for XLA:CPU compilation" not in warm.stderr  # loaded, not refused
