@@ -87,11 +87,20 @@ def test_lplgrad_selects_the_top_entropy_gradient_norms():
     query_config=config.query,
   )
   selection = strategies.get_strategy("lplgrad").select(context)
+  # The reference scores: vmap(grad) of each image's entropy, not the fast scorer the
+  # strategy uses; the picks are the 10 largest wherever scores are apart beyond float32 drift.
   scores = query.entropy_grad_norms(
-    learner.classifier, dataset.x_train[subset], normalization=normalization, chunk_size=20
+    learner.classifier,
+    dataset.x_train[subset],
+    normalization=normalization,
+    chunk_size=20,
+    method="vmap",
   )
-  np.testing.assert_array_equal(selection.ids, subset[np.argsort(-scores)[:10]])
-  assert scores[selection.ids - 100].min() >= np.sort(scores)[-10]
+  threshold = np.sort(scores)[-10]
+  picked = np.isin(subset, selection.ids)
+  assert len(set(selection.ids)) == 10 and picked.sum() == 10
+  assert np.all(scores[picked] >= threshold * (1 - 1e-5))
+  assert np.all(scores[~picked] <= threshold * (1 + 1e-5))
 
 
 def test_same_seed_same_selections_other_seed_others(tiny_campaign, tmp_path):
@@ -103,8 +112,9 @@ def test_same_seed_same_selections_other_seed_others(tiny_campaign, tmp_path):
   assert [r["test_accuracy"] for r in again["rounds"]] == [
     r["test_accuracy"] for r in results["rounds"]
   ]
-  other = campaign.initial_labeled_set(1, POOL, config.al.initial_size)
-  assert set(other) != set(results["rounds"][0]["labeled_ids"])
+  other = campaign.run(tiny_config(seed=1, **{"al.num_rounds": 2}), str(tmp_path / "other"))
+  for mine, theirs in zip(results["rounds"], other["rounds"]):
+    assert set(mine["labeled_ids"]) != set(theirs["labeled_ids"])
 
 
 def test_random_strategy_and_reinit(tmp_path):

@@ -293,11 +293,18 @@ def test_leftovers_take_the_batched_pass_where_they_meet_the_batch_by_broadcasti
   # leading axis make the whole model take the vmapped one.
   build, inputs = CASES[name]
   x = inputs()
-  batched, vmapped = _passes(_trained_like(build(), x), x)
+  model = _trained_like(build(), x)
+  batched, vmapped = _passes(model, x)
   if name in ("custom_layer", "tokens", "time_major"):
     assert batched is None
   else:
     np.testing.assert_allclose(batched, vmapped, rtol=1e-5)
+  # Whichever pass served them, the norms are those of per-example jax.grad.
+  squared = np.asarray(vmapped if batched is None else batched, np.float64)
+  for got, want in zip(
+    (np.sum(np.sqrt(squared), 1), np.sqrt(np.sum(squared, 1))), _reference(model, x)
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
 def test_batched_and_vmapped_passes_agree():
