@@ -115,17 +115,24 @@ def _model_row(width, n):
   def scores(params, rest, x):
     return pergrad.squared_norms(graphdef, params, rest, x, entropy)
 
-  return {
-    name: 1e3 * _median_seconds(fn, params, rest, x)
-    for name, fn in (("floor", floor), ("query_passes", passes), ("query", scores))
-  }
+  # Interleaved, one call of each per round: this machine's speed drifts between minutes.
+  programs = {"floor": floor, "query_passes": passes, "query": scores}
+  times = {name: [] for name in programs}
+  for fn in programs.values():
+    jax.block_until_ready(fn(params, rest, x))
+  for _ in range(_REPEATS.value):
+    for name, fn in programs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(params, rest, x))
+      times[name].append(time.perf_counter() - start)
+  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
 def _markdown(result) -> str:
   model = result["model_ms"]
   lines = [
     f"Machine: {result['machine']}. ResNet-18 width {result['width']}, batch {result['batch']}, "
-    f"median of {result['repeats']} calls, milliseconds.",
+    f"median of {result['repeats']} calls (the whole-model ones interleaved), milliseconds.",
     "",
     f"Whole model: floor (forward+backward with weight gradients) {model['floor']:.1f}; query "
     f"passes (forward+backward to every layer's output, no weight gradients) "
