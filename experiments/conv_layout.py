@@ -6,7 +6,8 @@
 For every 3x3 convolution shape of a CIFAR ResNet-18 of --width at --batch images: one
 forward and backward (gradients of the input and the kernel) under jax.jit with the
 activations in NHWC (the project's layout) and in NCHW, and the same in PyTorch (NCHW,
-oneDNN) when torch is installed; interleaved rounds, medians, milliseconds.
+oneDNN) when torch is installed; interleaved rounds, medians, milliseconds. Then the
+first stride-2 layer split into its forward, input gradient and kernel gradient.
 """
 
 import json
@@ -54,6 +55,54 @@ def _torch_step(stride):
     torch.sum(torch.nn.functional.conv2d(x, k, stride=stride, padding=1) ** 2).backward()
 
   return step
+
+
+def _median_ms(fn, *args) -> float:
+  fn(*args)
+  times = []
+  for _ in range(_ROUNDS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+def _parts(side, c_in, c_out, stride, n):
+  """Forward, input gradient and kernel gradient of one layer, XLA NHWC and PyTorch."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((n, side, side, c_in), np.float32)
+  k = rng.standard_normal((3, 3, c_in, c_out), np.float32)
+  g = np.ones((n, side // stride, side // stride, c_out), np.float32)
+  numbers = ("NHWC", "HWIO", "NHWC")
+  conv = lambda x, k: jax.lax.conv_general_dilated(
+    x, k, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=numbers
+  )
+  parts = {
+    "jax_forward": _median_ms(jax.jit(conv), x, k),
+    "jax_input_gradient": _median_ms(
+      jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]), x, k, g
+    ),
+    "jax_kernel_gradient": _median_ms(
+      jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]), x, k, g
+    ),
+  }
+  try:
+    import torch
+  except ImportError:
+    return parts
+  xt, kt = torch.tensor(x.transpose(0, 3, 1, 2)), torch.tensor(k.transpose(3, 2, 0, 1))
+  gt = torch.tensor(g.transpose(0, 3, 1, 2))
+  grad = torch.nn.grad
+  parts["torch_forward"] = _median_ms(
+    lambda: torch.nn.functional.conv2d(xt, kt, stride=stride, padding=1)
+  )
+  parts["torch_input_gradient"] = _median_ms(
+    lambda: grad.conv2d_input(xt.shape, kt, gt, stride=stride, padding=1)
+  )
+  parts["torch_kernel_gradient"] = _median_ms(
+    lambda: grad.conv2d_weight(xt, kt.shape, gt, stride=stride, padding=1)
+  )
+  return parts
 
 
 def _layers(width):
@@ -120,11 +169,16 @@ def main(_):
     for r in rows
   ]
   lines.append("| all (x count) | | " + " | ".join(f"{totals[k]:.1f}" for k in names) + " |")
+  split = next(r for r in _layers(width) if r[3] == 2)
+  parts = _parts(*split[:4], n)
+  lines += ["", f"The first stride-2 layer ({rows[1]['layer']}) by part, ms:", ""]
+  lines += ["| part | ms |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in parts.items()]
   text = "\n".join(lines) + "\n"
   print(text)
   if _OUT.value:
     with open(_OUT.value, "w") as f:
-      json.dump({"layers": rows, "totals_ms": totals}, f, indent=1, allow_nan=False)
+      result = {"layers": rows, "totals_ms": totals, "stride_2_parts_ms": parts}
+      json.dump(result, f, indent=1, allow_nan=False)
     with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
       f.write(text)
 
