@@ -81,12 +81,11 @@ def _layer_row(side, c_in, c_out, kernel, stride, count, n):
       conv.kernel[...],
     )[1](g)[0]
 
-  t = (side // stride) ** 2
-  p, o = kernel * kernel * c_in, c_out
+  gram = pergrad.gram_is_cheaper((side // stride) ** 2, kernel * kernel * c_in, c_out)
   return {
     "layer": f"{side}x{side} {c_in}->{c_out} k{kernel} s{stride}",
     "count": count,
-    "route": "per-offset products" if t * p * o <= t * t * (p + o) else "Gram",
+    "route": "Gram" if gram else "per-offset products",
     "per_example_norms_ms": 1e3 * _median_seconds(per_example, x, g),
     "batch_weight_gradient_ms": 1e3 * _median_seconds(batch_weight_gradient, x, g),
   }

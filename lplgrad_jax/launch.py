@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 
 import jax
 
+from lplgrad_jax import xla_flags
 from lplgrad_jax.errors import ConfigError
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "configs")
@@ -119,10 +119,8 @@ def cpu_cache_loads(version: str | None = None) -> bool:
   marks AVX-512 programs with the tuning hints +prefer-no-gather/scatter and then refuses to
   load them as built for another CPU, with error lines on every start (jax-ml/jax#38445,
   openxla/xla#44565); 0.10.2 loads them cleanly on this project's AVX-512 CPU."""
-  import jaxlib
-
-  release = re.match(r"(\d+)\.(\d+)\.(\d+)", version or jaxlib.__version__)
-  return release is not None and tuple(map(int, release.groups())) >= (0, 10, 2)
+  release = xla_flags.jaxlib_release(version)
+  return release is not None and release >= (0, 10, 2)
 
 
 def first_line(config, workdir: str, devices: str) -> str:

@@ -449,6 +449,12 @@ def _materialise(part) -> jax.Array:
   return part.astype(jnp.float32)
 
 
+def gram_is_cheaper(tokens: int, inputs: int, outputs: int) -> bool:
+  """Whether a kernel's per-example squared norm costs less as the Gram form <A A^T, G G^T>
+  (tokens^2 (inputs + outputs)) than from its products A^T G (tokens inputs outputs)."""
+  return tokens * inputs * outputs > tokens * tokens * (inputs + outputs)
+
+
 def _squared_norm(parts: list) -> jax.Array:
   """||sum of the parts||^2 for one parameter tensor of one example."""
   dot = functools.partial(
@@ -464,7 +470,7 @@ def _squared_norm(parts: list) -> jax.Array:
     spec = "t{0}p,t{0}o->{0}po" if groups > 1 else "tp,to->po"
     if groups == 1:
       shifted, g = [a[:, 0] for a in shifted], g[:, 0]
-    if t * p_size * o <= t * t * (p_size + o):
+    if not gram_is_cheaper(t, p_size, o):
       # Offsets partition the kernel's entries: a sum over offsets of ||a_k^T g||^2.
       return sum(jnp.sum(jnp.square(dot(spec.format("g"), a, g))) for a in shifted)
     u = jnp.concatenate(shifted, axis=-1)

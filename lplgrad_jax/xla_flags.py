@@ -26,11 +26,15 @@ XLA_DEFAULT = "reduce,individual_dot,individual_convolution"  # jaxlib 0.10.2's,
 MEASURED_JAXLIB = (0, 10, 2)
 
 
-def _jaxlib_version() -> tuple[int, ...] | None:
-  try:
-    release = re.match(r"(\d+)\.(\d+)\.(\d+)", importlib.metadata.version("jaxlib"))
-  except importlib.metadata.PackageNotFoundError:
-    return None
+def jaxlib_release(version: str | None = None) -> tuple[int, ...] | None:
+  """(major, minor, patch) of `version`, by default the installed jaxlib's (read without
+  importing it), or None where there is none to read."""
+  if version is None:
+    try:
+      version = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+      return None
+  release = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
   return tuple(map(int, release.groups())) if release else None
 
 
@@ -39,7 +43,7 @@ def apply(environ=os.environ, jaxlib_version: tuple[int, ...] | None = None) -> 
   predates the measured release (whose flag parser might not know it: XLA exits on unknown
   flags). Returns the flag added, or None."""
   current = environ.get("XLA_FLAGS", "")
-  version = jaxlib_version or _jaxlib_version()
+  version = jaxlib_version or jaxlib_release()
   if version is None or version < MEASURED_JAXLIB:
     return None
   if any(word.split("=", 1)[0] == FLAG for word in current.split()):

@@ -12,6 +12,8 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
+from lplgrad_jax import xla_flags
+
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 import cpu_numerics  # noqa: E402
 
@@ -43,6 +45,12 @@ def test_division_by_a_constant_is_within_one_and_a_half_ulp(this_path):
   # XLA rewrites x / 255 as x * (1 / 255): not IEEE division, on every machine alike.
   result = this_path["x / 255 (bound 1.5 ulp)"]
   assert result["of_bound"] <= 1 and 0 <= result["not_ieee"] < 1
+
+
+def test_the_project_path_is_what_the_package_sets():
+  # This process measures it in-process (conftest imported the package before JAX started).
+  assert cpu_numerics.PATHS["project"] == f"{xla_flags.FLAG}={xla_flags.VALUE}"
+  assert cpu_numerics.PATHS["project"] in os.environ["XLA_FLAGS"].split()
 
 
 @pytest.mark.parametrize("path", [p for p in cpu_numerics.PATHS if p != "project"])
