@@ -32,6 +32,9 @@ from lplgrad_jax import models  # noqa: E402
 from lplgrad_jax import pergrad  # noqa: E402
 from lplgrad_jax import query  # noqa: E402
 from lplgrad_jax import reporting  # noqa: E402
+from lplgrad_jax.pergrad import ghost_norm  # noqa: E402
+from lplgrad_jax.pergrad import layer_rules  # noqa: E402
+from lplgrad_jax.pergrad import passes  # noqa: E402
 
 _WIDTH = flags.DEFINE_integer("width", 16, "ResNet-18 width.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Images per call.")
@@ -67,8 +70,8 @@ def _layer_row(side, c_in, c_out, kernel, stride, count, n):
 
   @jax.jit
   def per_example(x, g):
-    norm = lambda xi, gi: pergrad._squared_norm(
-      [pergrad._conv_rule(conv, xi[None], gi[None])["kernel"]]
+    norm = lambda xi, gi: ghost_norm.squared_norm(
+      [layer_rules.closed_form(conv, nnx.Conv.__call__, (xi[None],), {}, gi[None])["kernel"]]
     )
     return jax.vmap(norm)(x, g)
 
@@ -105,17 +108,17 @@ def _model_row(width, n):
     return jax.grad(loss)(params)
 
   @jax.jit
-  def passes(params, rest, x):
-    plan = pergrad.make_plan(graphdef, params, rest, x[0], pergrad._example_loss(entropy))
+  def capture_pass(params, rest, x):
+    plan = pergrad.make_plan(graphdef, params, rest, x[0], pergrad.example_loss(entropy))
     model = nnx.merge(graphdef, params, rest)
-    return pergrad._batched_grads(model, plan, x, entropy)[:2]
+    return passes.batched_pass(model, plan, x, entropy)[:2]
 
   @jax.jit
   def scores(params, rest, x):
     return pergrad.squared_norms(graphdef, params, rest, x, entropy)
 
   # Interleaved, one call of each per round: this machine's speed drifts between minutes.
-  programs = {"floor": floor, "query_passes": passes, "query": scores}
+  programs = {"floor": floor, "query_passes": capture_pass, "query": scores}
   times = {name: [] for name in programs}
   for fn in programs.values():
     jax.block_until_ready(fn(params, rest, x))

@@ -464,7 +464,7 @@ def _discard_campaign(workdir: str, checkpointer: Checkpointer) -> None:
     for name in (RESULTS_FILE, reporting.PLOT_FILE):
       if os.path.exists(os.path.join(workdir, name)):
         os.remove(os.path.join(workdir, name))
-    # queries/ stays: filled-in labels are a person's work (see oracle.filled_ids).
+    # queries/ stays: filled-in labels are a person's work (see query_files.filled_ids).
     shutil.rmtree(os.path.join(workdir, reporting.TENSORBOARD_DIR), ignore_errors=True)
   distributed.barrier("restart")
 

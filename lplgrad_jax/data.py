@@ -27,7 +27,7 @@ from absl import logging as absl_logging
 
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import check_choice
-from lplgrad_jax.oracle import SKIP
+from lplgrad_jax.query_files import SKIP
 
 # data.normalization: "fixed" (data.mean / data.std, in [0, 1] units: the authors' code
 # normalises CIFAR-10 with constants) or "pool" (per-channel statistics of the training pool).

@@ -40,7 +40,7 @@ from absl import app
 from absl import flags
 
 from lplgrad_jax import errors
-from lplgrad_jax import oracle
+from lplgrad_jax import query_files
 from lplgrad_jax import reporting
 from lplgrad_jax.data import IMAGE_SUFFIXES
 from lplgrad_jax.errors import ConfigError
@@ -96,7 +96,7 @@ def _pending_round(workdir: str, results: dict) -> int:
       "queries/round_<N>.csv in awaiting_labels)"
     )
   for number in range(1, len(results["rounds"]) + 1):
-    if os.path.basename(oracle.query_csv_path(workdir, number)) == os.path.basename(awaiting):
+    if os.path.basename(query_files.query_csv_path(workdir, number)) == os.path.basename(awaiting):
       return number
   raise ConfigError(
     f"{os.path.join(workdir, RESULTS_FILE)} awaits labels in {awaiting}, "
@@ -128,9 +128,9 @@ def load_query(workdir: str) -> Query:
       f"data.root={results['config']['data']['root']!r} of this campaign is not "
       "a directory here: run from the directory the campaign ran in"
     )
-  csv_path = oracle.query_csv_path(workdir, number)
+  csv_path = query_files.query_csv_path(workdir, number)
   ids = tuple(int(i) for i in results["rounds"][number - 1]["queried_ids"])
-  files = {row.id: row.file for row in oracle.query_rows(csv_path)}
+  files = {row.id: row.file for row in query_files.query_rows(csv_path)}
   photos = {i: _servable(files.get(i, ""), root) for i in ids}
   names = {i: os.path.relpath(photos[i], root) if photos[i] else files.get(i, "") for i in ids}
   return Query(
@@ -253,13 +253,13 @@ def continue_command(workdir: str, config: dict) -> str:
 def page_state(query: Query) -> dict:
   """What the page shows: every queried photo with its answer so far, read from the CSV."""
   written = {}
-  for row in oracle.query_rows(query.csv_path):
+  for row in query_files.query_rows(query.csv_path):
     written.setdefault(row.id, row.label)
   items, answered = [], 0
   for i in query.ids:
     label = written.get(i, "")
     try:
-      label, valid = oracle.canonical_label(label, query.class_names), True
+      label, valid = query_files.canonical_label(label, query.class_names), True
     except KeyError:
       valid = False  # blank, or a typo from the spreadsheet route: shown as it is
     answered += valid
@@ -283,7 +283,7 @@ def page_state(query: Query) -> dict:
     "round": query.round_number,
     "csv": query.csv_path,
     "classes": list(query.class_names),
-    "skip": oracle.SKIP,
+    "skip": query_files.SKIP,
     "items": items,
     "answered": answered,
     "total": len(items),
@@ -315,7 +315,7 @@ class LabelServer(http.server.ThreadingHTTPServer):
     directory, name = os.path.split(self.query.csv_path)
     with self.write_lock, open(os.path.join(directory, f".{name}.lock"), "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
-      oracle.set_label(
+      query_files.set_label(
         self.query.csv_path, image_id, label, file=self.query.photos.get(image_id) or ""
       )
 
@@ -398,7 +398,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if problem:
       return self._error(400, problem)
     if label.strip():
-      label = oracle.canonical_label(label.strip(), self.server.query.class_names)
+      label = query_files.canonical_label(label.strip(), self.server.query.class_names)
     try:
       self.server.save_answer(image_id, label.strip())
     except (OSError, ConfigError) as e:
@@ -414,12 +414,11 @@ def answer_problem(query: Query, image_id, label) -> str | None:
   if isinstance(image_id, bool) or not isinstance(image_id, int):
     return f"id {image_id!r} is not an integer: expected an id of this query"
   if not isinstance(label, str):
-    return (
-      f"label {label!r} is not text: expected one of {', '.join([*query.class_names, oracle.SKIP])}"
-    )
-  problem = oracle.foreign_id_problem(image_id, query.ids)
+    valid = ", ".join([*query.class_names, query_files.SKIP])
+    return f"label {label!r} is not text: expected one of {valid}"
+  problem = query_files.foreign_id_problem(image_id, query.ids)
   if problem is None and label.strip():
-    problem = oracle.unknown_label_problem(image_id, label.strip(), query.class_names)
+    problem = query_files.unknown_label_problem(image_id, label.strip(), query.class_names)
   return problem
 
 

@@ -9,10 +9,8 @@ with PyTorch's momentum (0.1 <-> Flax 0.9) and epsilon.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
-import threading
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -20,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lplgrad_jax import layer_hooks
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import check_choice
 
@@ -395,29 +394,21 @@ class ViT(nnx.Module):
     return at_least_float32(self.head(self.ln(y)[:, 0])), tuple(features)
 
 
-_MASK_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def _masked_batch_norm(mask: jax.Array):
-  """Every BatchNorm call on a batch of len(mask) rows computes its statistics over the real rows.
+def _masked_batch_norm(net: nnx.Module, mask: jax.Array):
+  """Every BatchNorm call of `net` on a batch of len(mask) rows computes its statistics over
+  the real rows.
 
   For models that take no `mask`: padded rows would otherwise enter the batch statistics.
   """
-  original = nnx.BatchNorm.__call__
-
-  def call(self, x, use_running_average=None, *, mask=None):
-    if mask is None and x.ndim >= 2 and x.shape[0] == rows.shape[0]:
-      mask = rows.reshape((-1,) + (1,) * (x.ndim - 1))
-    return original(self, x, use_running_average, mask=mask)
-
   rows = mask.astype(bool)
-  with _MASK_LOCK:
-    nnx.BatchNorm.__call__ = call
-    try:
-      yield
-    finally:
-      nnx.BatchNorm.__call__ = original
+
+  def with_mask(layer, call, args, kwargs):
+    x = args[0] if args else kwargs["x"]
+    if kwargs.get("mask") is None and x.ndim >= 2 and x.shape[0] == rows.shape[0]:
+      kwargs = {**kwargs, "mask": rows.reshape((-1,) + (1,) * (x.ndim - 1))}
+    return call(*args, **kwargs)
+
+  return layer_hooks.intercept(net, (nnx.BatchNorm,), with_mask)
 
 
 class Backbone(nnx.Module):
@@ -449,7 +440,7 @@ class Backbone(nnx.Module):
   def __call__(self, x, mask=None):
     if mask is None:
       return self.net(x)
-    with _masked_batch_norm(mask):
+    with _masked_batch_norm(self.net, mask):
       return self.net(x)
 
 

@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 from lplgrad_jax import campaign
 from lplgrad_jax import label
-from lplgrad_jax import oracle
+from lplgrad_jax import query_files
 
 
 def stopped_campaign(photo_root: str, workdir: str):
@@ -73,4 +73,6 @@ def state(server) -> dict:
 
 
 def csv_labels(workdir: str) -> dict:
-  return {row.id: row.label for row in oracle.query_rows(oracle.query_csv_path(workdir, 1))}
+  return {
+    row.id: row.label for row in query_files.query_rows(query_files.query_csv_path(workdir, 1))
+  }

@@ -12,10 +12,14 @@ LIMITS = {("campaign.py", "run"): 60}  # the campaign loop reads top to bottom
 
 
 def _functions():
-  for path in sorted(PACKAGE.glob("*.py")):
+  for path in _modules():
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        yield path.name, node
+        yield path.relative_to(PACKAGE).as_posix(), node
+
+
+def _modules():
+  return sorted(PACKAGE.rglob("*.py"))
 
 
 def _crowded(node) -> int:
@@ -29,6 +33,7 @@ def _crowded(node) -> int:
 def test_the_checks_see_the_package():
   names = {(file, node.name) for file, node in _functions()}
   assert ("campaign.py", "run") in names and len(names) > 100
+  assert ("pergrad/taps.py", "find_taps") in names
 
 
 @pytest.mark.parametrize("file,node", list(_functions()), ids=lambda v: getattr(v, "name", v))
@@ -41,3 +46,46 @@ def test_function_is_short_with_few_parameters(file, node):
     f"{file}:{node.lineno} {node.name} takes {crowded} positional or required parameters "
     f"(max {MAX_REQUIRED_OR_POSITIONAL})"
   )
+
+
+def _module_name(path) -> str:
+  parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+  """Module -> the package modules it imports anywhere (top level, functions, TYPE_CHECKING)."""
+  paths = {_module_name(p): p for p in _modules()}
+  graph = {}
+  for name, path in paths.items():
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        for alias in node.names:
+          full = f"{node.module}.{alias.name}"
+          found.add(full if full in paths else node.module)
+      elif isinstance(node, ast.Import):
+        found.update(alias.name for alias in node.names)
+    graph[name] = {m for m in found if m in paths and m != name}
+  return graph
+
+
+def test_modules_import_each_other_without_cycles():
+  graph = _imports()
+  assert "lplgrad_jax.query_files" in graph["lplgrad_jax.data"]  # the checks see imports
+  done, path = set(), []
+
+  def visit(name):
+    if name in path:
+      cycle = path[path.index(name) :] + [name]
+      raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+    if name in done:
+      return
+    path.append(name)
+    for dep in sorted(graph[name]):
+      visit(dep)
+    path.pop()
+    done.add(name)
+
+  for name in sorted(graph):
+    visit(name)

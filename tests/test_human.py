@@ -11,7 +11,7 @@ from PIL import Image
 
 from lplgrad_jax import campaign
 from lplgrad_jax import errors
-from lplgrad_jax import oracle
+from lplgrad_jax import query_files
 from lplgrad_jax.data import load_digits
 from lplgrad_jax.errors import ConfigError
 
@@ -66,9 +66,9 @@ def test_human_loop_equals_the_simulated_campaign(photo_folder, tiny_campaign, t
   config = _human_config(root)
   for round_number in (1, 2):
     results = campaign.run(config, workdir)
-    csv_path = oracle.query_csv_path(workdir, round_number)
+    csv_path = query_files.query_csv_path(workdir, round_number)
     assert results["awaiting_labels"] == csv_path
-    assert os.path.exists(oracle.contact_sheet_path(workdir, round_number))
+    assert os.path.exists(query_files.contact_sheet_path(workdir, round_number))
     out = capsys.readouterr().out
     assert f"label column of every row of {csv_path}" in out and "rerun the same command" in out
     rows = _fill(csv_path, lambda i: str(digits.y_train[i]))
@@ -90,10 +90,10 @@ def test_bad_labels_change_nothing_then_skips_leave_the_pool(photo_folder, tmp_p
   workdir = str(tmp_path / "human")
   config = _human_config(root, **{"al.num_rounds": 2})
   campaign.run(config, workdir)
-  csv_path = oracle.query_csv_path(workdir, 1)
+  csv_path = query_files.query_csv_path(workdir, 1)
   queried = [int(r["id"]) for r in _fill(csv_path, lambda i: "seven")]
   checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  with pytest.raises(oracle.LabelFileError) as error:
+  with pytest.raises(query_files.LabelFileError) as error:
     campaign.run(config, workdir)
   assert len(error.value.problems) == len(queried)  # one line per bad row
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == checkpoints
@@ -105,7 +105,7 @@ def test_bad_labels_change_nothing_then_skips_leave_the_pool(photo_folder, tmp_p
   assert "unknown label 'seven'" in lines[1]
 
   skipped = queried[:2]
-  _fill(csv_path, lambda i: oracle.SKIP if i in skipped else str(digits.y_train[i]))
+  _fill(csv_path, lambda i: query_files.SKIP if i in skipped else str(digits.y_train[i]))
   results = campaign.run(config, workdir)
   first, second = results["rounds"]
   assert second["num_labeled"] == first["num_labeled"] + len(queried) - len(skipped)
@@ -144,7 +144,7 @@ def test_filled_labels_survive_a_restart_and_a_changed_folder_is_refused(photo_f
   workdir = str(tmp_path / "w")
   config = _human_config(str(copy), **{"al.num_rounds": 2})
   campaign.run(config, workdir)
-  csv_path = oracle.query_csv_path(workdir, 1)
+  csv_path = query_files.query_csv_path(workdir, 1)
   _fill(csv_path, lambda i: str(digits.y_train[i]))
   filled = open(csv_path).read()
   # --restart repeats the same query: the person's labels are kept, not blanked.

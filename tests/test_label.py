@@ -30,8 +30,8 @@ from test_human import photo_folder  # noqa: F401  (a fixture)
 from lplgrad_jax import campaign
 from lplgrad_jax import config_checks
 from lplgrad_jax import label
-from lplgrad_jax import oracle
 from lplgrad_jax import predict
+from lplgrad_jax import query_files
 from lplgrad_jax.errors import ConfigError
 
 
@@ -67,7 +67,9 @@ def test_page_state_and_original_photos(stopped, workdir):
     assert [item["id"] for item in shown["items"]] == queried  # best score first
     assert shown["classes"] == list(digits.class_names)
     assert (shown["answered"], shown["total"], shown["pending"]) == (0, len(queried), True)
-    rows = {row.id: row.file for row in oracle.query_rows(oracle.query_csv_path(workdir, 1))}
+    rows = {
+      row.id: row.file for row in query_files.query_rows(query_files.query_csv_path(workdir, 1))
+    }
     first = shown["items"][0]
     assert first["file"] == os.path.relpath(rows[first["id"]], config.data.root)
     assert first["label"] == "" and first["image"]
@@ -79,7 +81,7 @@ def test_page_state_and_original_photos(stopped, workdir):
 
 def test_answers_are_written_into_the_query_file(stopped, workdir):
   queried = _queried(stopped)
-  csv_path = oracle.query_csv_path(workdir, 1)
+  csv_path = query_files.query_csv_path(workdir, 1)
   # As a spreadsheet saves it: byte-order mark, ";" and CRLF; all of it is kept.
   with open(csv_path, newline="") as f:
     rows = list(csv.reader(f))
@@ -88,7 +90,7 @@ def test_answers_are_written_into_the_query_file(stopped, workdir):
   with running(workdir) as server:
     status, shown = post_label(server, queried[0], "7")
     assert status == 200 and shown["answered"] == 1 and shown["items"][0]["label"] == "7"
-    assert post_label(server, queried[1], " SKIP ")[1]["items"][1]["label"] == oracle.SKIP
+    assert post_label(server, queried[1], " SKIP ")[1]["items"][1]["label"] == query_files.SKIP
     assert csv_labels(workdir) == {
       i: {queried[0]: "7", queried[1]: "skip"}.get(i, "") for i in queried
     }
@@ -103,15 +105,15 @@ def test_answers_are_written_into_the_query_file(stopped, workdir):
 
 def test_bad_answers_are_refused_with_the_csv_routes_messages(stopped, workdir):
   queried = _queried(stopped)
-  csv_path = oracle.query_csv_path(workdir, 1)
+  csv_path = query_files.query_csv_path(workdir, 1)
   with open(csv_path, "rb") as f:
     before = f.read()
   # What the CSV route says about the same mistakes, without its "file line N: " prefix.
-  oracle.set_label(csv_path, queried[0], "seven")
+  query_files.set_label(csv_path, queried[0], "seven")
   with open(csv_path, "a") as f:
     f.write("99999,x,1,3\n")
-  with pytest.raises(oracle.LabelFileError) as error:
-    oracle.read_labels(csv_path, queried, stopped[3].class_names)
+  with pytest.raises(query_files.LabelFileError) as error:
+    query_files.read_labels(csv_path, queried, stopped[3].class_names)
   csv_messages = [p.split(": ", 1)[1] for p in error.value.problems if " line " in p]
   with open(csv_path, "wb") as f:
     f.write(before)
@@ -147,10 +149,10 @@ def test_only_the_queried_photos_are_served(stopped, workdir, tmp_path):
   os.symlink(secret, link)
   try:
     # The person's file column names a link out of the folder and a file outside it.
-    csv_path = oracle.query_csv_path(workdir, 1)
-    oracle.set_label(csv_path, queried[0], "")
+    csv_path = query_files.query_csv_path(workdir, 1)
+    query_files.set_label(csv_path, queried[0], "")
     text = open(csv_path).read()
-    files = {row.id: row.file for row in oracle.query_rows(csv_path)}
+    files = {row.id: row.file for row in query_files.query_rows(csv_path)}
     text = text.replace(files[queried[0]], link).replace(files[queried[1]], str(secret))
     with open(csv_path, "w") as f:
       f.write(text)
@@ -203,9 +205,9 @@ def test_a_restarted_server_shows_the_saved_and_spreadsheet_answers(stopped, wor
   queried = _queried(stopped)
   with running(workdir) as server:
     post_label(server, queried[0], "4")
-  csv_path = oracle.query_csv_path(workdir, 1)
-  oracle.set_label(csv_path, queried[1], "Five?")  # typed in a spreadsheet: not a class
-  oracle.set_label(csv_path, queried[2], "SKIP")
+  csv_path = query_files.query_csv_path(workdir, 1)
+  query_files.set_label(csv_path, queried[1], "Five?")  # typed in a spreadsheet: not a class
+  query_files.set_label(csv_path, queried[2], "SKIP")
   with running(workdir) as server:
     items = state(server)["items"]
     assert [(it["label"], it["valid"]) for it in items[:4]] == [
@@ -223,7 +225,7 @@ def test_labels_from_the_page_continue_the_campaign(stopped, workdir, capsys):
   skipped = queried[3]
   with running(workdir) as server:
     for i in queried:
-      post_label(server, i, oracle.SKIP if i == skipped else str(digits.y_train[i]))
+      post_label(server, i, query_files.SKIP if i == skipped else str(digits.y_train[i]))
     assert state(server)["answered"] == len(queried)
     capsys.readouterr()
     continued = campaign.run(config, workdir)  # while the page is still open
@@ -263,7 +265,7 @@ def test_cli_serves_until_ctrl_c_then_prints_the_command(stopped, workdir):
   )
   try:
     first = process.stdout.readline()
-    assert first == (f"round 1: 10 photos to label in {oracle.query_csv_path(workdir, 1)}\n")
+    assert first == (f"round 1: 10 photos to label in {query_files.query_csv_path(workdir, 1)}\n")
     url = process.stdout.readline().split()[1]
     assert url.startswith("http://127.0.0.1:") and url.endswith("/")
     with urllib.request.urlopen(url + "api/state", timeout=10) as response:
@@ -374,7 +376,7 @@ def test_a_whole_round_in_headless_chromium(stopped, workdir, capsys):
       assert browser.wait_for(f"{selected} === '{queried[5]}' && {selected}")
       badges = browser.evaluate("[...document.querySelectorAll('.card')].map(c => c.dataset.label)")
       assert badges == [
-        truth[i] if k < 5 and i != skipped else oracle.SKIP if i == skipped else ""
+        truth[i] if k < 5 and i != skipped else query_files.SKIP if i == skipped else ""
         for k, i in enumerate(queried)
       ]
       for count, i in enumerate(queried[5:], start=6):
@@ -392,7 +394,7 @@ def test_a_whole_round_in_headless_chromium(stopped, workdir, capsys):
       assert browser.evaluate("document.getElementById('error').hidden")
     finally:
       browser.close()
-  expected = {i: oracle.SKIP if i == skipped else truth[i] for i in queried}
+  expected = {i: query_files.SKIP if i == skipped else truth[i] for i in queried}
   assert csv_labels(workdir) == expected
   capsys.readouterr()
   first, second = campaign.run(config, workdir)["rounds"]

@@ -9,9 +9,9 @@ from conftest import tiny_config
 from PIL import Image
 
 from lplgrad_jax import data
-from lplgrad_jax import oracle
+from lplgrad_jax import query_files
 from lplgrad_jax.errors import ConfigError
-from lplgrad_jax.oracle import LabelFileError
+from lplgrad_jax.query_files import LabelFileError
 
 CLASSES = ("cat", "dog")
 RED, GREEN, BLUE, PURPLE = (200, 30, 30), (30, 200, 30), (30, 30, 200), (123, 45, 167)
@@ -30,15 +30,17 @@ def test_write_query_csv_and_contact_sheet(tmp_path):
   Image.fromarray(_flat(BLUE, 40)).save(original)
   ids, files = [17, 3, 40], [str(original), "/gone/3.png", "/gone/40.png"]
   images = [_flat(PURPLE), _flat(RED), _flat(GREEN)]
-  csv_path, png_path = oracle.write_query(
+  csv_path, png_path = query_files.write_query(
     str(tmp_path), 2, ids, files, np.array([2.5, 0.125, 1e-7]), images, CLASSES
   )
   assert (
-    csv_path == oracle.query_csv_path(str(tmp_path), 2) == str(tmp_path / "queries" / "round_2.csv")
+    csv_path
+    == query_files.query_csv_path(str(tmp_path), 2)
+    == str(tmp_path / "queries" / "round_2.csv")
   )
   assert (
     png_path
-    == oracle.contact_sheet_path(str(tmp_path), 2)
+    == query_files.contact_sheet_path(str(tmp_path), 2)
     == str(tmp_path / "queries" / "round_2.png")
   )
   with open(csv_path, encoding="utf-8") as f:
@@ -46,9 +48,9 @@ def test_write_query_csv_and_contact_sheet(tmp_path):
       f"id,file,score,label\n17,{original},2.5,\n3,/gone/3.png,0.125,\n40,/gone/40.png,1e-07,\n"
     )
   sheet = Image.open(png_path)
-  assert sheet.width == oracle.PAD + 3 * (oracle.THUMB + oracle.PAD)
-  assert sheet.height > oracle.THUMB + oracle.CAPTION + oracle.PAD
-  thumb_area = oracle.THUMB * oracle.THUMB
+  assert sheet.width == query_files.PAD + 3 * (query_files.THUMB + query_files.PAD)
+  assert sheet.height > query_files.THUMB + query_files.CAPTION + query_files.PAD
+  thumb_area = query_files.THUMB * query_files.THUMB
   for color in (BLUE, RED, GREEN):  # each image enlarged, whole, exactly once
     assert _color_count(sheet, color) == thumb_area
   assert _color_count(sheet, PURPLE) == 0
@@ -56,7 +58,7 @@ def test_write_query_csv_and_contact_sheet(tmp_path):
 
 
 def test_write_query_without_scores_wraps_rows(tmp_path):
-  csv_path, png_path = oracle.write_query(
+  csv_path, png_path = query_files.write_query(
     str(tmp_path),
     1,
     list(range(12)),
@@ -69,9 +71,11 @@ def test_write_query_without_scores_wraps_rows(tmp_path):
     lines = f.read().splitlines()
   assert lines[1] == "0,/gone/0.png,," and len(lines) == 13
   sheet = Image.open(png_path)
-  assert sheet.width == oracle.PAD + oracle.COLUMNS_PER_ROW * (oracle.THUMB + oracle.PAD)
-  assert sheet.height > 2 * (oracle.THUMB + oracle.CAPTION + oracle.PAD)
-  assert _color_count(sheet, RED) == 12 * oracle.THUMB * oracle.THUMB
+  assert sheet.width == query_files.PAD + query_files.COLUMNS_PER_ROW * (
+    query_files.THUMB + query_files.PAD
+  )
+  assert sheet.height > 2 * (query_files.THUMB + query_files.CAPTION + query_files.PAD)
+  assert _color_count(sheet, RED) == 12 * query_files.THUMB * query_files.THUMB
 
 
 def _write(path, text: str, encoding="utf-8") -> str:
@@ -88,16 +92,16 @@ def test_read_labels_accepts_spreadsheet_output(tmp_path):
     "3,b.png,0.2,skip,\r\n40,c.png,0.1,Cat,\r\n",
     encoding="utf-8-sig",
   )
-  assert oracle.read_labels(path, [17, 3, 40], CLASSES) == {17: 1, 3: None, 40: 0}
+  assert query_files.read_labels(path, [17, 3, 40], CLASSES) == {17: 1, 3: None, 40: 0}
   # Locales whose list separator is ";", columns reordered.
   path = _write(tmp_path / "round_2.csv", "label;id\ncat;5\nSKIP;6\n")
-  assert oracle.read_labels(path, [5, 6], CLASSES) == {5: 0, 6: None}
+  assert query_files.read_labels(path, [5, 6], CLASSES) == {5: 0, 6: None}
 
 
 def test_read_labels_case_folding_only_when_unambiguous(tmp_path):
   path = _write(tmp_path / "round_1.csv", "id,label\n1,Cat\n2,cat\n3,CAT\n")
   with pytest.raises(LabelFileError) as e:
-    oracle.read_labels(path, [1, 2, 3], ("Cat", "cat"))
+    query_files.read_labels(path, [1, 2, 3], ("Cat", "cat"))
   assert e.value.problems == [
     "round_1.csv line 4: unknown label 'CAT' for id 3: expected one of Cat, cat, skip"
   ]
@@ -116,7 +120,7 @@ def test_read_labels_reports_every_bad_row(tmp_path):
     "41,d.png,0.5,dog\n",
   )  # line 8: fine
   with pytest.raises(LabelFileError) as e:
-    oracle.read_labels(path, [17, 3, 40, 41, 42], CLASSES)
+    query_files.read_labels(path, [17, 3, 40, 41, 42], CLASSES)
   assert e.value.problems == [
     "round_2.csv line 2: unknown label 'dgo' for id 17: expected one of cat, dog, skip",
     "round_2.csv line 3: blank label for id 3: expected one of cat, dog, skip",
@@ -133,16 +137,16 @@ def test_read_labels_reports_every_bad_row(tmp_path):
 
 def test_read_labels_file_problems(tmp_path):
   with pytest.raises(ConfigError, match=r"round_3\.csv is missing: .*label column filled in"):
-    oracle.read_labels(str(tmp_path / "round_3.csv"), [1], CLASSES)
+    query_files.read_labels(str(tmp_path / "round_3.csv"), [1], CLASSES)
   path = _write(tmp_path / "round_1.csv", "id,file,score\n1,a.png,0.5\n")
   with pytest.raises(LabelFileError) as e:
-    oracle.read_labels(path, [1], CLASSES)
+    query_files.read_labels(path, [1], CLASSES)
   assert e.value.problems == [
     "round_1.csv line 1: no label column: expected the header id,file,score,label"
   ]
   path = _write(tmp_path / "latin.csv", "id,label\n1,caf\xe9\n", encoding="latin-1")
   with pytest.raises(ConfigError, match="is not UTF-8 text"):
-    oracle.read_labels(path, [1], CLASSES)
+    query_files.read_labels(path, [1], CLASSES)
 
 
 def test_set_label_changes_one_row_and_keeps_the_format(tmp_path):
@@ -150,22 +154,22 @@ def test_set_label_changes_one_row_and_keeps_the_format(tmp_path):
   path = _write(
     tmp_path / "round_1.csv", "label;id;note;file\n;17;blurry;/p/17.png\n\ndog;3;;/p/3.png\n"
   )
-  oracle.set_label(path, 17, "cat")
-  oracle.set_label(path, 3, "")  # cleared
-  oracle.set_label(path, 40, "skip", file="/p/40.png")  # its row was deleted: appended
+  query_files.set_label(path, 17, "cat")
+  query_files.set_label(path, 3, "")  # cleared
+  query_files.set_label(path, 40, "skip", file="/p/40.png")  # its row was deleted: appended
   with open(path, encoding="utf-8") as f:
     assert f.read() == (
       "label;id;note;file\ncat;17;blurry;/p/17.png\n\n;3;;/p/3.png\nskip;40;;/p/40.png\n"
     )
-  assert oracle.query_rows(path) == [
-    oracle.QueryRow(17, "/p/17.png", "cat"),
-    oracle.QueryRow(3, "/p/3.png", ""),
-    oracle.QueryRow(40, "/p/40.png", "skip"),
+  assert query_files.query_rows(path) == [
+    query_files.QueryRow(17, "/p/17.png", "cat"),
+    query_files.QueryRow(3, "/p/3.png", ""),
+    query_files.QueryRow(40, "/p/40.png", "skip"),
   ]
-  oracle.set_label(path, 3, "Dog")
-  assert oracle.read_labels(path, [17, 3, 40], CLASSES) == {17: 0, 3: 1, 40: None}
+  query_files.set_label(path, 3, "Dog")
+  assert query_files.read_labels(path, [17, 3, 40], CLASSES) == {17: 0, 3: 1, 40: None}
   with pytest.raises(ConfigError, match="no id column"):
-    oracle.set_label(_write(tmp_path / "bad.csv", "file,label\nx,\n"), 1, "cat")
+    query_files.set_label(_write(tmp_path / "bad.csv", "file,label\nx,\n"), 1, "cat")
 
 
 def _labeling_folder(root, test=False):

@@ -15,6 +15,8 @@ from lplgrad_jax.models import ResNet18
 from lplgrad_jax.models import ResNet50
 from lplgrad_jax.models import ViT
 from lplgrad_jax.models import WideResNet
+from lplgrad_jax.pergrad import jaxpr_eval
+from lplgrad_jax.pergrad import passes
 
 
 class TinyViT(nnx.Module):
@@ -261,7 +263,7 @@ def test_plan_names_each_leftover_and_why():
 
 
 def test_leftovers_are_reported_once_with_the_pass_they_took(caplog):
-  pergrad._REPORTED.clear()
+  pergrad.plan._REPORTED.clear()
   with caplog.at_level(logging.WARNING, logger="lplgrad_jax.pergrad"):
     for n in (2, 3):  # two compilations, one report per model
       for build in (CustomLayerNet, AffineNet):
@@ -276,12 +278,12 @@ def test_leftovers_are_reported_once_with_the_pass_they_took(caplog):
 def _passes(model, x):
   """(batched or None, vmapped) per-example squared norms of the two passes."""
   graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
-  apply = pergrad._example_loss(_entropy)
+  apply = pergrad.example_loss(_entropy)
   plan = pergrad.make_plan(graphdef, params, rest, x[0], apply)
   merged = nnx.merge(graphdef, params, rest)
-  batched = pergrad._batched_grads(merged, plan, x, _entropy)
-  vmapped = pergrad._vmapped_grads(merged, plan, x, apply)
-  norms = lambda grads: None if grads is None else pergrad._norms_from_grads(merged, plan, *grads)
+  batched = passes.batched_pass(merged, plan, x, _entropy)
+  vmapped = passes.vmapped_pass(merged, plan, x, apply)
+  norms = lambda got: None if got is None else pergrad.norms_from_captured(merged, plan, got)
   return norms(batched), norms(vmapped)
 
 
@@ -339,3 +341,28 @@ def test_backbones_fast_norms_equal_vmap_grad(name):
   assert np.all(ref[0] > 1e-3)  # a non-degenerate case
   for got, want in zip(fast, ref):
     np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_jaxpr_adapter_evaluates_as_jax_does_and_perturbs_one_equation():
+  # jaxpr_eval is pergrad's one use of JAX internals: equations with a custom_jvp (relu), a
+  # nested jit, a named scope and several results must bind as jax.core.eval_jaxpr binds them.
+  def f(x, w):
+    with jax.named_scope("block"):
+      y = jax.jit(lambda a: jnp.sort(a, axis=-1))(nnx.relu(x) * w)
+    values, indices = jax.lax.top_k(y, 2)
+    return jnp.sum(values) + jnp.sum(indices), y * 2.0
+
+  x, w = jnp.array([[0.5, -1.0, 2.0]]), jnp.array([3.0, 1.0, -2.0])
+  closed = jax.make_jaxpr(f)(x, w)
+  got = jaxpr_eval.eval_jaxpr(closed, [x, w])
+  want = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, x, w)
+  for g, r, direct in zip(got, want, f(x, w)):
+    np.testing.assert_array_equal(g, r)
+    np.testing.assert_array_equal(g, direct)
+  last = len(closed.jaxpr.eqns) - 1  # y * 2.0
+  assert closed.jaxpr.eqns[last].primitive.name == "mul"
+  shifted = jaxpr_eval.eval_jaxpr(
+    closed, [x, w], lambda i, eqn, values, out: out + 0.5 if i == last else out
+  )
+  np.testing.assert_array_equal(shifted[1], want[1] + 0.5)
+  np.testing.assert_array_equal(shifted[0], want[0])
