@@ -297,7 +297,7 @@ def header(mode: str, sizes: Sizes, budget_s: float, startup_s: float) -> dict:
       versions[name] = __import__(name, fromlist=["_"]).__version__
     except Exception:  # noqa: BLE001 - absent or broken: reported as absent
       versions[name] = None
-  from configs import default
+  from lplgrad_jax.configs import default
 
   defaults = default.get_config()
   return {
@@ -344,12 +344,12 @@ def load_pool(args, smoke: bool, clock):
   from lplgrad_jax.errors import ConfigError
 
   if smoke:
-    from configs import digits
+    from lplgrad_jax.configs import digits
 
     config = digits.get_config()
     config.data.image_size = 8
     return config, data.load_dataset(config.data), True
-  from configs import cifar10_subset
+  from lplgrad_jax.configs import cifar10_subset
 
   config = cifar10_subset.get_config()
   if args.data and not os.path.isfile(args.data):

@@ -190,9 +190,9 @@ def _jax_report(report, n, images, labels, mean, std):
   import jax
   import numpy as np
 
-  from configs import default
   from lplgrad_jax import models
   from lplgrad_jax import sharding
+  from lplgrad_jax.configs import default
 
   sync = jax.block_until_ready
   config = default.get_config()

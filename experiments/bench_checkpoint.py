@@ -28,10 +28,10 @@ def _dir_bytes(path):
 def main(_):
   import jax
 
-  from configs import cifar10
   from lplgrad_jax import models
   from lplgrad_jax import train
   from lplgrad_jax.checkpoint import Checkpointer
+  from lplgrad_jax.configs import cifar10
 
   config = cifar10.get_config()
   learner = models.create_learner(config.model, 10, use_aux=True, key=jax.random.key(0))

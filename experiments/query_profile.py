@@ -27,11 +27,11 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import default  # noqa: E402
 from lplgrad_jax import models  # noqa: E402
 from lplgrad_jax import pergrad  # noqa: E402
 from lplgrad_jax import query  # noqa: E402
 from lplgrad_jax import reporting  # noqa: E402
+from lplgrad_jax.configs import default  # noqa: E402
 from lplgrad_jax.pergrad import ghost_norm  # noqa: E402
 from lplgrad_jax.pergrad import layer_rules  # noqa: E402
 from lplgrad_jax.pergrad import passes  # noqa: E402

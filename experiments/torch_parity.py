@@ -38,8 +38,8 @@ import numpy as np
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from configs import default  # noqa: E402
 from lplgrad_jax import models  # noqa: E402
+from lplgrad_jax.configs import default  # noqa: E402
 
 FIXTURE = os.path.join(REPO_ROOT, "tests", "data", "torch_parity.npz")
 NUM_CLASSES = 10

@@ -221,7 +221,7 @@ def continue_command(workdir: str, config: dict) -> str:
   """
   configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
   repo = os.path.dirname(configs_dir)
-  if repo not in sys.path:  # configs/*.py import `configs.default`
+  if repo not in sys.path:  # configs/*.py import `lplgrad_jax.configs.default`
     sys.path.append(repo)
   wanted = dict(_leaves(json.loads(json.dumps(config))))  # tuples as JSON lists, as saved
   best = None

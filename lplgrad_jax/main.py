@@ -8,10 +8,8 @@ Without --workdir a run goes to runs/<config name>[_<budget>]/<strategy>/seed<se
 current directory (see launch.default_workdir): the same command resumes the same campaign.
 """
 
-import os
 import shlex
 import sys
-import traceback
 
 import jax
 from absl import app
@@ -20,6 +18,7 @@ from ml_collections import config_flags
 
 from lplgrad_jax import campaign
 from lplgrad_jax import cli
+from lplgrad_jax import config_args
 from lplgrad_jax import distributed
 from lplgrad_jax import errors
 from lplgrad_jax import launch
@@ -53,56 +52,22 @@ flags.mark_flags_as_required(["config"])
 _config_name = None  # of --config, set by _parse_flags: it names the default workdir
 
 
-def _fail(error: Exception) -> None:
-  """Reports a user mistake as `error:` line(s) on stderr and exits with status 2."""
-  text = " ".join(str(error).split())
-  if isinstance(error, SyntaxError):  # a config file that does not parse
-    errors.exit_with(
-      ConfigError(f"config file {error.filename}, line {error.lineno}: SyntaxError: {error.msg}")
-    )
-  frame = _config_file_frame(error)
-  if frame is not None:  # raised by the config file's own code
-    errors.exit_with(
-      ConfigError(
-        f"config file {frame.filename}, line {frame.lineno}: {type(error).__name__}: {text}"
-      )
-    )
-  if "get_config() takes 0 positional arguments" in text:  # --config=file.py:budget
-    errors.exit_with(
-      ConfigError(
-        f"{text.split(': Error whilst')[0]}: this config takes no "
-        "':budget' suffix: expected --config=<file>.py alone"
-      )
-    )
-  if isinstance(error, (AttributeError, KeyError)):  # --config.<key> the config lacks
-    errors.exit_with(
-      ConfigError(
-        f"unknown configuration key {_unknown_key(error)}: see configs/default.py for the keys"
-      )
-    )
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  if len(lines) > 1 and ("Traceback" in lines[1] or "Attempted" in lines[1]):
-    # A config file that failed to load: keep the flag and the final cause.
-    errors.exit_with(ConfigError(f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}"))
-  errors.exit_with(error)
-
-
 def _parse_flags(argv):
   global _config_name
   try:
     resolved, _config_name = launch.rewrite_config_argv(argv)
+    # The config file loads and every --config.<key> names a key, before absl reads them.
+    config_args.check(resolved, argv)
   except ConfigError as e:
-    _fail(e)
+    errors.exit_with(e)
   try:
     return flags.FLAGS(resolved)
-  except Exception as e:  # noqa: BLE001 - an error while the config file loads is the file's
-    if not isinstance(e, (AttributeError, KeyError)):
-      for typed, used in zip(argv, resolved):  # name the config as the user did
-        if typed != used:
-          e = ConfigError(
-            str(e).replace(used.partition("=")[2] or used, typed.partition("=")[2] or typed)
-          )
-    _fail(e)
+  except flags.Error as e:  # a bad value, an unknown flag, --config missing
+    text = str(e)
+    for typed, used in zip(argv, resolved):  # name the config as the user did
+      if typed != used:
+        text = text.replace(used.partition("=")[2] or used, typed.partition("=")[2] or typed)
+    errors.exit_with(ConfigError(text))
 
 
 def _start(config, workdir: str) -> None:
@@ -118,41 +83,15 @@ def _start(config, workdir: str) -> None:
     distributed.say(warning)
 
 
-def _unknown_key(error: Exception) -> str:
-  """The key ml_collections could not find, quoted once, with its "did you mean" hint."""
-  message = str(error.args[0]) if error.args else str(error)
-  lines = [line.strip() for line in message.splitlines() if line.strip()] or ["?"]
-  if "Attempting to lookup:" in lines[0]:
-    return repr(lines[0].rsplit("Attempting to lookup:", 1)[1].strip())
-  key = repr(lines[0].strip("\"' "))
-  hint = " ".join(lines[1:])
-  return f"{key} ({hint[0].lower()}{hint[1:]})" if hint else key
-
-
-def _config_file_frame(error: Exception):
-  """The innermost traceback frame in user code (the config files), not in a library."""
-  library = (os.path.dirname(os.__file__), os.path.dirname(os.path.abspath(__file__)))
-  frames = [
-    f
-    for f in traceback.extract_tb(error.__traceback__)
-    if not f.filename.startswith(("<", *library)) and "-packages" + os.sep not in f.filename
-  ]
-  return frames[-1] if frames else None
-
-
 def main(argv):
   cli.start(argv)
-  try:
-    config = _CONFIG.value
-    config.to_dict()  # config_flags loads lazily: a broken config file raises here
-  except Exception as e:  # noqa: BLE001 - whatever the config file raises is the file's
-    _fail(e)
+  config = _CONFIG.value  # loaded before, by config_args.check
   workdir = _WORKDIR.value or launch.default_workdir(_config_name, config)
   try:
     _start(config, workdir)
     results = campaign.run(config, workdir, restart=_RESTART.value)
   except ConfigError as e:
-    _fail(e)
+    errors.exit_with(e)
   except errors.Diverged as e:
     errors.exit_with(e)  # status 3
   if "awaiting_labels" in results:

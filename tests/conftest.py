@@ -165,7 +165,7 @@ def campaign_outcome(workdir):
 
 def tiny_config(**overrides):
   """The digits demo configuration shrunk to seconds: width 4, 2 epochs, 3 rounds."""
-  from configs import digits
+  from lplgrad_jax.configs import digits
 
   config = digits.get_config()
   config.model.width = 4

@@ -8,9 +8,9 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from configs import default
 from lplgrad_jax import campaign
 from lplgrad_jax import models
+from lplgrad_jax.configs import default
 from lplgrad_jax.errors import ConfigError
 
 OWN_MODEL = "module:examples.own_model:small_cnn"

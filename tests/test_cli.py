@@ -219,3 +219,53 @@ def test_ctrl_c_outside_a_campaign_is_one_line_and_exit_130():
   proc = run_cli("-c", program, module=None, timeout=120)
   assert proc.returncode == 130, proc.stderr[-3000:]
   assert proc.stderr.splitlines() == ["interrupted: rerun the same command to resume"]
+
+
+# --- config_args: the config and its overrides checked before absl reads them ---
+
+
+def _check(*argv):
+  from lplgrad_jax import config_args
+  from lplgrad_jax.errors import ConfigError
+
+  try:
+    config_args.check(list(argv), list(argv))
+  except ConfigError as e:
+    return str(e)
+  return None
+
+
+DIGITS = os.path.join(REPO_ROOT, "configs", "digits.py")
+
+
+def test_config_args_accept_every_form_of_a_known_key():
+  assert _check(f"--config={DIGITS}", "--config.train.epochs=3", "--noconfig.log.progress") is None
+  assert _check("--config", DIGITS, "-config.seed", "4", "--", "--config.not_a_flag=1") is None
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ("--config.Train.epochs=3", "unknown configuration key 'Train' (did you mean 'train'?)"),
+    ("--config.train.epoch=3", "key 'train.epoch' (did you mean 'train.epochs'?)"),
+    ("--noconfig.log.progres", "key 'log.progres' (did you mean 'log.progress'?)"),
+    ("--config.seed.x=1", "unknown configuration key 'seed.x': see configs/default.py"),
+    ("--config.zzz=1", "unknown configuration key 'zzz': see configs/default.py"),
+  ],
+)
+def test_config_args_name_the_unknown_key_and_the_closest(override, message):
+  assert message in _check(f"--config={DIGITS}", override)
+
+
+def test_config_args_locate_a_broken_config_file(tmp_path):
+  broken = tmp_path / "broken.py"
+  broken.write_text("import math\n\ndef get_config():\n  return math.nope\n")
+  assert _check(f"--config={broken}") == (
+    f"config file {broken}, line 4: AttributeError: module 'math' has no attribute 'nope'"
+  )
+  broken.write_text("def get_config():\n  return {\n")
+  assert _check(f"--config={broken}").startswith(f"config file {broken}, line 2: SyntaxError")
+  assert _check(f"--config={DIGITS}:low") == (
+    f"--config={DIGITS}:low: this config takes no ':budget' suffix: "
+    "expected --config=<file>.py alone"
+  )

@@ -89,3 +89,19 @@ def test_modules_import_each_other_without_cycles():
 
   for name in sorted(graph):
     visit(name)
+
+
+def test_configs_load_as_one_package():
+  # configs/ is reachable as `configs` (the repo root) and as `lplgrad_jax.configs` (the link
+  # the wheel ships): importing both would load each file twice, as two modules.
+  root = PACKAGE.parent
+  paths = [*_modules()] + [p for d in ("tests", "experiments") for p in (root / d).rglob("*.py")]
+  offenders = []
+  for path in paths:
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+      if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      if any(n == "configs" or n.startswith("configs.") for n in names):
+        offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+  assert len(paths) > 50 and not offenders, offenders

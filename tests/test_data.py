@@ -195,9 +195,9 @@ def test_tfds_missing_data_dir(tmp_path):
 
 
 def test_input_normalization_fixed_or_pool():
-  from configs import cifar10
-  from configs import cifar100
-  from configs import svhn
+  from lplgrad_jax.configs import cifar10
+  from lplgrad_jax.configs import cifar100
+  from lplgrad_jax.configs import svhn
 
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (5, 4, 4, 3), np.uint8)

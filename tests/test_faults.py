@@ -151,7 +151,7 @@ BAD_INPUT = {
   ),
   "unknown_key_hint": (
     lambda t: ["--config.Train.epochs=3"],
-    ["unknown configuration key 'Train' (did you mean \"train\""],
+    ["unknown configuration key 'Train' (did you mean 'train'?)"],
   ),
   "npz_lengths": (
     lambda t: _npz_root(t, _npz(t, "d.npz", 29)),

@@ -277,7 +277,7 @@ def test_scan_epoch_equals_the_host_loop(learner_and_batch):
 
 
 def test_recipe_summary_names_the_choices():
-  from configs import cifar10
+  from lplgrad_jax.configs import cifar10
 
   line = train.recipe_summary(cifar10.get_config())
   assert line == (
