@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from lplgrad_jax import config_checks
 from lplgrad_jax import distributed
+from lplgrad_jax import optimizer
 from lplgrad_jax import query
 from lplgrad_jax import reporting
 from lplgrad_jax import sharding
@@ -182,7 +183,7 @@ class Campaign:
       logger,
     )
     say(campaign.describe())
-    say(train.recipe_summary(config))
+    say(optimizer.recipe_summary(config))
     return campaign
 
   def run_rounds(self, stop: StopRequest) -> Outcome:
@@ -269,8 +270,8 @@ class Campaign:
         padded_ids,
         len(labeled),
         derive_key(self.config.seed, _TRAIN, s.round, epoch),
-        train.learning_rate_at(tc, epoch),
-        train.detach_features_at(tc, epoch),
+        optimizer.learning_rate_at(tc, epoch),
+        optimizer.detach_features_at(tc, epoch),
       )
       self.train_state, metrics, next_step = train.train_epoch(
         self.graphdef, cfg, self.train_state, self.pool, plan, first_step=s.step, should_stop=stop

@@ -12,6 +12,7 @@ import os
 
 from lplgrad_jax import data
 from lplgrad_jax import models
+from lplgrad_jax import optimizer
 from lplgrad_jax import query
 from lplgrad_jax import strategies
 from lplgrad_jax import train
@@ -142,8 +143,8 @@ def validate_config(config) -> None:
   # The recipe's choices (README: Fidelity to the authors' code).
   check_choice(config.model.init, models.INITS, "model.init")
   check_choice(config.model.bn_running_var, models.BN_RUNNING_VARS, "model.bn_running_var")
-  check_choice(config.train.aux_lr_schedule, train.AUX_LR_SCHEDULES, "train.aux_lr_schedule")
-  check_choice(config.train.detach_rule, train.DETACH_RULES, "train.detach_rule")
+  check_choice(config.train.aux_lr_schedule, optimizer.AUX_LR_SCHEDULES, "train.aux_lr_schedule")
+  check_choice(config.train.detach_rule, optimizer.DETACH_RULES, "train.detach_rule")
   check_choice(config.data.normalization, data.NORMALIZATIONS, "data.normalization")
 
 

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from lplgrad_jax import models
+from lplgrad_jax import optimizer
 from lplgrad_jax import sharding
 from lplgrad_jax.errors import check_choice
 from lplgrad_jax.utils import ceil_div
@@ -113,51 +114,6 @@ def resolve_epoch_loop(epoch_loop: str) -> str:
   return check_choice(epoch_loop, EPOCH_LOOPS, "train.epoch_loop")
 
 
-class LearningRates(NamedTuple):
-  """The step sizes of the main model's and the loss-prediction module's parameters."""
-
-  main: float
-  aux: float
-
-
-AUX_LR_SCHEDULES = ("constant", "decay")
-DETACH_RULES = ("after", "from")
-
-
-def _scale_by_learning_rates(learning_rate) -> optax.GradientTransformation:
-  """-learning_rate times the updates; a `LearningRates` scales the `loss_head` subtree by
-  its `aux` rate. Stateless (EmptyState, as optax.sgd's own scaling): checkpoints of the
-  single-rate optimizer restore unchanged."""
-  rates = (
-    learning_rate
-    if isinstance(learning_rate, LearningRates)
-    else LearningRates(learning_rate, learning_rate)
-  )
-
-  def update_fn(updates, state, params=None):
-    del params
-
-    def scale(path, u):
-      is_aux = getattr(path[0], "key", None) == "loss_head"
-      return -(rates.aux if is_aux else rates.main) * u
-
-    return jax.tree_util.tree_map_with_path(scale, updates), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
-
-def make_optimizer(learning_rate, cfg: StepConfig) -> optax.GradientTransformation:
-  """PyTorch's SGD: weight decay added to the gradient before momentum.
-
-  `learning_rate`: one rate for all parameters, or `LearningRates` (the authors' two
-  optimizers, one per model, share everything but the schedule of the rate).
-  """
-  return optax.chain(
-    optax.add_decayed_weights(cfg.weight_decay),
-    optax.chain(optax.trace(decay=cfg.momentum), _scale_by_learning_rates(learning_rate)),
-  )
-
-
 def create_train_state(learner: nnx.Module, cfg: StepConfig):
   """Splits a learner (in training mode) into its graphdef and a fresh TrainState."""
   learner.train()
@@ -169,50 +125,7 @@ def create_train_state(learner: nnx.Module, cfg: StepConfig):
 
 @functools.partial(jax.jit, static_argnums=1)  # one program per campaign, not one per shape
 def _fresh_optimizer_state(params, cfg: StepConfig):
-  return make_optimizer(0.0, cfg).init(params)
-
-
-def learning_rate_at(train_config, epoch: int) -> LearningRates:
-  """Step decay of the main model's rate: lr * decay ** (number of milestones reached).
-
-  `train.aux_lr_schedule`: "constant" keeps the loss-prediction module at `lr` (the
-  authors' code creates its MultiStepLR but never steps it); "decay" decays it too.
-  """
-  schedule = train_config.get("aux_lr_schedule", "constant")
-  check_choice(schedule, AUX_LR_SCHEDULES, "train.aux_lr_schedule")
-  passed = sum(epoch >= m for m in train_config.lr_milestones)
-  main = float(train_config.learning_rate * train_config.lr_decay**passed)
-  return LearningRates(main, main if schedule == "decay" else float(train_config.learning_rate))
-
-
-def detach_features_at(train_config, epoch: int) -> bool:
-  """Whether the ranking loss stops reaching the main model in (0-based) `epoch`.
-
-  `train.detach_rule`: "after" detaches when epoch > detach_features_epoch (the
-  authors' `epoch > epoch_loss`: from the 122nd epoch with 120); "from" when
-  epoch >= detach_features_epoch.
-  """
-  rule = train_config.get("detach_rule", "after")
-  check_choice(rule, DETACH_RULES, "train.detach_rule")
-  if rule == "after":
-    return epoch > train_config.detach_features_epoch
-  return epoch >= train_config.detach_features_epoch
-
-
-def recipe_summary(config) -> str:
-  """One line naming the choices where the authors' code and the alternatives differ."""
-  data, model, tc = config.data, config.model, config.train
-  norm = (
-    f"fixed mean {tuple(data.mean)} std {tuple(data.std)}"
-    if data.normalization == "fixed"
-    else "pool statistics"
-  )
-  return (
-    f"recipe: init {model.init}, BatchNorm running variance {model.bn_running_var}, "
-    f"normalisation {norm}; lr {tc.learning_rate} x{tc.lr_decay} at epochs "
-    f"{tuple(tc.lr_milestones)}, loss-head lr {tc.aux_lr_schedule}, features detached "
-    f"{'after' if tc.detach_rule == 'after' else 'from'} epoch {tc.detach_features_epoch}"
-  )
+  return optimizer.make_optimizer(0.0, cfg).init(params)
 
 
 def normalize(images_uint8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
@@ -296,7 +209,7 @@ def train_step(
   grads, (new_stats, metrics) = jax.grad(_loss_fn, has_aux=True)(
     state.params, graphdef, state.batch_stats, batch, detach_features, cfg
   )
-  updates, opt_state = make_optimizer(learning_rate, cfg).update(
+  updates, opt_state = optimizer.make_optimizer(learning_rate, cfg).update(
     grads, state.opt_state, state.params
   )
   params = optax.apply_updates(state.params, updates)

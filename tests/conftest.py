@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from lplgrad_jax import launch
+from lplgrad_jax import optimizer
 from lplgrad_jax import train
 
 # One persistent compilation cache for a test session: its CLI subprocesses (most run the same
@@ -93,7 +94,7 @@ def train_state_in(learner, cfg, dtype):
   learner.train()
   graphdef, params, stats = nnx.split(learner, nnx.Param, nnx.BatchStat)
   params, stats = jax.tree.map(lambda a: jnp.asarray(a, dtype), (params, stats))
-  return graphdef, train.TrainState(params, stats, train.make_optimizer(0.0, cfg).init(params))
+  return graphdef, train.TrainState(params, stats, optimizer.make_optimizer(0.0, cfg).init(params))
 
 
 def relative_distance(actual, reference, start) -> float:

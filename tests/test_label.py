@@ -30,6 +30,7 @@ from test_human import photo_folder  # noqa: F401  (a fixture)
 from lplgrad_jax import campaign
 from lplgrad_jax import config_checks
 from lplgrad_jax import label
+from lplgrad_jax import label_views
 from lplgrad_jax import predict
 from lplgrad_jax import query_files
 from lplgrad_jax.errors import ConfigError
@@ -274,7 +275,7 @@ def test_cli_serves_until_ctrl_c_then_prints_the_command(stopped, workdir):
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
   assert process.returncode == 0 and err == ""
-  command = label.continue_command(workdir, stopped[2]["config"])
+  command = label_views.continue_command(workdir, stopped[2]["config"])
   assert out.endswith(f"Continue with:\n  {command}\n")
 
 
@@ -291,7 +292,7 @@ def test_cli_refuses_a_folder_without_a_campaign(tmp_path):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # config_flags loads with load_module
 def test_the_continue_command_gives_the_campaigns_configuration(stopped, monkeypatch):
   config, workdir, results, _ = stopped
-  command = label.continue_command(workdir, results["config"])
+  command = label_views.continue_command(workdir, results["config"])
   assert command.startswith("python -m lplgrad_jax.main --config=configs/digits.py ")
   assert "--config.oracle=human" in command and command.endswith(f"--workdir={workdir}")
   argv = ["main", *shlex.split(command)[3:]]
@@ -388,7 +389,7 @@ def test_a_whole_round_in_headless_chromium(stopped, workdir, capsys):
       labeled(len(queried))
       assert browser.wait_for("document.getElementById('done').classList.contains('complete')")
       command = browser.evaluate("document.getElementById('command').textContent")
-      assert command == label.continue_command(
+      assert command == label_views.continue_command(
         workdir, json.load(open(os.path.join(workdir, "results.json")))["config"]
       )
       assert browser.evaluate("document.getElementById('error').hidden")

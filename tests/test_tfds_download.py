@@ -102,7 +102,7 @@ def test_download_off_names_the_offline_routes(tmp_path):
 
 def test_manual_dir_archives_prepare_without_network(archive, tmp_path, monkeypatch):
   path, written = archive
-  monkeypatch.setattr(data, "_unreachable", None)  # never probed: nothing to fetch
+  monkeypatch.setattr(data.tfds_source, "_unreachable", None)  # never probed: nothing to fetch
   # data.download=False: archives in manual_dir need no download.
   config = _data_config(
     source="tfds",

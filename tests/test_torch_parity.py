@@ -32,6 +32,7 @@ from conftest import REPO_ROOT
 from conftest import train_state_in
 from flax import nnx
 
+from lplgrad_jax import optimizer
 from lplgrad_jax import query
 from lplgrad_jax import train
 
@@ -112,8 +113,8 @@ def run_recipe(learner, config, images, labels, normalization, dtype) -> dict[st
   out.update({f"forward/{k}": metrics[k] / len(labels[0]) for k in ("main_loss", "aux_loss")})
   step = jax.jit(train.train_step, static_argnums=(0, 1))
   for epoch, batch in enumerate(batches):
-    rates = train.learning_rate_at(config.train, epoch)
-    detach = train.detach_features_at(config.train, epoch)
+    rates = optimizer.learning_rate_at(config.train, epoch)
+    detach = optimizer.detach_features_at(config.train, epoch)
     state, _ = step(graphdef, cfg, state, batch, rates, detach)
   out.update(torch_parity.flatten(state.params, "after"))
   out.update(torch_parity.flatten(state.batch_stats, "after"))
@@ -137,8 +138,8 @@ def test_fixture_crosses_the_detach_epoch_and_the_milestone(parity):
   fixture, config, *_ = parity
   epochs = [int(e) for e in fixture["step_epochs"]]
   assert epochs == list(range(len(fixture["images"])))  # one step per epoch, from epoch 0
-  assert [train.detach_features_at(config.train, e) for e in epochs] == [False, True, True]
-  rates = [train.learning_rate_at(config.train, e) for e in epochs]
+  assert [optimizer.detach_features_at(config.train, e) for e in epochs] == [False, True, True]
+  rates = [optimizer.learning_rate_at(config.train, e) for e in epochs]
   assert rates[-1].main == pytest.approx(0.1 * rates[-1].aux) and rates[0].main == rates[0].aux
 
 

@@ -9,6 +9,7 @@ from conftest import train_state_in
 from flax import nnx
 
 from lplgrad_jax import models
+from lplgrad_jax import optimizer
 from lplgrad_jax import train
 from lplgrad_jax.errors import ConfigError
 
@@ -51,34 +52,38 @@ def test_learning_rate_step_decay():
   config = tiny_config()
   config.train.learning_rate = 0.1
   config.train.lr_milestones = (3, 5)
-  rates = [train.learning_rate_at(config.train, e) for e in range(7)]
+  rates = [optimizer.learning_rate_at(config.train, e) for e in range(7)]
   np.testing.assert_allclose([r.main for r in rates], [0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
   # The authors never step the loss-prediction module's scheduler.
   assert config.train.aux_lr_schedule == "constant"
   np.testing.assert_allclose([r.aux for r in rates], [0.1] * 7)
   config.train.aux_lr_schedule = "decay"
-  assert [train.learning_rate_at(config.train, e) for e in range(7)] == [
+  assert [optimizer.learning_rate_at(config.train, e) for e in range(7)] == [
     (r.main, r.main) for r in rates
   ]
   config.train.aux_lr_schedule = "never"
   with pytest.raises(ConfigError, match="unknown train.aux_lr_schedule 'never'"):
-    train.learning_rate_at(config.train, 0)
+    optimizer.learning_rate_at(config.train, 0)
 
 
 def test_detach_rule():
   config = tiny_config()
   config.train.detach_features_epoch = 120
   assert config.train.detach_rule == "after"  # the authors' `epoch > epoch_loss`
-  assert [train.detach_features_at(config.train, e) for e in (119, 120, 121)] == [
+  assert [optimizer.detach_features_at(config.train, e) for e in (119, 120, 121)] == [
     False,
     False,
     True,
   ]
   config.train.detach_rule = "from"
-  assert [train.detach_features_at(config.train, e) for e in (119, 120, 121)] == [False, True, True]
+  assert [optimizer.detach_features_at(config.train, e) for e in (119, 120, 121)] == [
+    False,
+    True,
+    True,
+  ]
   config.train.detach_rule = "later"
   with pytest.raises(ConfigError, match="unknown train.detach_rule 'later'"):
-    train.detach_features_at(config.train, 0)
+    optimizer.detach_features_at(config.train, 0)
 
 
 def test_augment_crop_and_flip():
@@ -173,8 +178,8 @@ def test_loss_head_steps_with_its_own_learning_rate(learner_and_batch):
   grads, _ = jax.grad(train._loss_fn, has_aux=True)(
     state.params, graphdef, state.batch_stats, train.Batch(images, labels, jnp.ones(16)), False, cfg
   )
-  one, _ = train.make_optimizer(0.1, cfg).update(grads, state.opt_state, state.params)
-  two, _ = train.make_optimizer(train.LearningRates(0.1, 0.025), cfg).update(
+  one, _ = optimizer.make_optimizer(0.1, cfg).update(grads, state.opt_state, state.params)
+  two, _ = optimizer.make_optimizer(optimizer.LearningRates(0.1, 0.025), cfg).update(
     grads, state.opt_state, state.params
   )
   for part, ratio in (("classifier", 1.0), ("loss_head", 0.25)):
@@ -279,10 +284,10 @@ def test_scan_epoch_equals_the_host_loop(learner_and_batch):
 def test_recipe_summary_names_the_choices():
   from lplgrad_jax.configs import cifar10
 
-  line = train.recipe_summary(cifar10.get_config())
+  line = optimizer.recipe_summary(cifar10.get_config())
   assert line == (
     "recipe: init pytorch, BatchNorm running variance unbiased, normalisation "
     "fixed mean (0.4914, 0.4822, 0.4465) std (0.2023, 0.1994, 0.201); lr 0.1 x0.1 "
     "at epochs (160,), loss-head lr constant, features detached after epoch 120"
   )
-  assert "normalisation pool statistics" in train.recipe_summary(tiny_config())
+  assert "normalisation pool statistics" in optimizer.recipe_summary(tiny_config())
