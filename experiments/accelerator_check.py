@@ -3,33 +3,25 @@
   python experiments/accelerator_check.py [--out=experiments/results] [--budget_s=420]
   python experiments/accelerator_check.py --smoke [--out=DIR]   # tiny sizes on the CPU
 
-Writes `accelerator_<device kind>.md` and `.json` (strict JSON) in --out:
-  header    device kind and count, driver (nvidia-smi), JAX/jaxlib/Flax versions, XLA flags
-  query     the fwd+bwd floor, the "fast" and "vmap" scorers, fp32 and bf16, per chunk size:
-            images/s, seconds for R = 25,000 (measured end to end for "fast"), ratio to the
-            floor, compile seconds, peak device memory
-  train     the joint step (fp32, bf16; batch 128 and a larger one), host vs scan epoch
-            loop over a real epoch of a labeled set, compile seconds
-  torch     the PyTorch reference on the same device (the authors' per-image loop,
-            torch.func vmap(grad), eager and torch.compile'd train steps), if torch is there
-  campaign  a short real campaign (`lplgrad_jax.campaign.run`) with per-phase seconds, and
-            the bf16 error of query scores on its trained model
-  targets   the issue's targets marked met / not met; the whole CIFAR-10 high-budget
-            campaign extrapolated from the measured rates; recommendations derived from them
-Measurements run in priority order under a time budget (--budget_s, counted from the
-start of the process): what no longer fits is skipped and listed, never cut short.
-The real mode refuses to run on a machine whose JAX sees only CPUs, unless --force.
+Writes `accelerator_<device kind>.md` and `.json` (strict JSON) in --out (accelerator_report.py):
+the machine; the query's floor, "fast" and "vmap" per dtype and chunk; the train step and the
+host vs scan epoch; the PyTorch reference; a short real campaign (`lplgrad_jax.campaign.run`)
+with its own per-round seconds, eval and a checkpoint save on its model and its bf16 score
+error; the targets, the CIFAR-10 campaign extrapolated, the advice. What it times is
+measure.py's, as bench.py's is. Measurements run in priority order under a time budget
+(--budget_s, from the process's start): what no longer fits is skipped and listed, never cut
+short; a watchdog writes the report if one overstays. Without an accelerator it refuses to
+run, unless --force.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +30,11 @@ _START = time.perf_counter()
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
+import accelerator_report  # noqa: E402 - the report: header, targets, extrapolation, files
+import measure  # noqa: E402 - what is timed, shared with bench.py
+
+from lplgrad_jax import errors  # noqa: E402 - no JAX yet: main() sets the smoke mode's flags
+from lplgrad_jax.errors import ConfigError  # noqa: E402
 
 SUBSET = 25_000  # the paper's R for CIFAR
 CARRIED_DATA = os.path.join(REPO_ROOT, ".wheels", "data", "cifar10_subset.npz")
@@ -59,7 +56,7 @@ class Sizes:
   # The labeled set of the timed epochs: the campaign's last (rounds x query), so that the
   # train step, the host epoch and the campaign share one compilation (same buffer sizes).
   epoch_images: int = 3000
-  torch_images: int = 128  # the PyTorch query's batch
+  torch_images: int = 128  # the PyTorch per-image loop's images
   repeats: int = 3
   campaign_rounds: int = 3
   campaign_epochs: int = 3
@@ -94,69 +91,42 @@ SMOKE = Sizes(
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
-  parser.add_argument("--force", action="store_true", help="measure even without an accelerator")
-  parser.add_argument(
-    "--out",
-    default=None,
-    help="output folder (default experiments/results; --smoke: a temp folder)",
-  )
-  parser.add_argument(
-    "--budget_s",
-    type=float,
-    default=None,
-    help="seconds from start after which optional parts are skipped (default 420; --smoke 600)",
-  )
-  parser.add_argument(
-    "--grace_s",
-    type=float,
-    default=45.0,
-    help="after budget_s + grace_s a watchdog writes the report and exits 3",
-  )
-  parser.add_argument("--data", default=None, help="the CIFAR-10 subset .npz (real mode)")
-  parser.add_argument("--width", type=int, default=None, help="ResNet-18 width (default 64)")
-  parser.add_argument("--chunks", default=None, help="query chunk sizes, e.g. 256,1024,4096")
-  parser.add_argument("--batches", default=None, help="training batches, e.g. 128,1024")
-  parser.add_argument("--subset", type=int, default=None, help="R, the images a query scores")
-  parser.add_argument("--epoch_images", type=int, default=None, help="labeled set of an epoch")
-  parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
-  parser.add_argument("--campaign_epochs", type=int, default=None, help="epochs per round")
-  parser.add_argument(
-    "--campaign_query",
-    type=int,
-    default=None,
-    help="the campaign's initial and per-round labeled images",
-  )
-  parser.add_argument("--no_torch_compile", action="store_true", help="skip torch.compile")
+  add = parser.add_argument
+  add("--smoke", action="store_true", help="tiny sizes on the CPU")
+  add("--force", action="store_true", help="measure even without an accelerator")
+  add("--out", help="output folder (default experiments/results; --smoke: a temp folder)")
+  add("--budget_s", type=float, help="seconds from start, then optional parts are skipped")
+  add("--grace_s", type=float, default=45.0, help="then a watchdog writes the report, exits 3")
+  add("--data", help="the CIFAR-10 subset .npz (real mode)")
+  add("--width", type=int, help="ResNet-18 width (default 64)")
+  add("--chunks", help="query chunk sizes, e.g. 256,1024,4096")
+  add("--batches", help="training batches, e.g. 128,1024")
+  add("--subset", type=int, help="R, the images a query scores")
+  add("--epoch_images", type=int, help="labeled set of an epoch")
+  add("--repeats", type=int, help="timed calls per measurement")
+  add("--campaign_epochs", type=int, help="epochs per round")
+  add("--campaign_query", type=int, help="the campaign's initial and per-round labeled images")
+  add("--no_torch_compile", action="store_true", help="skip torch.compile")
   return parser.parse_args(argv)
 
 
-def _positive(value, name):
-  from lplgrad_jax.errors import ConfigError
-
-  if value is not None and (value != value or value <= 0):
-    raise ConfigError(f"--{name}={value}: expected a positive number")
-  return value
-
-
 def _int_list(text, name):
-  from lplgrad_jax.errors import ConfigError
-
-  try:
-    values = tuple(int(v) for v in text.split(","))
-  except ValueError:
-    values = ()
-  if not values or min(values) < 1:
+  values = [int(v) if v.strip().isdigit() else 0 for v in text.split(",")]
+  if min(values) < 1:
     raise ConfigError(f"--{name}={text!r}: expected positive integers separated by commas")
-  return values
+  return tuple(values)
 
 
 def resolve_sizes(args) -> Sizes:
   """The mode's sizes with the command line's overrides (ConfigError on bad values)."""
   sizes = dataclasses.replace(SMOKE if args.smoke else Sizes())
-  for name in ("width", "subset", "epoch_images", "repeats", "campaign_epochs", "campaign_query"):
-    if getattr(args, name) is not None:
-      setattr(sizes, name, int(_positive(getattr(args, name), name)))
+  numbers = ("width", "subset", "epoch_images", "repeats", "campaign_epochs", "campaign_query")
+  for name in (*numbers, "budget_s", "grace_s"):
+    value = getattr(args, name)
+    if value is not None and not value > 0:  # NaN too
+      raise ConfigError(f"--{name}={value}: expected a positive number")
+    if value is not None and name in numbers:
+      setattr(sizes, name, int(value))
   if args.epoch_images is None and args.campaign_query is not None:
     sizes.epoch_images = sizes.campaign_query * sizes.campaign_rounds  # keep the shared compile
   if args.chunks is not None:
@@ -165,639 +135,262 @@ def resolve_sizes(args) -> Sizes:
     sizes.main_chunk = sizes.main_chunk if sizes.main_chunk in sizes.chunks else sizes.chunks[0]
   if args.batches is not None:
     sizes.batches = _int_list(args.batches, "batches")
-  if args.no_torch_compile:
-    sizes.torch_compile = False
-  _positive(args.budget_s, "budget_s")
-  _positive(args.grace_s, "grace_s")
+  sizes.torch_compile = sizes.torch_compile and not args.no_torch_compile
   return sizes
 
 
 class Clock:
-  """The time budget, counted from the start of the process, and what it left out."""
+  """The time budget, counted from the start of the process: what is measured under it, what
+  it skipped, what failed."""
 
   def __init__(self, budget_s: float):
-    self.deadline = _START + budget_s
-    self.skipped, self.failed = [], []
+    self.deadline, self.skipped, self.failed = _START + budget_s, [], []
     self.slowest_first = 0.0  # the longest first call (compile included) so far
 
-  def left(self) -> float:
-    return self.deadline - time.perf_counter()
+  def say(self, text):
+    print(f"[{time.perf_counter() - _START:6.1f} s] {text}", flush=True)
 
   def allow(self, name: str, need_s: float | None = None) -> bool:
     """Whether `name`, expected to take `need_s` (default: 1.5x the slowest first call so
     far), still fits; records it as skipped when not."""
     need = 1.5 * self.slowest_first if need_s is None else need_s
-    if self.left() >= need:
+    left = self.deadline - time.perf_counter()
+    if left >= need:
       return True
-    self.skipped.append(
-      {
-        "name": name,
-        "reason": f"time budget: {max(self.left(), 0):.0f} s left, about {need:.0f} s needed",
-      }
-    )
-    print(
-      f"[{time.perf_counter() - _START:6.1f} s] {name} skipped: {self.skipped[-1]['reason']}",
-      flush=True,
-    )
+    reason = f"time budget: {max(left, 0):.0f} s left, about {need:.0f} s needed"
+    self.skipped.append({"name": name, "reason": reason})
+    self.say(f"{name} skipped: {reason}")
     return False
 
-  def fail(self, name: str, error: BaseException) -> None:
-    text = " ".join(f"{type(error).__name__}: {error}".split())
-    self.failed.append({"name": name, "error": text[:400]})
-    print(f"[{time.perf_counter() - _START:6.1f} s] {name} FAILED: {text[:200]}", flush=True)
-
-
-def device_peak_bytes():
-  """The largest peak of bytes in use over the local devices, or None where not reported."""
-  import jax
-
-  peaks = []
-  for device in jax.local_devices():
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if not stats or "peak_bytes_in_use" not in stats:
-      return None
-    peaks.append(int(stats["peak_bytes_in_use"]))
-  return max(peaks)
-
-
-def measure(
-  clock: Clock,
-  name: str,
-  build,
-  images: int,
-  repeats: int,
-  sync,
-  memory=None,
-  need_s: float | None = None,
-) -> dict | None:
-  """Builds a thunk with `build()` and times it (`bench.time_call`); None if skipped or failed.
-
-  `memory()` reads the peak device bytes. JAX has no reset of its peak, so the entry says
-  whether this measurement raised it (`peak_raised`): if not, its own peak is at most that.
-  """
-  import bench
-
-  if not clock.allow(name, need_s):
-    return None
-  memory = memory or device_peak_bytes
-  before = memory()
-  try:
-    first, seconds = bench.time_call(build(), repeats, sync)
-  except Exception as e:  # noqa: BLE001 - out of memory, a failed compile: recorded, not fatal
-    clock.fail(name, e)
-    return None
-  clock.slowest_first = max(clock.slowest_first, first)
-  entry = bench.rate_entry(images, seconds, first)
-  entry.update(images=images, seconds=seconds, first_call_s=first)
-  after = memory()
-  if after is not None:
-    entry.update(peak_bytes=after, peak_raised=before is None or after > before)
-  print(
-    f"[{time.perf_counter() - _START:6.1f} s] {name}: {entry['images_per_s']:,.0f} img/s, "
-    f"first call {first:.1f} s",
-    flush=True,
-  )
-  return entry
-
-
-def nvidia_smi():
-  """(driver version, GPU names) from nvidia-smi, or (None, None) where it is absent."""
-  try:
-    out = subprocess.run(
-      ["nvidia-smi", "--query-gpu=driver_version,name,memory.total", "--format=csv,noheader"],
-      capture_output=True,
-      text=True,
-      timeout=20,
-    )
-  except (OSError, subprocess.SubprocessError):
-    return None, None
-  rows = [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
-  if out.returncode or not rows:
-    return None, None
-  return rows[0][0], [f"{r[1]} ({r[2]})" for r in rows if len(r) >= 3]
-
-
-def header(mode: str, sizes: Sizes, budget_s: float, startup_s: float) -> dict:
-  import flax
-  import jax
-  import jaxlib
-  import numpy as np
-
-  driver, gpus = nvidia_smi()
-  devices = jax.devices()
-  versions = {
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "jaxlib": jaxlib.__version__,
-    "flax": flax.__version__,
-    "numpy": np.__version__,
-  }
-  for name in ("optax", "orbax.checkpoint", "torch"):
+  def guarded(self, name, fn, *args):
+    """`fn(*args)`, or None when it raises, recorded as failed: one broken part (out of
+    memory, a compile error) must not cost the others."""
     try:
-      versions[name] = __import__(name, fromlist=["_"]).__version__
-    except Exception:  # noqa: BLE001 - absent or broken: reported as absent
-      versions[name] = None
-  from lplgrad_jax.configs import default
+      return fn(*args)
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+      text = " ".join(f"{type(e).__name__}: {e}".split())
+      self.failed.append({"name": name, "error": text[:400]})
+      self.say(f"{name} FAILED: {text[:200]}")
+      return None
 
-  defaults = default.get_config()
-  return {
-    "mode": mode,
-    "platform": devices[0].platform,
-    "device_kind": devices[0].device_kind,
-    "defaults": {
-      "query.chunk_size": defaults.query.chunk_size,
-      "train.epoch_loop": defaults.train.epoch_loop,
-      "train.compute_dtype": defaults.train.compute_dtype,
-      "query.compute_dtype": defaults.query.compute_dtype,
-    },
-    "device_count": len(devices),
-    "process_count": jax.process_count(),
-    "driver": driver,
-    "nvidia_smi_gpus": gpus,
-    "versions": versions,
-    "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    "env": {
-      k: v
-      for k, v in sorted(os.environ.items())
-      if k.startswith(("XLA_PYTHON_CLIENT", "JAX_", "TF_GPU", "CUDA_VISIBLE"))
-    },
-    "jax_default_matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", None)),
-    "budget_s": budget_s,
-    "startup_s": startup_s,
-    "sizes": dataclasses.asdict(sizes),
-  }
+  def timed(self, name, build, images, repeats, sync=None, memory=None, need_s=None):
+    """`measure.timed_entry` of the thunk `build()` returns; None if skipped or failed."""
+    if not self.allow(name, need_s):
+      return None
+    timed = lambda: measure.timed_entry(build(), images, repeats, sync, memory)
+    if (entry := self.guarded(name, timed)) is not None:
+      first, seconds = entry["first_call_s"], entry["seconds"]
+      self.slowest_first = max(self.slowest_first, first)
+      rate = f"{entry['images_per_s']:,.0f} img/s, {seconds:.3f} s a call, first {first:.1f} s"
+      self.say(f"{name}: {rate}")
+    return entry
 
 
-def slug(head: dict) -> str:
-  kind = "".join(c if c.isalnum() else "_" for c in head["device_kind"].lower()).strip("_")
-  kind = "_".join(p for p in kind.split("_") if p) or head["platform"]
-  return kind + (f"_x{head['device_count']}" if head["device_count"] > 1 else "")
-
-
-def load_pool(args, smoke: bool, clock):
+def load_pool(args, clock):
   """(config, dataset, whether to run the campaign): the CIFAR-10 subset, or tiny digits
   (smoke). Without the subset (and no --data), random images stand in and the campaign is
   skipped."""
   import numpy as np
 
   from lplgrad_jax import data
-  from lplgrad_jax.errors import ConfigError
+  from lplgrad_jax.configs import cifar10_subset
+  from lplgrad_jax.configs import digits
 
-  if smoke:
-    from lplgrad_jax.configs import digits
-
-    config = digits.get_config()
+  config = digits.get_config() if args.smoke else cifar10_subset.get_config()
+  if args.smoke:
     config.data.image_size = 8
     return config, data.load_dataset(config.data), True
-  from lplgrad_jax.configs import cifar10_subset
-
-  config = cifar10_subset.get_config()
   if args.data and not os.path.isfile(args.data):
     raise ConfigError(f"--data={args.data} does not exist: expected the CIFAR-10 subset .npz")
   found = [p for p in (args.data, config.data.root, CARRIED_DATA) if p and os.path.isfile(p)]
   if found:
     config.data.root = found[0]
     return config, data.load_dataset(config.data), True
-  clock.skipped.append(
-    {
-      "name": "campaign",
-      "reason": f"no CIFAR-10 subset at "
-      f"{config.data.root} nor {CARRIED_DATA} (make wheels copies it): random "
-      "images stand in for the measurements",
-    }
-  )
+  reason = f"no CIFAR-10 subset at {config.data.root} nor {CARRIED_DATA} (make wheels copies it)"
+  clock.skipped.append({"name": "campaign", "reason": reason + ": random images stand in"})
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (5085, 32, 32, 3), dtype=np.uint8)
   y = rng.integers(0, 10, 5085).astype(np.int32)
   return config, data.Dataset("random", x, y, x[:1000], y[:1000], config.data.class_names), False
 
 
-def query_section(clock, sizes, model, images, mean, std, mesh, priority):
-  """Rows of the query table, measured in `priority` order (0: core, 1: the rest)."""
-  import bench
-  import jax
-  import numpy as np
-
-  sync = jax.block_until_ready
-  rows = []
-  subset = np.resize(images, (sizes.subset,) + images.shape[1:])  # real images, repeated
-  for dtype in sizes.dtypes:
-    for chunk in sizes.chunks:
-      if (chunk == sizes.main_chunk) != (priority == 0):
-        continue
-      batch = np.resize(images, (chunk,) + images.shape[1:])
-      floor = (
-        None
-        if dtype not in _dtypes(sizes)
-        else measure(
-          clock,
-          f"query floor {dtype} chunk {chunk}",
-          lambda: bench.make_floor(model, batch, mean, std, dtype, mesh),
-          chunk,
-          sizes.repeats,
-          sync,
-        )
-      )
-      fast = measure(
-        clock,
-        f"query fast {dtype} chunk {chunk}",
-        lambda: bench.make_query(
-          model, subset, mean, std, method="fast", chunk_size=chunk, dtype=dtype, mesh=mesh
-        ),
-        sizes.subset,
-        max(1, sizes.repeats - 1),
-        sync,
-      )
-      rows += [
-        _query_row("floor", dtype, chunk, floor, sizes.subset, measured_r=False),
-        _query_row("fast", dtype, chunk, fast, sizes.subset, measured_r=True),
-      ]
-  for dtype in _dtypes(sizes):
-    for chunk in sizes.vmap_chunks:
-      core = dtype == sizes.dtypes[0] and chunk == sizes.vmap_chunks[0]
-      if core != (priority == 0):
-        continue
-      if not _vmap_fits(clock, model, chunk, f"query vmap {dtype} chunk {chunk}"):
-        continue
-      timed = np.resize(images, (2 * chunk,) + images.shape[1:])
-      vmap = measure(
-        clock,
-        f"query vmap {dtype} chunk {chunk}",
-        lambda: bench.make_query(
-          model, timed, mean, std, method="vmap", chunk_size=chunk, dtype=dtype, mesh=mesh
-        ),
-        len(timed),
-        1,
-        sync,
-      )
-      rows.append(_query_row("vmap", dtype, chunk, vmap, sizes.subset, measured_r=False))
-  return [r for r in rows if r is not None]
-
-
-def _query_row(kind, dtype, chunk, entry, subset, measured_r):
-  if entry is None:
-    return None
-  seconds_for_r = entry["seconds"] if measured_r else subset / entry["images_per_s"]
-  return {
-    "kind": kind,
-    "dtype": dtype,
-    "chunk": chunk,
-    "seconds_for_R": seconds_for_r,
-    "R": subset,
-    "R_measured": measured_r,
-    **entry,
-  }
-
-
-def _vmap_fits(clock, model, chunk, name) -> bool:
-  """vmap(grad) holds one gradient per image: skip chunks whose gradients would not fit."""
-  import jax
-  from flax import nnx
-
-  params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  need = 4 * params * chunk / jax.device_count()
-  stats = jax.devices()[0].memory_stats() or {}
-  limit = stats.get("bytes_limit")
-  if limit and need > 0.6 * limit:
-    clock.skipped.append(
-      {
-        "name": name,
-        "reason": f"per-image gradients need {need / 2**30:.0f} "
-        f"GiB per device of {limit / 2**30:.0f}",
-      }
-    )
-    return False
-  return True
-
-
-def step_section(clock, sizes, learner, train_config, pool, mean, std, mesh, priority):
-  """Rows of training steps: batch 128 (the paper's) first (priority 0), larger ones later."""
-  import bench
-  import jax
-
-  steps = []
-  for dtype in _dtypes(sizes):
-    for batch in sizes.batches:
-      if (batch == sizes.batches[0]) != (priority == 0):
-        continue
-      config = _train_config(train_config, batch, dtype, "host")
-      labeled = sizes.epoch_images if batch == sizes.batches[0] else batch
-      entry = measure(
-        clock,
-        f"train step {dtype} batch {batch}",
-        lambda: bench.make_train_step(learner, config, pool, mean, std, mesh, labeled),
-        batch,
-        sizes.repeats,
-        jax.block_until_ready,
-      )
-      if entry is not None:
-        steps.append({"dtype": dtype, "batch": batch, **entry})
-  return steps
-
-
-def epoch_section(clock, sizes, learner, train_config, pool, mean, std, mesh, priority):
-  """Rows of whole epochs, host vs scan loop: the last dtype (bf16, the candidate
-  accelerator default) first (priority 0), the others later."""
-  import bench
-  import jax
-
-  epochs, loop_dtypes = [], _dtypes(sizes)[::-1]
-  for dtype in loop_dtypes:
-    if (dtype == loop_dtypes[0]) != (priority == 0):
-      continue
-    for loop in sizes.loops:
-      config = _train_config(train_config, sizes.batches[0], dtype, loop)
-      entry = measure(
-        clock,
-        f"train epoch {loop} {dtype}",
-        lambda: bench.make_epoch(learner, config, pool, sizes.epoch_images, mean, std, mesh),
-        sizes.epoch_images,
-        max(1, sizes.repeats - 1),
-        jax.block_until_ready,
-      )
-      if entry is not None:
-        epochs.append(
-          {
-            "loop": loop,
-            "dtype": dtype,
-            "batch": sizes.batches[0],
-            "num_labeled": sizes.epoch_images,
-            "steps": -(-sizes.epoch_images // sizes.batches[0]),
-            **entry,
-          }
-        )
-  return epochs
-
-
-def _dtypes(sizes):
+def _dtypes(sizes):  # of all but the "fast" scorer
   return sizes.dtypes if sizes.full_dtypes else sizes.dtypes[:1]
 
 
-def _train_config(train_config, batch, dtype, loop):
-  config = train_config.copy_and_resolve_references()
-  config.batch_size, config.compute_dtype, config.epoch_loop = batch, dtype, loop
-  return config
+class Check:
+  """The measurements over one pool and learner, section by section, each at priority 0 (what
+  the targets and the advice need) or 1 (the sweeps: other chunks, batches, torch.compile)."""
 
-
-def torch_section(clock, sizes, images, labels, mean, std, priority):
-  """The PyTorch reference on the device torch sees; skipped with a note without torch."""
-  try:
-    import torch
-  except ImportError:
-    return {"available": False, "note": "torch is not installed: PyTorch reference skipped"}
-  import bench
-  import torch_reference as ref
-
-  device = "cuda" if torch.cuda.is_available() else "cpu"
-  sync = bench.torch_sync(device)
-  memory = (lambda: int(torch.cuda.max_memory_allocated())) if device == "cuda" else (lambda: None)
-  torch.manual_seed(0)
-  n = sizes.torch_images
-  x, y = bench.torch_inputs(
-    images[: sizes.batches[0]], labels[: sizes.batches[0]], mean, std, device
-  )
-  model = ref.ResNet18(10, sizes.width).to(device)
-  loss_net = ref.LossNet([sizes.width * 2**i for i in range(4)]).to(device)
-  rows = []
-
-  def row(name, dtype, images_count, build, repeats, need_s=None):
-    if device == "cuda":
-      torch.cuda.reset_peak_memory_stats()
-    entry = measure(
-      clock,
-      f"torch {name} {dtype}",
-      build,
-      images_count,
-      repeats,
-      sync,
-      memory=memory,
-      need_s=need_s,
-    )
-    if entry is not None:
-      entry.pop("peak_raised", None)  # torch's peak is reset before each measurement
-      rows.append({"name": name, "dtype": dtype, **entry})
-
-  if priority == 0:
-    model.eval()  # the query: BatchNorm in inference mode
-    row(
-      "forward_backward",
-      "float32",
-      len(x),
-      lambda: lambda: ref.forward_backward(model, x),
-      sizes.repeats,
-    )
-    row("per_sample_loop", "float32", n, lambda: lambda: ref.per_sample_loop(model, x[:n]), 1)
-    row("func_vmap", "float32", len(x), lambda: lambda: ref.func_vmap(model, x), 1)
-    model.train()
-    step = ref.make_trainer(model, loss_net)
-    row("train_eager", "float32", len(x), lambda: lambda: step(x, y), sizes.repeats)
-    row(
-      "train_eager", "bfloat16", len(x), lambda: _autocast(torch, device, step, x, y), sizes.repeats
-    )
-  elif sizes.torch_compile:
-    model.train()
-    compiled = ref.make_trainer(torch.compile(model), torch.compile(loss_net))
-    for dtype in ("float32", "bfloat16"):
-      build = (
-        (lambda: lambda: compiled(x, y))
-        if dtype == "float32"
-        else (lambda: _autocast(torch, device, compiled, x, y))
-      )
-      row("train_compiled", dtype, len(x), build, sizes.repeats, need_s=120)
-  return {
-    "available": True,
-    "version": torch.__version__,
-    "device": device,
-    "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-    "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-    "rows": rows,
-  }
-
-
-def _autocast(torch, device, step, x, y):
-  def run():
-    with torch.autocast(device_type=device, dtype=torch.bfloat16):
-      step(x, y)
-
-  return run
-
-
-class PhaseProbes:
-  """Times a campaign's phases by wrapping the library functions that carry them out.
-
-  Each probe replaces a function wherever a loaded `lplgrad_jax` module holds it (by
-  identity, so `from x import f` is found too), or a method of a class; it blocks on the
-  result so that asynchronous device work is counted where it is issued. A call inside
-  another probed call counts for the outer phase only. A probe whose function no longer
-  exists (the library was refactored) is listed in `missing`.
-  """
-
-  PROBES = (
-    ("data", "lplgrad_jax.data", "load_dataset"),
-    ("placement", "lplgrad_jax.sharding", "replicate"),
-    ("placement", "lplgrad_jax.sharding", "shard_rows"),
-    ("train", "lplgrad_jax.train", "train_epoch"),
-    ("eval", "lplgrad_jax.query", "model_outputs"),
-    ("query", "lplgrad_jax.query", "entropy_grad_norms"),
-    ("checkpoint", "lplgrad_jax.checkpoint", "Checkpointer.save"),
-    ("checkpoint", "lplgrad_jax.checkpoint", "Checkpointer.restore"),
-    ("checkpoint", "lplgrad_jax.checkpoint", "Checkpointer.close"),
-    ("results", "lplgrad_jax.reporting", "write_results"),
-    ("results", "lplgrad_jax.reporting", "plot_accuracy"),
-  )
-
-  def __init__(self):
-    self.seconds, self.calls, self.missing = {}, {}, []
-    self._undo, self._depth = [], 0
-
-  def __enter__(self):
-    import importlib
-
-    for phase, module_name, attr in self.PROBES:
-      module = importlib.import_module(module_name)
-      owner_name, _, name = attr.rpartition(".")
-      owner = getattr(module, owner_name) if owner_name else None
-      original = getattr(owner if owner is not None else module, name, None)
-      if original is None:
-        self.missing.append(f"{module_name}.{attr}")
-        continue
-      wrapped = self._wrap(phase, original)
-      targets = (
-        [owner]
-        if owner is not None
-        else [
-          m
-          for n, m in list(sys.modules.items())
-          if n.startswith("lplgrad_jax") and m is not None and getattr(m, name, None) is original
-        ]
-      )
-      for target in targets:
-        self._undo.append((target, name, original))
-        setattr(target, name, wrapped)
-    return self
-
-  def __exit__(self, *exc):
-    for target, name, original in reversed(self._undo):
-      setattr(target, name, original)
-
-  def _wrap(self, phase, fn):
-    import functools
-
+  def __init__(self, clock, sizes, config, dataset):
     import jax
+    import numpy as np
 
-    @functools.wraps(fn)
-    def timed(*args, **kwargs):
-      self._depth += 1
+    from lplgrad_jax import models
+    from lplgrad_jax import sharding
+
+    self.clock, self.sizes, self.config, self.dataset = clock, sizes, config, dataset
+    self.timed = clock.timed
+    config.model.width = sizes.width
+    self.mean, self.std = dataset.channel_stats()
+    need = max(sizes.epoch_images, max(sizes.batches))
+    # The campaign's own pool when it is large enough: its train step reuses this compile.
+    x = dataset.x_train
+    self.images = x if len(x) >= need else np.resize(x, (need, *x.shape[1:]))
+    self.labels = np.resize(dataset.y_train, len(self.images)).astype(np.int32)
+    key = jax.random.key(0)
+    self.learner = models.create_learner(config.model, dataset.num_classes, use_aux=True, key=key)
+    self.mesh, start = sharding.data_mesh(), time.perf_counter()
+    self.pool = jax.block_until_ready(sharding.replicate((self.images, self.labels), self.mesh))
+    self.placement_s = time.perf_counter() - start
+
+  def query(self, priority, sizes=None, mesh=None, prefix=""):
+    """The floor and "fast" per dtype and chunk, "vmap" per dtype and vmap chunk: the main
+    chunk (vmap: the first dtype and chunk) at priority 0. vmap(grad) holds a gradient per
+    image: chunks whose gradients would not fit are skipped."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    s, mesh, model, rows = sizes or self.sizes, mesh or self.mesh, self.learner.classifier, []
+    resized = lambda n: np.resize(self.images, (n, *self.images.shape[1:]))  # real images
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit") or float("inf")
+
+    def row(kind, dtype, chunk, x, count, repeats):
+      at = (model, x, self.mean, self.std)
+      build = lambda: (
+        measure.make_floor(*at, dtype, mesh)
+        if kind == "floor"
+        else measure.make_query(*at, method=kind, chunk_size=chunk, dtype=dtype, mesh=mesh)
+      )
+      entry = self.timed(f"{prefix}query {kind} {dtype} chunk {chunk}", build, count, repeats)
+      if entry is not None:
+        measured = kind == "fast"  # end to end over R, as a campaign scores it
+        seconds = entry["seconds"] if measured else s.subset / entry["images_per_s"]
+        fields = {"kind": kind, "dtype": dtype, "chunk": chunk, "seconds_for_R": seconds}
+        rows.append({**fields, "R": s.subset, "R_measured": measured, **entry})
+
+    subset = resized(s.subset)
+    for dtype in s.dtypes:
+      for chunk in [c for c in s.chunks if (c == s.main_chunk) == (priority == 0)]:
+        if dtype in _dtypes(s):
+          row("floor", dtype, chunk, resized(chunk), chunk, s.repeats)
+        row("fast", dtype, chunk, subset, s.subset, max(1, s.repeats - 1))
+    for dtype in _dtypes(s):
+      for chunk in s.vmap_chunks:
+        if (dtype == s.dtypes[0] and chunk == s.vmap_chunks[0]) != (priority == 0):
+          continue
+        gib, limit_gib = 4 * params * chunk / jax.device_count() / 2**30, limit / 2**30
+        if gib > 0.6 * limit_gib:
+          reason = f"per-image gradients need {gib:.0f} GiB per device of {limit_gib:.0f}"
+          self.clock.skipped.append({"name": f"query vmap {dtype} chunk {chunk}", "reason": reason})
+        else:
+          row("vmap", dtype, chunk, resized(2 * chunk), 2 * chunk, 1)
+    return rows
+
+  def _train_config(self, batch, dtype, loop):
+    config = self.config.train.copy_and_resolve_references()
+    config.batch_size, config.compute_dtype, config.epoch_loop = batch, dtype, loop
+    return config
+
+  def steps(self, priority, sizes=None, mesh=None, prefix=""):
+    """Training steps: the first batch (the paper's 128) at priority 0, larger ones at 1."""
+    from lplgrad_jax import sharding
+
+    s, mesh, rows = sizes or self.sizes, mesh or self.mesh, []
+    pool = self.pool if mesh is self.mesh else sharding.replicate(self.pool, mesh)
+    for dtype in _dtypes(s):
+      for batch in [b for b in s.batches if (b == s.batches[0]) == (priority == 0)]:
+        config = self._train_config(batch, dtype, "host")
+        labeled = s.epoch_images if batch == s.batches[0] else batch  # a shared compile
+        at = (self.learner, config, pool, self.mean, self.std, mesh, labeled)
+        build = lambda: measure.make_train_step(*at)
+        entry = self.timed(f"{prefix}train step {dtype} batch {batch}", build, batch, s.repeats)
+        rows += [{"dtype": dtype, "batch": batch, **entry}] if entry else []
+    return rows
+
+  def epochs(self, priority):
+    """Whole epochs, host vs scan loop: the last dtype (bf16, the candidate accelerator
+    default) at priority 0, the others at 1."""
+    s, dtypes, rows = self.sizes, _dtypes(self.sizes)[::-1], []
+    batch, n, repeats = s.batches[0], s.epoch_images, max(1, s.repeats - 1)
+    for dtype in [d for d in dtypes if (d == dtypes[0]) == (priority == 0)]:
+      for loop in s.loops:
+        config = self._train_config(batch, dtype, loop)
+        at = (self.learner, config, self.pool, n, self.mean, self.std, self.mesh)
+        build = lambda: measure.make_epoch(*at)
+        entry = self.timed(f"train epoch {loop} {dtype}", build, n, repeats)
+        fields = {"loop": loop, "dtype": dtype, "batch": batch, "num_labeled": n}
+        rows += [{**fields, "steps": -(-n // batch), **entry}] if entry else []
+    return rows
+
+  def torch(self, priority):
+    """The PyTorch reference (measure.TorchReference) on the device torch sees: the floor,
+    the authors' per-image loop, torch.func vmap(grad), the eager step (priority 0); the
+    torch.compile'd step (1). A note instead without torch."""
+    if importlib.util.find_spec("torch") is None:
+      return {"available": False, "note": "torch is not installed: PyTorch reference skipped"}
+    s, n, rows = self.sizes, self.sizes.batches[0], []
+    if priority and not s.torch_compile:
+      return None
+    ref = measure.TorchReference(s.width, self.images[:n], self.labels[:n], self.mean, self.std)
+    need_s = 120 if priority else None  # torch.compile
+    cases = ref.cases(s.repeats, s.torch_images, s.dtypes, compiled=bool(priority))
+    for name, dtype, count, build, repeats in cases:
+      label = f"torch {name} {dtype}"
+      entry = self.timed(label, build, count, repeats, ref.sync, ref.peak_bytes, need_s)
+      if entry is not None:
+        entry.pop("peak_raised", None)  # torch's peak is reset as each thunk is built
+        rows.append({"name": name, "dtype": dtype, **entry})
+    return {"available": True, **ref.describe(), "rows": rows}
+
+  def campaign(self, startup_s):
+    """A short real campaign (`campaign.run`): its phases from its own round records (train
+    and query seconds, results.json) and its wall clock; on its trained model, eval and a
+    checkpoint save timed (what the extrapolation scales) and the bf16 score error."""
+    from lplgrad_jax import campaign
+    from lplgrad_jax import predict
+    from lplgrad_jax import query
+
+    s, dataset, config = self.sizes, self.dataset, self.config.copy_and_resolve_references()
+    config.train.epochs = config.train.detach_features_epoch = s.campaign_epochs
+    config.train.lr_milestones, config.train.batch_size = (), s.batches[0]
+    config.al.initial_size = config.al.query_size = s.campaign_query
+    config.al.subset_size = max(s.campaign_subset, s.campaign_query)
+    config.al.num_rounds, config.query.chunk_size = s.campaign_rounds, s.main_chunk
+    config.log.progress = False
+    config.log.tensorboard = importlib.util.find_spec("tensorboardX") is not None
+    workdir = tempfile.mkdtemp(prefix="accelerator_campaign_")
+    try:
       start = time.perf_counter()
-      try:
-        out = fn(*args, **kwargs)
-        for leaf in jax.tree.leaves(out):
-          if isinstance(leaf, jax.Array):
-            leaf.block_until_ready()
-        return out
-      finally:
-        self._depth -= 1
-        if self._depth == 0:
-          self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-          self.calls[phase] = self.calls.get(phase, 0) + 1
-
-    return timed
-
-
-def campaign_section(clock, sizes, config, dataset, startup_s):
-  """A short real campaign end to end, its phases, and bf16-vs-fp32 scores on its model."""
-  import bf16_error
-
-  from lplgrad_jax import campaign
-  from lplgrad_jax import predict
-
-  config = config.copy_and_resolve_references()
-  config.model.width = sizes.width
-  config.train.epochs = sizes.campaign_epochs
-  config.train.lr_milestones = ()
-  config.train.batch_size = sizes.batches[0]
-  config.train.detach_features_epoch = sizes.campaign_epochs
-  config.al.initial_size = config.al.query_size = sizes.campaign_query
-  config.al.subset_size = max(sizes.campaign_subset, sizes.campaign_query)
-  config.al.num_rounds = sizes.campaign_rounds
-  config.query.chunk_size = sizes.main_chunk
-  config.log.progress = False
-  config.log.tensorboard = _importable("tensorboardX")
-  workdir = tempfile.mkdtemp(prefix="accelerator_campaign_")
-  try:
-    with PhaseProbes() as probes:
-      start = time.perf_counter()
-      results = campaign.run(config, workdir)
+      rounds = campaign.run(config, workdir)["rounds"]
       wall = time.perf_counter() - start
-    phases = _phases(results["rounds"], probes.seconds, wall)
-    phases = {"process start-up (imports, backend)": startup_s, **phases}
-    report = {
-      "config": {
-        "data": config.data.name,
-        "width": config.model.width,
-        "epochs_per_round": config.train.epochs,
-        "rounds": config.al.num_rounds,
-        "initial": config.al.initial_size,
-        "query": config.al.query_size,
-        "subset_R": config.al.subset_size,
-        "chunk": config.query.chunk_size,
-        "batch": config.train.batch_size,
-        "epoch_loop": config.train.epoch_loop,
-        "compute_dtype": config.train.compute_dtype,
-        "tensorboard": config.log.tensorboard,
-      },
-      "num_test": len(dataset.y_test),
-      "wall_s": wall,
-      "phases_s": phases,
-      "phase_calls": {
-        "data load": probes.calls.get("data"),
-        "data placement": probes.calls.get("placement"),
-        "eval": probes.calls.get("eval"),
-        "checkpoint": probes.calls.get("checkpoint"),
-        "results.json and plot": probes.calls.get("results"),
-      },
-      "probes_missing": probes.missing,
-      "rounds": [
-        {
-          k: r[k]
-          for k in ("round", "num_labeled", "test_accuracy", "train_seconds", "query_seconds")
-        }
-        for r in results["rounds"]
-      ],
-    }
-    if clock.allow("campaign bf16 error", need_s=2 * clock.slowest_first / 3):
+      train_s, query_s = (sum(r[k] for r in rounds) for k in ("train_seconds", "query_seconds"))
+      keys = ("round", "num_labeled", "test_accuracy", "train_seconds", "query_seconds")
+      phases = {
+        "process start-up (imports, backend)": startup_s,
+        "train (round records)": train_s,
+        "query (round records)": query_s,
+        "the rest: set-up, eval, checkpoints, results, logging": max(wall - train_s - query_s, 0),
+      }
+      report = {"config": config.to_dict(), "num_test": len(dataset.y_test), "wall_s": wall}
+      report.update(phases_s=phases, rounds=[{k: r[k] for k in keys} for r in rounds])
       model = predict.load_model(workdir)
-      pool = dataset.x_train[: config.al.subset_size]
-      report["bf16_error"] = bf16_error.score_error(model, pool, config.query, config.al.query_size)
-    return report
-  finally:
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _phases(rounds, probed, wall):
-  """Seconds per phase: train and query from the round records (results.json), the others
-  from the probes, the rest of the wall clock as "other". The campaign checkpoints only at
-  round ends (its epochs < checkpoint.every_epochs), so no checkpoint is inside a round's
-  train seconds."""
-  phases = {
-    "data load": probed.get("data", 0.0),
-    "data placement": probed.get("placement", 0.0),
-    "train (round records)": sum(r["train_seconds"] for r in rounds),
-    "eval": probed.get("eval", 0.0),
-    "query (round records)": sum(r["query_seconds"] for r in rounds),
-    "checkpoint": probed.get("checkpoint", 0.0),
-    "results.json and plot": probed.get("results", 0.0),
-  }
-  phases["other (set-up, model creation, logging)"] = max(wall - sum(phases.values()), 0.0)
-  return phases
-
-
-def _importable(name: str) -> bool:
-  try:
-    __import__(name)
-    return True
-  except ImportError:
-    return False
+      batch = config.train.eval_batch_size
+      evaluate = lambda: query.evaluate(model.learner, dataset, model.normalization, batch)
+      report["eval"] = self.timed("eval", lambda: evaluate, len(dataset.y_test), s.repeats)
+      save = measure.make_checkpoint_save(model.learner, config.train, f"{workdir}/timed")
+      try:
+        report["checkpoint_save"] = self.timed("checkpoint save", lambda: save, 1, s.repeats)
+      finally:
+        save.close()
+      if self.clock.allow("campaign bf16 error", need_s=2 * self.clock.slowest_first / 3):
+        pool, k = dataset.x_train[: config.al.subset_size], config.al.query_size
+        report["bf16_error"] = measure.score_error(model, pool, config.query, k)
+      return report
+    finally:
+      shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_check(args, sizes: Sizes, report: dict, clock: Clock) -> dict:
@@ -808,82 +401,35 @@ def run_check(args, sizes: Sizes, report: dict, clock: Clock) -> dict:
   the epoch loops; then the chunk and batch sweeps and torch.compile.
   """
   import jax
-  import numpy as np
 
-  from lplgrad_jax import models
   from lplgrad_jax import sharding
 
-  startup_s = report["header"]["startup_s"]
-  config, dataset, campaign_ok = load_pool(args, args.smoke, clock)
-  config.model.width = sizes.width
-  mean, std = dataset.channel_stats()
-  need = max(sizes.epoch_images, max(sizes.batches))
-  # The campaign's own pool when it is large enough: its train step then reuses this compile.
-  images = (
-    dataset.x_train
-    if len(dataset.x_train) >= need
-    else np.resize(dataset.x_train, (need,) + dataset.x_train.shape[1:])
-  )
-  labels = np.resize(dataset.y_train, len(images)).astype(np.int32)
-  learner = models.create_learner(
-    config.model, dataset.num_classes, use_aux=True, key=jax.random.key(0)
-  )
-  mesh = sharding.data_mesh()
-  pool = sharding.replicate((images, labels), mesh)
-  train_report, torch_report = report["train"], report["torch"]
-  for priority in (0, 1):  # 0: what the targets and the advice need; 1: the sweeps
-    report["query"]["rows"] += query_section(
-      clock, sizes, learner.classifier, images, mean, std, mesh, priority
-    )
-    train_report["steps"] += step_section(
-      clock, sizes, learner, config.train, pool, mean, std, mesh, priority
-    )
-    if priority == 0 or torch_report["available"]:
-      part = _guarded(
-        clock, "torch", lambda: torch_section(clock, sizes, images, labels, mean, std, priority)
-      )
+  start = time.perf_counter()
+  config, dataset, campaign_ok = load_pool(args, clock)
+  report["data"] = {"name": dataset.name, "load_s": time.perf_counter() - start}
+  check = Check(clock, sizes, config, dataset)
+  report["data"]["placement_s"] = check.placement_s
+  torch = report["torch"]
+  for priority in (0, 1):
+    report["query"]["rows"] += check.query(priority)
+    report["train"]["steps"] += check.steps(priority)
+    if priority == 0 or torch["available"]:
+      part = clock.guarded("torch", check.torch, priority)
       if part is not None:
-        torch_report.update(part, rows=torch_report["rows"] + part.pop("rows", []))
+        torch.update(part, rows=torch["rows"] + part.pop("rows", []))
     if priority == 0 and campaign_ok and clock.allow("campaign", need_s=2 * clock.slowest_first):
-      report["campaign"] = _guarded(
-        clock, "campaign", lambda: campaign_section(clock, sizes, config, dataset, startup_s)
-      )
-    train_report["epochs"] += epoch_section(
-      clock, sizes, learner, config.train, pool, mean, std, mesh, priority
-    )
-  if jax.device_count() > 1:
-    report["single_device"] = _single_device(
-      clock, sizes, learner, config, images, labels, mean, std
-    )
+      startup_s = report["header"]["startup_s"]
+      report["campaign"] = clock.guarded("campaign", check.campaign, startup_s)
+    report["train"]["epochs"] += check.epochs(priority)
+  if jax.device_count() > 1:  # the core query and step on one device: the scaling's base
+    one, chunk, name = sharding.data_mesh(jax.devices()[:1]), sizes.main_chunk, "one device: "
+    core = dataclasses.replace(sizes, dtypes=sizes.dtypes[-1:], chunks=(chunk,), vmap_chunks=())
+    core.subset, core.batches = 4 * chunk, sizes.batches[:1]
+    report["single_device"] = {
+      "query": check.query(0, core, one, name),
+      "steps": check.steps(0, core, one, name),
+    }
   return report
-
-
-def empty_report(head: dict, clock: Clock) -> dict:
-  return {
-    "schema": 1,
-    "header": head,
-    "query": {"rows": []},
-    "train": {"steps": [], "epochs": []},
-    "torch": {"available": None, "rows": []},
-    "campaign": None,
-    "skipped": clock.skipped,
-    "failed": clock.failed,
-  }
-
-
-def finish(report: dict, out: str) -> list[str]:
-  import accelerator_report
-
-  report["tensorflow_modules_loaded"] = sorted(
-    n
-    for n, m in list(sys.modules.items())
-    if m is not None and n.split(".")[0] in ("tensorflow", "tensorflow_datasets")
-  )
-  report["wall_s"] = time.perf_counter() - _START
-  paths = accelerator_report.write(report, out, slug(report["header"]))
-  print(accelerator_report.summary(report), flush=True)
-  print("wrote " + " and ".join(paths), flush=True)
-  return paths
 
 
 def start_watchdog(report: dict, out: str, hard_s: float):
@@ -891,24 +437,15 @@ def start_watchdog(report: dict, out: str, hard_s: float):
   3): a compile that runs long must not cost the whole lease's results."""
   import threading
 
-  import accelerator_report  # noqa: F401 - imported here: an import on the timer's thread
-  # races the main thread's imports (module locks) at the moment the budget is short
-
   def expire():
-    report["failed"].append(
-      {
-        "name": "hard time limit",
-        "error": f"still running at {hard_s:.0f} s: the report holds what was measured by then",
-      }
-    )
+    error = f"still running at {hard_s:.0f} s: the report holds what was measured by then"
+    report["failed"].append({"name": "hard time limit", "error": error})
     try:
-      finish(json.loads(json.dumps(report, default=str)), out)
+      copy = json.loads(json.dumps(report, default=str))
+      accelerator_report.finish(copy, out, time.perf_counter() - _START)
     except BaseException as e:  # noqa: BLE001 - the process ends here either way
-      print(
-        f"error: the watchdog could not write the report: {type(e).__name__}: {e}",
-        file=sys.stderr,
-        flush=True,
-      )
+      message = f"error: the watchdog could not write the report: {type(e).__name__}: {e}"
+      print(message, file=sys.stderr, flush=True)
     finally:
       os._exit(3)
 
@@ -918,67 +455,14 @@ def start_watchdog(report: dict, out: str, hard_s: float):
   return timer
 
 
-def _guarded(clock, name, fn):
-  try:
-    return fn()
-  except Exception as e:  # noqa: BLE001 - one broken section must not cost the others
-    clock.fail(name, e)
-    return None
-
-
-def _single_device(clock, sizes, learner, config, images, labels, mean, std):
-  """With several devices: the core query and step on one of them (the scaling's base)."""
-  import bench
-  import jax
-
-  from lplgrad_jax import sharding
-
-  mesh = sharding.data_mesh(jax.devices()[:1])
-  dtype, chunk, batch = sizes.dtypes[-1], sizes.main_chunk, sizes.batches[0]
-  subset = images[: chunk * 4]
-  query = measure(
-    clock,
-    f"one device: query fast {dtype} chunk {chunk}",
-    lambda: bench.make_query(
-      learner.classifier, subset, mean, std, method="fast", chunk_size=chunk, dtype=dtype, mesh=mesh
-    ),
-    len(subset),
-    sizes.repeats,
-    jax.block_until_ready,
-  )
-  pool = sharding.replicate((images, labels), mesh)
-  step = measure(
-    clock,
-    f"one device: train step {dtype} batch {batch}",
-    lambda: bench.make_train_step(
-      learner, _train_config(config.train, batch, dtype, "host"), pool, mean, std, mesh
-    ),
-    batch,
-    sizes.repeats,
-    jax.block_until_ready,
-  )
-  return {"dtype": dtype, "query_chunk": chunk, "query": query, "batch": batch, "train_step": step}
-
-
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  from lplgrad_jax import errors
-  from lplgrad_jax.errors import ConfigError
-
   try:
     sizes = resolve_sizes(args)
     if args.smoke:  # code paths, not speed: XLA:CPU's optimisations off halve its compiles
       os.environ.setdefault("JAX_PLATFORMS", "cpu")
-      os.environ["XLA_FLAGS"] = " ".join(
-        filter(
-          None,
-          (
-            os.environ.get("XLA_FLAGS"),
-            "--xla_backend_optimization_level=0",
-            "--xla_llvm_disable_expensive_passes=true",
-          ),
-        )
-      )
+      quick = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+      os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), quick)))
     import jax
 
     backend = jax.default_backend()
@@ -990,20 +474,18 @@ def main(argv=None) -> int:
       )
     mode = "smoke" if args.smoke else ("accelerator" if backend != "cpu" else "forced-cpu")
     budget_s = args.budget_s or (600.0 if args.smoke else 420.0)
-    out = args.out or (
-      tempfile.mkdtemp(prefix="accelerator_smoke_")
-      if args.smoke
-      else os.path.join(REPO_ROOT, "experiments", "results")
-    )
+    out = os.path.join(REPO_ROOT, "experiments", "results")
+    out = args.out or (tempfile.mkdtemp(prefix="accelerator_smoke_") if args.smoke else out)
     os.makedirs(out, exist_ok=True)
     clock = Clock(budget_s)
-    report = empty_report(header(mode, sizes, budget_s, startup_s), clock)
+    head = accelerator_report.header(mode, sizes, budget_s, startup_s)
+    report = accelerator_report.new_report(head, clock.skipped, clock.failed)
     watchdog = start_watchdog(report, out, budget_s + args.grace_s)
     run_check(args, sizes, report, clock)
   except ConfigError as e:
     errors.exit_with(e)
   watchdog.cancel()
-  finish(report, out)
+  accelerator_report.finish(report, out, time.perf_counter() - _START)
   return 0
 
 

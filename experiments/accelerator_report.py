@@ -1,38 +1,105 @@
-"""Judges and renders what `accelerator_check.py` measured: targets, extrapolation, advice.
+"""The accelerator check's report: the machine, the targets, the extrapolation, the advice.
 
-`judge(report)` adds `targets` (the issue's, met / not met / not measured), `extrapolation`
-(the whole CIFAR-10 high-budget campaign from the measured rates) and `recommendations`
-(the epoch loop, bf16 and the query chunk, as the measurements decide them);
-`write(report, out, slug)` writes `accelerator_<slug>.json` (strict JSON) and `.md`.
+`header(...)` describes the machine the check runs on; `judge(report)` adds `targets` (the
+issue's, met / not met / not measured), `extrapolation` (the whole CIFAR-10 high-budget
+campaign from the measured rates) and `recommendations` (the epoch loop, bf16 and the query
+chunk, as the measurements decide them); `finish(report, out, wall_s)` writes
+`accelerator_<device kind>.json` (strict JSON) and `.md` and prints a summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import platform
+import subprocess
+import sys
 
 from lplgrad_jax import reporting
 
 SUBSET = 25_000
-# The paper's CIFAR-10 high budget: B = 1,000 initial and per round, A = 10,000, 200 epochs.
-CIFAR10_HIGH = {
-  "rounds": 10,
-  "initial": 1000,
-  "query": 1000,
-  "epochs": 200,
-  "batch": 128,
-  "subset": SUBSET,
-  "test": 10_000,
-  "checkpoint_every": 10,
-}
+DTYPES = ("float32", "bfloat16")
+# The paper's CIFAR-10 high budget: B = 1,000 initial and per round, A = 10,000, 200 epochs
+# (a checkpoint every 10), R = 25,000 scored per round, 10,000 test images.
+CIFAR10_HIGH = {"rounds": 10, "initial": 1000, "query": 1000, "epochs": 200, "batch": 128}
+CIFAR10_HIGH.update({"subset": SUBSET, "test": 10_000, "checkpoint_every": 10})
+# name, description, unit, threshold: seconds are met at or below it, the others at or above.
+TARGETS = (
+  ("query_R25k", "R = 25,000 images scored", "s", 0.5),
+  ("train_bf16", "joint train step, bf16", "img/s", 30_000),
+  ("train_vs_torch", "JAX train step / PyTorch eager step", "x", 1.5),
+  ("fast_vs_vmap", "fast scorer / JAX vmap(grad)", "x", 5.0),
+  ("campaign_cifar10_high", "CIFAR-10 high budget, 10 rounds x 200 epochs", "s", 300.0),
+)
 # What README says bf16 query scores cost (digits demo model, experiments/bf16_error.py).
-DOCUMENTED_BF16 = {
-  "relative_error_median": 0.025,
-  "relative_error_p99": 0.15,
-  "spearman": 0.99992,
-  "top_k_overlap": 1.0,
-}
+DOCUMENTED_BF16 = {"relative_error_median": 0.025, "relative_error_p99": 0.15}
+
+
+def nvidia_smi():
+  """(driver version, GPU names) from nvidia-smi, or (None, None) where it is absent."""
+  query = ["--query-gpu=driver_version,name,memory.total", "--format=csv,noheader"]
+  try:
+    out = subprocess.run(["nvidia-smi", *query], capture_output=True, text=True, timeout=20)
+  except (OSError, subprocess.SubprocessError):
+    return None, None
+  rows = [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
+  if out.returncode or not rows:
+    return None, None
+  return rows[0][0], [f"{r[1]} ({r[2]})" for r in rows if len(r) >= 3]
+
+
+def header(mode: str, sizes, budget_s: float, startup_s: float) -> dict:
+  """The devices, driver, versions, XLA flags and environment, the defaults the advice
+  compares with, and what the check was asked to measure."""
+  import jax
+
+  from lplgrad_jax.configs import default
+
+  driver, gpus = nvidia_smi()
+  devices = jax.devices()
+  versions = {"python": platform.python_version()}
+  for name in ("jax", "jaxlib", "flax", "numpy", "optax", "orbax.checkpoint", "torch"):
+    try:
+      versions[name] = __import__(name, fromlist=["_"]).__version__
+    except Exception:  # noqa: BLE001 - absent or broken: reported as absent
+      versions[name] = None
+  defaults = default.get_config()
+  keys = ("query.chunk_size", "train.epoch_loop", "train.compute_dtype", "query.compute_dtype")
+  prefixes = ("XLA_PYTHON_CLIENT", "JAX_", "TF_GPU", "CUDA_VISIBLE")
+  return {
+    "mode": mode,
+    "platform": devices[0].platform,
+    "device_kind": devices[0].device_kind,
+    "defaults": {k: defaults[k.split(".")[0]][k.split(".")[1]] for k in keys},
+    "device_count": len(devices),
+    "process_count": jax.process_count(),
+    "driver": driver,
+    "nvidia_smi_gpus": gpus,
+    "versions": versions,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)},
+    "jax_default_matmul_precision": str(getattr(jax.config, "jax_default_matmul_precision", None)),
+    "budget_s": budget_s,
+    "startup_s": startup_s,
+    "sizes": dataclasses.asdict(sizes),
+  }
+
+
+def new_report(head: dict, skipped: list, failed: list) -> dict:
+  """The sections the check fills in priority order (a watchdog may write them early)."""
+  return {
+    "schema": 2,
+    "header": head,
+    "data": None,
+    "query": {"rows": []},
+    "train": {"steps": [], "epochs": []},
+    "torch": {"available": None, "rows": []},
+    "campaign": None,
+    "skipped": skipped,
+    "failed": failed,
+  }
 
 
 def _best(rows, key="images_per_s", **match):
@@ -40,175 +107,118 @@ def _best(rows, key="images_per_s", **match):
   return max(rows, key=lambda r: r[key]) if rows else None
 
 
-def _target(name, description, value, unit, threshold, higher_is_better, basis):
-  met = None if value is None else (value >= threshold if higher_is_better else value <= threshold)
-  return {
-    "name": name,
-    "description": description,
-    "value": value,
-    "unit": unit,
-    "threshold": threshold,
-    "met": met,
-    "basis": basis,
-  }
+def _target(name, description, unit, threshold, value, basis):
+  met = None if value is None else (value <= threshold if unit == "s" else value >= threshold)
+  fields = (name, description, value, unit, threshold, met, basis)
+  return dict(zip(("name", "description", "value", "unit", "threshold", "met", "basis"), fields))
 
 
-def _query_target(query):
-  fast = [r for r in query if r["kind"] == "fast"]
-  if not fast:
-    return _target("query_R25k", "R = 25,000 images scored", None, "s", 0.5, False, "not measured")
-  best = min(fast, key=lambda r: r["seconds_for_R"] * SUBSET / r["R"])
-  value = best["seconds_for_R"] * SUBSET / best["R"]
-  how = (
-    "measured end to end"
-    if best["R"] == SUBSET
-    else f"extrapolated from R = {best['R']:,} measured end to end"
-  )
-  return _target(
-    "query_R25k",
-    "R = 25,000 images scored",
-    value,
-    "s",
-    0.5,
-    False,
-    f"fast scorer, {best['dtype']}, chunk {best['chunk']}: {how}",
-  )
-
-
-def _train_targets(steps, torch_rows, batch):
-  step = _best(steps, dtype="bfloat16", batch=batch)
-  rate = step["images_per_s"] if step else None
-  out = [
-    _target(
-      "train_bf16",
-      "joint train step, bf16",
-      rate,
-      "img/s",
-      30_000,
-      True,
-      f"batch {batch}" if step else "not measured",
-    )
-  ]
-  eager = _best(torch_rows, name="train_eager", dtype="bfloat16") or _best(
-    torch_rows, name="train_eager", dtype="float32"
-  )
-  ratio = rate / eager["images_per_s"] if (step and eager) else None
-  basis = (
-    (
-      f"JAX bf16 batch {batch} / PyTorch eager {eager['dtype']}"
-      + (" (autocast)" if eager["dtype"] == "bfloat16" else "")
-    )
-    if eager
-    else "not measured"
-  )
-  out.append(
-    _target("train_vs_torch", "JAX train step / PyTorch eager step", ratio, "x", 1.5, True, basis)
-  )
+def _measured(report, extrapolations):
+  """{target name: (value, basis)} of the targets measured."""
+  query, batch = report["query"]["rows"], report["header"]["sizes"]["batches"][0]
+  step = _best(report["train"]["steps"], dtype="bfloat16", batch=batch)
+  eager = [_best(report["torch"].get("rows", []), name="train_eager", dtype=d) for d in DTYPES]
+  eager, out = eager[1] or eager[0], {}
+  if fast := min((r for r in query if r["kind"] == "fast"), key=_seconds_per_image, default=None):
+    how = f"extrapolated from R = {fast['R']:,}" if fast["R"] != SUBSET else "measured"
+    basis = f"fast scorer, {fast['dtype']}, chunk {fast['chunk']}: {how} end to end"
+    out["query_R25k"] = SUBSET * _seconds_per_image(fast), basis
+  if step:
+    out["train_bf16"] = step["images_per_s"], f"batch {batch}"
+  if step and eager:
+    basis = f"JAX bf16 batch {batch} / PyTorch eager {eager['dtype']}"
+    basis += " (autocast)" if eager["dtype"] == "bfloat16" else ""
+    out["train_vs_torch"] = step["images_per_s"] / eager["images_per_s"], basis
+  for dtype in DTYPES[::-1]:  # float32's if measured
+    fast, vmap = (_best(query, kind=k, dtype=dtype) for k in ("fast", "vmap"))
+    if fast and vmap:
+      basis = f"{dtype}, each at its best chunk ({fast['chunk']}, {vmap['chunk']})"
+      out["fast_vs_vmap"] = fast["images_per_s"] / vmap["images_per_s"], basis
+  if extrapolations:
+    best = min(extrapolations, key=lambda e: e["total_s"])
+    out["campaign_cifar10_high"] = best["total_s"], best["basis"]
   return out
 
 
-def _vmap_target(query):
-  for dtype in ("float32", "bfloat16"):
-    fast, vmap = _best(query, kind="fast", dtype=dtype), _best(query, kind="vmap", dtype=dtype)
-    if fast and vmap:
-      return _target(
-        "fast_vs_vmap",
-        "fast scorer / JAX vmap(grad)",
-        fast["images_per_s"] / vmap["images_per_s"],
-        "x",
-        5.0,
-        True,
-        f"{dtype}, each at its best chunk ({fast['chunk']}, {vmap['chunk']})",
-      )
-  return _target(
-    "fast_vs_vmap", "fast scorer / JAX vmap(grad)", None, "x", 5.0, True, "not measured"
-  )
+def _seconds_per_image(row):
+  return row["seconds_for_R"] / row["R"]
 
 
 def extrapolate(report, dtype):
   """Seconds of the whole CIFAR-10 high-budget campaign in `dtype`, from measured rates."""
   c = CIFAR10_HIGH
-  steps = report["train"]["steps"]
   epoch = _best(report["train"]["epochs"], dtype=dtype, batch=c["batch"]) or _best(
     report["train"]["epochs"], dtype=dtype
   )
-  step = _best(steps, dtype=dtype, batch=c["batch"])
+  step = _best(report["train"]["steps"], dtype=dtype, batch=c["batch"])
   fast = [r for r in report["query"]["rows"] if r["kind"] == "fast" and r["dtype"] == dtype]
   if not (epoch or step) or not fast:
     return None
+  source = epoch or step
   if epoch:
     step_s, basis = epoch["seconds"] / epoch["steps"], f"{epoch['loop']} epoch loop"
   else:
-    step_s, basis = c["batch"] / step["images_per_s"], "single step (no epoch measured)"
-  if (epoch or step)["batch"] != c["batch"]:
-    step_s *= c["batch"] / (epoch or step)["batch"]
-    basis += f", scaled from batch {(epoch or step)['batch']}"
+    step_s, basis = step["batch"] / step["images_per_s"], "single step (no epoch measured)"
+  if source["batch"] != c["batch"]:
+    step_s *= c["batch"] / source["batch"]
+    basis += f", scaled from batch {source['batch']}"
   labeled = [c["initial"] + r * c["query"] for r in range(c["rounds"])]
-  parts = {"train": sum(c["epochs"] * math.ceil(n / c["batch"]) * step_s for n in labeled)}
-  query_s = min(r["seconds_for_R"] * c["subset"] / r["R"] for r in fast)
-  parts["query"] = (c["rounds"] - 1) * query_s
+  best_fast = min(fast, key=_seconds_per_image)
+  query_s = c["subset"] * _seconds_per_image(best_fast)
+  parts = {
+    "train": sum(c["epochs"] * math.ceil(n / c["batch"]) * step_s for n in labeled),
+    "query": (c["rounds"] - 1) * query_s,
+  }
   camp = report.get("campaign") or {}
-  phases, calls = camp.get("phases_s", {}), camp.get("phase_calls", {})
-  if phases.get("eval"):
-    rounds = camp["config"]["rounds"]
-    parts["eval (upper bound: includes a compile)"] = (
-      phases["eval"] * c["rounds"] / rounds * (c["test"] / max(camp.get("num_test", c["test"]), 1))
-    )
-  if phases.get("checkpoint"):
+  evaluation, save = camp.get("eval"), camp.get("checkpoint_save")
+  if evaluation:  # once per round, over the test split's 10,000 images
+    parts["eval"] = c["rounds"] * evaluation["seconds"] * c["test"] / evaluation["images"]
+  if save:  # every checkpoint_every epochs and at each round's two commits
     saves = c["rounds"] * (c["epochs"] // c["checkpoint_every"] + 1)
-    parts["checkpoint"] = phases["checkpoint"] / max(calls.get("checkpoint") or 1, 1) * saves
-  compile_s = sum(
-    r.get("compile_s", 0.0)
-    for r in (epoch or step, min(fast, key=lambda r: r["seconds_for_R"] / r["R"]))
-  )
+    parts["checkpoint (upper bound: each save waited for)"] = saves * save["seconds"]
+  data = report.get("data") or {}
   parts["once: start-up, data, placement, compiles"] = (
     report["header"]["startup_s"]
-    + phases.get("data load", 0.0)
-    + phases.get("data placement", 0.0)
-    + compile_s
+    + data.get("load_s", 0.0)
+    + data.get("placement_s", 0.0)
+    + sum(r.get("compile_s", 0.0) for r in (source, best_fast, evaluation) if r)
   )
-  total = sum(parts.values())
   return {
     "dtype": dtype,
-    "total_s": total,
+    "total_s": sum(parts.values()),
     "parts_s": parts,
     "basis": f"extrapolated, {dtype}: train from the {basis} ({step_s * 1e3:.2f} ms/step), "
-    f"query "
-    f"from the best fast scorer ({query_s:.3f} s per R); not a measured campaign",
+    f"query from the best fast scorer ({query_s:.3f} s per R); not a measured campaign",
   }
 
 
 def recommendations(report) -> list[str]:
   out = []
-  platform = report["header"]["platform"]
+  platform_ = report["header"]["platform"]
   defaults = report["header"].get("defaults", {})
-  epochs = report["train"]["epochs"]
+  epochs, query = report["train"]["epochs"], report["query"]["rows"]
   for dtype in ("bfloat16", "float32"):
     host, scan = _best(epochs, loop="host", dtype=dtype), _best(epochs, loop="scan", dtype=dtype)
     if host and scan:
       ratio = scan["images_per_s"] / host["images_per_s"]
       pick = "scan" if ratio > 1.05 else "host"
+      close = " (within 5%: keep the host loop, which stops mid-epoch)"
       out.append(
-        f"epoch loop ({dtype}, {platform}): scan runs at {ratio:.2f}x the host loop -> "
-        f"train.epoch_loop default on {platform}: '{pick}' (now "
-        f"'{defaults.get('train.epoch_loop', '?')}')"
-        + (
-          " (within 5%: keep the host loop, which stops mid-epoch)" if 0.95 <= ratio <= 1.05 else ""
-        )
+        f"epoch loop ({dtype}, {platform_}): scan runs at {ratio:.2f}x the host loop -> "
+        f"train.epoch_loop default on {platform_}: '{pick}' (now "
+        f"'{defaults.get('train.epoch_loop', '?')}')" + (close if 0.95 <= ratio <= 1.05 else "")
       )
   out += _bf16_advice(report)
   for dtype in ("float32", "bfloat16"):
-    fast = [r for r in report["query"]["rows"] if r["kind"] == "fast" and r["dtype"] == dtype]
-    if fast:
-      best = max(fast, key=lambda r: r["images_per_s"])
-      floor = _best(report["query"]["rows"], kind="floor", dtype=dtype, chunk=best["chunk"])
-      gap = (
-        f"; {best['images_per_s'] / floor['images_per_s']:.2f}x the fwd+bwd floor" if floor else ""
-      )
+    best = _best(query, kind="fast", dtype=dtype)
+    if best:
+      floor = _best(query, kind="floor", dtype=dtype, chunk=best["chunk"])
+      ratio = floor and best["images_per_s"] / floor["images_per_s"]
+      gap = f"; {ratio:.2f}x the fwd+bwd floor" if floor else ""
       out.append(
         f"query chunk ({dtype}): fastest at chunk {best['chunk']} "
         f"({best['images_per_s']:,.0f} img/s{gap}) -> query.chunk_size={best['chunk']} "
-        f"on {platform} (now {defaults.get('query.chunk_size', '?')})"
+        f"on {platform_} (now {defaults.get('query.chunk_size', '?')})"
       )
   return out
 
@@ -227,26 +237,24 @@ def _bf16_advice(report):
   text = f"bf16: train step {train_x:.2f}x fp32, query {query_x:.2f}x fp32"
   if not error:
     return [text + "; bf16 score error on the campaign model not measured: no decision"]
-  documented = DOCUMENTED_BF16
+  doc = DOCUMENTED_BF16
   text += (
     f"; scores on the trained campaign model: median relative error "
-    f"{error['relative_error_median']:.2%} (documented "
-    f"{documented['relative_error_median']:.1%}), p99 {error['relative_error_p99']:.1%} "
-    f"(documented {documented['relative_error_p99']:.0%}), Spearman "
-    f"{error['spearman']:.5f}, top-{error['top_k']} overlap {error['top_k_overlap']:.1%}"
+    f"{error['relative_error_median']:.2%} (documented {doc['relative_error_median']:.1%}), "
+    f"p99 {error['relative_error_p99']:.1%} (documented {doc['relative_error_p99']:.0%}), "
+    f"Spearman {error['spearman']:.5f}, top-{error['top_k']} overlap {error['top_k_overlap']:.1%}"
   )
   as_documented = (
     error["spearman"] >= 0.999
     and error["top_k_overlap"] >= 0.98
-    and error["relative_error_median"] <= 2 * documented["relative_error_median"]
+    and error["relative_error_median"] <= 2 * doc["relative_error_median"]
   )
-  faster = max(train_x, query_x) >= 1.2
   verdict = (
-    "make bf16 the accelerator default"
-    if as_documented and faster
+    "keep fp32: the bf16 error exceeds what README documents"
+    if not as_documented
+    else "make bf16 the accelerator default"
+    if max(train_x, query_x) >= 1.2
     else "keep fp32: bf16 is not >= 1.2x faster"
-    if as_documented
-    else "keep fp32: the bf16 error exceeds what README documents"
   )
   return [
     f"{text} -> {verdict} (rule: Spearman >= 0.999, top-k overlap >= 98%, median error "
@@ -255,32 +263,16 @@ def _bf16_advice(report):
 
 
 def judge(report) -> dict:
-  query, steps = report["query"]["rows"], report["train"]["steps"]
+  """Adds each query row's ratio to its floor, the targets, extrapolation and advice."""
+  query = report["query"]["rows"]
   for row in query:
     floor = _best(query, kind="floor", dtype=row["dtype"], chunk=row["chunk"])
     row["vs_floor"] = row["images_per_s"] / floor["images_per_s"] if floor else None
-  batch = report["header"]["sizes"]["batches"][0]
-  targets = [
-    _query_target(query),
-    *_train_targets(steps, report["torch"].get("rows", []), batch),
-    _vmap_target(query),
-  ]
-  extrapolations = [e for e in (extrapolate(report, d) for d in ("bfloat16", "float32")) if e]
-  best = min(extrapolations, key=lambda e: e["total_s"]) if extrapolations else None
-  targets.append(
-    _target(
-      "campaign_cifar10_high",
-      "CIFAR-10 high budget, 10 rounds x 200 epochs",
-      best["total_s"] if best else None,
-      "s",
-      300.0,
-      False,
-      best["basis"] if best else "not measured",
-    )
-  )
-  report.update(
-    targets=targets, extrapolation=extrapolations, recommendations=recommendations(report)
-  )
+  extrapolations = [e for e in (extrapolate(report, d) for d in DTYPES[::-1]) if e]
+  measured = _measured(report, extrapolations)
+  targets = [_target(*t, *measured.get(t[0], (None, "not measured"))) for t in TARGETS]
+  report.update(targets=targets, extrapolation=extrapolations)
+  report["recommendations"] = recommendations(report)
   return report
 
 
@@ -295,12 +287,26 @@ def _clean(value):
   return value
 
 
-def write(report, out: str, slug: str) -> list[str]:
-  judge(report)
-  report = _clean(report)
-  base = os.path.join(out, f"accelerator_{slug}")
+def slug(head: dict) -> str:
+  kind = "".join(c if c.isalnum() else "_" for c in head["device_kind"].lower()).strip("_")
+  kind = "_".join(p for p in kind.split("_") if p) or head["platform"]
+  return kind + (f"_x{head['device_count']}" if head["device_count"] > 1 else "")
+
+
+def finish(report: dict, out: str, wall_s: float) -> list[str]:
+  """Judges `report`, writes its .json and .md into `out`, prints the summary."""
+  report["tensorflow_modules_loaded"] = sorted(
+    n
+    for n, m in list(sys.modules.items())
+    if m is not None and n.split(".")[0] in ("tensorflow", "tensorflow_datasets")
+  )
+  report["wall_s"] = wall_s
+  report = _clean(judge(report))
+  base = os.path.join(out, f"accelerator_{slug(report['header'])}")
   reporting.write_atomic(base + ".json", lambda f: json.dump(report, f, indent=1, allow_nan=False))
   reporting.write_atomic(base + ".md", lambda f: f.write(markdown(report)))
+  print(summary(report), flush=True)
+  print(f"wrote {base}.md and {base}.json", flush=True)
   return [base + ".md", base + ".json"]
 
 
@@ -324,54 +330,64 @@ def _table(head, rows):
   return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
 
 
-def _header_md(h):
-  v = h["versions"]
-  return [
+def _header_md(h, data):
+  sizes, gpus = h["sizes"], h["nvidia_smi_gpus"]
+  env = ", ".join(f"{k}={v}" for k, v in h["env"].items()) or "(none)"
+  lines = [
     f"# Accelerator check: {h['device_kind']} x {h['device_count']} ({h['mode']})",
     "",
-    f"- device: {h['device_kind']}, {h['device_count']} device(s), platform "
-    f"{h['platform']}, {h['process_count']} process(es); driver {h['driver'] or 'n/a'}"
-    + (f"; nvidia-smi: {', '.join(h['nvidia_smi_gpus'])}" if h["nvidia_smi_gpus"] else ""),
-    "- versions: " + ", ".join(f"{k} {val or 'absent'}" for k, val in v.items()),
-    f"- XLA_FLAGS: `{h['xla_flags'] or '(unset)'}`; env: "
-    + (", ".join(f"{k}={val}" for k, val in h["env"].items()) or "(none)")
-    + f"; jax_default_matmul_precision: {h['jax_default_matmul_precision']}",
-    f"- sizes: width {h['sizes']['width']}, chunks {h['sizes']['chunks']}, batches "
-    f"{h['sizes']['batches']}, R = {h['sizes']['subset']:,}, epoch of "
-    f"{h['sizes']['epoch_images']:,} labeled images; budget {h['budget_s']:.0f} s; "
-    f"process start-up {h['startup_s']:.1f} s",
-    "",
+    f"- device: {h['device_kind']}, {h['device_count']} device(s), platform {h['platform']}, "
+    f"{h['process_count']} process(es); driver {h['driver'] or 'n/a'}"
+    + (f"; nvidia-smi: {', '.join(gpus)}" if gpus else ""),
+    "- versions: " + ", ".join(f"{k} {v or 'absent'}" for k, v in h["versions"].items()),
+    f"- XLA_FLAGS: `{h['xla_flags'] or '(unset)'}`; env: {env}; "
+    f"jax_default_matmul_precision: {h['jax_default_matmul_precision']}",
+    f"- sizes: width {sizes['width']}, chunks {sizes['chunks']}, batches {sizes['batches']}, "
+    f"R = {sizes['subset']:,}, epoch of {sizes['epoch_images']:,} labeled images; budget "
+    f"{h['budget_s']:.0f} s; process start-up {h['startup_s']:.1f} s",
   ]
+  if data and "placement_s" in data:
+    lines.append(
+      f"- data: {data['name']}, loaded in {data['load_s']:.2f} s, placed on the devices in "
+      f"{data['placement_s']:.2f} s"
+    )
+  return lines + [""]
 
 
 def _targets_md(report):
+  status = {True: "**met**", False: "**not met**", None: "not measured"}
   rows = [
     [
       t["description"],
       f"{_num(t['value'], 3)} {t['unit']}",
       f"{'<=' if t['unit'] == 's' else '>='} {t['threshold']:,} {t['unit']}",
-      {True: "**met**", False: "**not met**", None: "not measured"}[t["met"]],
+      status[t["met"]],
       t["basis"],
     ]
     for t in report["targets"]
   ]
-  return ["## Targets", ""] + _table(["target", "value", "threshold", "status", "basis"], rows)
+  lines = ["## Targets", ""] + _table(["target", "value", "threshold", "status", "basis"], rows)
+  for e in report["extrapolation"]:
+    parts = " + ".join(f"{k} {v:.1f}" for k, v in e["parts_s"].items())
+    lines += [
+      f"Whole CIFAR-10 high-budget campaign, {e['dtype']}: {e['total_s']:.0f} s = {parts} "
+      f"({e['basis']}).",
+      "",
+    ]
+  lines += ["## Recommendations (derived from these measurements)", ""]
+  return lines + [f"- {r}" for r in report["recommendations"]] + [""]
 
 
 def _query_md(rows):
+  def seconds(r):
+    return _num(r["seconds_for_R"], 3) + ("" if r["R_measured"] else " (rate)")
+
   body = [
-    [
-      r["kind"],
-      r["dtype"],
-      r["chunk"],
-      _num(r["images_per_s"]),
-      f"{_num(r['seconds_for_R'], 3)}" + ("" if r["R_measured"] else " (rate)"),
-      _num(r.get("vs_floor"), 2),
-      _num(r["compile_s"]),
-      _memory(r),
-    ]
+    [r["kind"], r["dtype"], r["chunk"], _num(r["images_per_s"]), seconds(r)]
+    + [_num(r.get("vs_floor"), 2), _num(r["compile_s"]), _memory(r)]
     for r in rows
   ]
+  head = ["scorer", "dtype", "chunk", "img/s", "s for R", "vs floor", "compile s", "peak memory"]
   return [
     "## Query (entropy-gradient norms)",
     "",
@@ -381,9 +397,7 @@ def _query_md(rows):
     "chunk. Peak memory: JAX's high-water mark after the measurement (`<=`: this one did "
     "not raise it).",
     "",
-  ] + _table(
-    ["scorer", "dtype", "chunk", "img/s", "s for R", "vs floor", "compile s", "peak memory"], body
-  )
+  ] + _table(head, body)
 
 
 def _train_md(train):
@@ -392,80 +406,72 @@ def _train_md(train):
     for s in train["steps"]
   ]
   epochs = [
-    [
-      e["loop"],
-      e["dtype"],
-      e["batch"],
-      e["num_labeled"],
-      e["steps"],
-      _num(e["images_per_s"]),
-      _num(e["seconds"], 3),
-      _num(e["compile_s"]),
-    ]
+    [e["loop"], e["dtype"], e["batch"], e["num_labeled"], e["steps"], _num(e["images_per_s"])]
+    + [_num(e["seconds"], 3), _num(e["compile_s"])]
     for e in train["epochs"]
   ]
+  epoch_head = ["loop", "dtype", "batch", "labeled", "steps", "img/s", "s/epoch", "compile s"]
   return (
     ["## Training", "", "Joint step (ResNet-18 + loss head, augmentation, SGD):", ""]
     + _table(["dtype", "batch", "img/s", "compile s", "peak memory"], steps)
     + ["Epoch over a labeled set (`train.train_epoch`):", ""]
-    + _table(
-      ["loop", "dtype", "batch", "labeled", "steps", "img/s", "s/epoch", "compile s"], epochs
-    )
+    + _table(epoch_head, epochs)
   )
 
 
 def _torch_md(torch):
+  lines = ["## PyTorch reference", ""]
   if not torch.get("available"):
-    return ["## PyTorch reference", "", torch.get("note") or "not measured", ""]
+    return lines + [torch.get("note") or "not measured", ""]
   rows = [
     [r["name"], r["dtype"], r["images"], _num(r["images_per_s"]), _num(r["compile_s"]), _memory(r)]
     for r in torch["rows"]
   ]
-  return [
-    "## PyTorch reference",
-    "",
-    f"torch {torch['version']} on {torch['device']} (cudnn tf32 "
-    f"{torch['cudnn_allow_tf32']}, matmul tf32 {torch['matmul_allow_tf32']}); same model "
-    "and inputs; bf16 = autocast.",
-    "",
-  ] + _table(["computation", "dtype", "images", "img/s", "compile s", "peak memory"], rows)
+  head = ["computation", "dtype", "images", "img/s", "compile s", "peak memory"]
+  return (
+    lines
+    + [
+      f"torch {torch['version']} on {torch['device']} (cudnn tf32 {torch['cudnn_allow_tf32']}, "
+      f"matmul tf32 {torch['matmul_allow_tf32']}); same model and inputs; bf16 = autocast.",
+      "",
+    ]
+    + _table(head, rows)
+  )
 
 
 def _campaign_md(camp):
   if not camp:
     return ["## Short campaign", "", "not run (see skipped / failed)", ""]
   c = camp["config"]
+  train, al = c["train"], c["al"]
   lines = [
     "## Short campaign (`lplgrad_jax.campaign.run`)",
     "",
-    f"{c['data']}, width {c['width']}, {c['rounds']} rounds of {c['epochs_per_round']} "
-    f"epochs, {c['initial']} + {c['query']} per round, R = {c['subset_R']}, chunk "
-    f"{c['chunk']}, batch {c['batch']}, {c['compute_dtype']}, {c['epoch_loop']} loop; "
-    f"wall {camp['wall_s']:.1f} s (+ start-up).",
+    f"{c['data']['name']}, width {c['model']['width']}, {al['num_rounds']} rounds of "
+    f"{train['epochs']} epochs, {al['initial_size']} + {al['query_size']} per round, R = "
+    f"{al['subset_size']}, chunk {c['query']['chunk_size']}, batch {train['batch_size']}, "
+    f"{train['compute_dtype']}, {train['epoch_loop']} loop; wall {camp['wall_s']:.1f} s (+ "
+    "start-up). Train and query seconds are the campaign's own round records (results.json); "
+    "the rest is its wall clock less those.",
     "",
   ]
-  lines += _table(
-    ["phase", "seconds", "calls"],
-    [[k, _num(v, 2), camp["phase_calls"].get(k) or ""] for k, v in camp["phases_s"].items()],
-  )
-  lines += _table(
-    ["round", "labeled", "test accuracy", "train s", "query s"],
-    [
-      [
-        r["round"] + 1,
-        r["num_labeled"],
-        _num(r["test_accuracy"], 4),
-        _num(r["train_seconds"], 2),
-        _num(r["query_seconds"], 2),
-      ]
-      for r in camp["rounds"]
-    ],
-  )
-  if camp.get("probes_missing"):
-    lines += [
-      "Phase probes not found (library refactored): " + ", ".join(camp["probes_missing"]),
-      "",
-    ]
+  lines += _table(["phase", "seconds"], [[k, _num(v, 2)] for k, v in camp["phases_s"].items()])
+  rounds = [
+    [r["round"] + 1, r["num_labeled"], _num(r["test_accuracy"], 4)]
+    + [_num(r["train_seconds"], 2), _num(r["query_seconds"], 2)]
+    for r in camp["rounds"]
+  ]
+  lines += _table(["round", "labeled", "test accuracy", "train s", "query s"], rounds)
+  timed = [
+    f"{what}: {r['seconds']:.3f} s a call ({_num(r['compile_s'])} s compile)"
+    for what, r in (
+      (f"eval of {camp['num_test']} test images", camp.get("eval")),
+      ("a checkpoint save, until written", camp.get("checkpoint_save")),
+    )
+    if r
+  ]
+  if timed:
+    lines += ["On the trained model: " + "; ".join(timed) + ".", ""]
   if camp.get("bf16_error"):
     e = camp["bf16_error"]
     lines += [
@@ -478,30 +484,24 @@ def _campaign_md(camp):
   return lines
 
 
+def _single_device_md(single):
+  if not single:
+    return []
+  rates = [
+    f"query {r['kind']} {r['dtype']} chunk {r['chunk']}: {_num(r['images_per_s'])} img/s"
+    for r in single["query"]
+  ] + [
+    f"train step {s['dtype']} batch {s['batch']}: {_num(s['images_per_s'])} img/s"
+    for s in single["steps"]
+  ]
+  return ["## One device of several", "", "; ".join(rates) or "not measured", ""]
+
+
 def markdown(report) -> str:
-  lines = _header_md(report["header"]) + _targets_md(report)
-  for e in report["extrapolation"]:
-    lines += [
-      f"Whole CIFAR-10 high-budget campaign, {e['dtype']}: {e['total_s']:.0f} s = "
-      + " + ".join(f"{k} {v:.1f}" for k, v in e["parts_s"].items())
-      + f" ({e['basis']}).",
-      "",
-    ]
-  lines += ["## Recommendations (derived from these measurements)", ""]
-  lines += [f"- {r}" for r in report["recommendations"]] + [""]
+  lines = _header_md(report["header"], report.get("data")) + _targets_md(report)
   lines += _query_md(report["query"]["rows"]) + _train_md(report["train"])
   lines += _torch_md(report["torch"]) + _campaign_md(report.get("campaign"))
-  if report.get("single_device"):
-    s = report["single_device"]
-    lines += [
-      "## One device of several",
-      "",
-      f"query fast {s['dtype']} chunk {s['query_chunk']}: "
-      f"{_num((s['query'] or {}).get('images_per_s'))} img/s; train step batch "
-      f"{s['batch']}: {_num((s['train_step'] or {}).get('images_per_s'))} img/s",
-      "",
-    ]
-  lines += ["## Skipped and failed", ""]
+  lines += _single_device_md(report.get("single_device")) + ["## Skipped and failed", ""]
   lines += [f"- skipped {s['name']}: {s['reason']}" for s in report["skipped"]]
   lines += [f"- FAILED {f['name']}: {f['error']}" for f in report["failed"]]
   if not report["skipped"] and not report["failed"]:
@@ -513,15 +513,14 @@ def markdown(report) -> str:
 
 def summary(report) -> str:
   """A few lines for the terminal (the end of a remote command's output)."""
-  lines = [
-    f"accelerator check ({report['header']['mode']}): {report['header']['device_kind']} "
-    f"x {report['header']['device_count']}, {report['wall_s']:.0f} s"
-  ]
+  h = report["header"]
+  lines = [f"accelerator check ({h['mode']}): {h['device_kind']} x {h['device_count']}, "]
+  lines[0] += f"{report['wall_s']:.0f} s"
+  status = {True: "met", False: "NOT met", None: "not measured"}
   for t in report["targets"]:
-    status = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
     lines.append(
       f"  {t['description']}: {_num(t['value'], 3)} {t['unit']} "
-      f"(target {t['threshold']:,}): {status}"
+      f"(target {t['threshold']:,}): {status[t['met']]}"
     )
   lines += [f"  -> {r}" for r in report["recommendations"]]
   lines.append(f"  skipped {len(report['skipped'])}, failed {len(report['failed'])}")

@@ -19,47 +19,11 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from measure import score_error  # noqa: E402 - shared with accelerator_check.py
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A campaign's workdir.", required=True)
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Its config file.")
 _IMAGES = flags.DEFINE_integer("images", 2000, "Pool images to score.")
-
-
-def compare_scores(fp32, bf16, k: int) -> dict:
-  """How far bf16 scores are from fp32 ones: relative errors, Spearman, top-k agreement."""
-  import numpy as np
-  from scipy import stats
-
-  fp32, bf16 = np.asarray(fp32, np.float64), np.asarray(bf16, np.float64)
-  relative = np.abs(bf16 - fp32) / np.maximum(np.abs(fp32), np.finfo(np.float32).tiny)
-  k = min(k, len(fp32))
-  top = lambda s: set(np.argsort(-s, kind="stable")[:k].tolist())
-  return {
-    "relative_error_median": float(np.median(relative)),
-    "relative_error_p99": float(np.quantile(relative, 0.99)),
-    "relative_error_max": float(relative.max()),
-    "spearman": float(stats.spearmanr(fp32, bf16).statistic),
-    "top_k": k,
-    "top_k_overlap": len(top(fp32) & top(bf16)) / k,
-  }
-
-
-def score_error(model, pool, query_config, k: int) -> dict:
-  """Scores `pool` with the checkpoint's classifier in float32 and in bfloat16; compares them."""
-  from lplgrad_jax import query
-
-  scores = {
-    dtype: query.entropy_grad_norms(
-      model.learner.classifier,
-      pool,
-      reduction=query_config.reduction,
-      chunk_size=query_config.chunk_size,
-      normalization=model.normalization,
-      compute_dtype=dtype,
-    )
-    for dtype in ("float32", "bfloat16")
-  }
-  return {"images": len(pool), **compare_scores(scores["float32"], scores["bfloat16"], k)}
 
 
 def main(_):

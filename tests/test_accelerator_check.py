@@ -89,14 +89,31 @@ def test_smoke_campaign_phases_and_targets(smoke):
   report = json.loads((out / "accelerator_cpu.json").read_text())
   campaign = report["campaign"]
   assert [r["num_labeled"] for r in campaign["rounds"]] == [8, 16]
-  phases = campaign["phases_s"]
-  assert all(v >= 0 for v in phases.values()) and phases["checkpoint"] > 0
+  # Train and query seconds are the campaign's own round records (results.json), the rest
+  # is its wall clock less those: the phases add up to the wall clock.
+  phases, rounds = campaign["phases_s"], campaign["rounds"]
+  assert all(v >= 0 for v in phases.values())
+  for phase, key in (("train", "train_seconds"), ("query", "query_seconds")):
+    assert phases[f"{phase} (round records)"] == pytest.approx(sum(r[key] for r in rounds))
+  assert rounds[0]["train_seconds"] > 0 and rounds[0]["query_seconds"] > 0
+  assert rounds[-1]["query_seconds"] == 0  # the last round does not query
   assert sum(v for k, v in phases.items() if not k.startswith("process")) == pytest.approx(
     campaign["wall_s"]
   )
-  assert campaign["probes_missing"] == []
-  assert set(campaign["phase_calls"]) <= set(phases)
-  assert campaign["phase_calls"]["data load"] == 1 and campaign["phase_calls"]["eval"] == 2
+  assert phases["the rest: set-up, eval, checkpoints, results, logging"] > 0
+  # Timed on the trained model: eval over the test split, one checkpoint save a call; the
+  # extrapolation scales both, and counts the data's load and placement once.
+  assert campaign["eval"]["images"] == campaign["num_test"] > 0
+  assert campaign["eval"]["seconds"] > 0 and campaign["checkpoint_save"]["seconds"] > 0
+  assert campaign["checkpoint_save"]["images"] == 1
+  assert report["data"]["name"] == "digits" and report["data"]["load_s"] > 0
+  (extrapolation,) = report["extrapolation"]
+  assert extrapolation["parts_s"]["eval"] == pytest.approx(
+    10 * campaign["eval"]["seconds"] * 10_000 / campaign["num_test"]
+  )
+  assert extrapolation["parts_s"]["checkpoint (upper bound: each save waited for)"] == (
+    pytest.approx(10 * 21 * campaign["checkpoint_save"]["seconds"])
+  )
   error = campaign["bf16_error"]
   assert -1 <= error["spearman"] <= 1 and 0 <= error["top_k_overlap"] <= 1
   assert (
@@ -246,3 +263,20 @@ def test_targets_and_extrapolation_are_exact_on_a_hand_made_report():
     "query.chunk_size=1024" in r and "0.50x the fwd+bwd floor" in r
     for r in report["recommendations"]
   )
+
+
+def test_extrapolation_scales_the_campaign_model_eval_and_checkpoint_save():
+  report = _hand_made_report()
+  report["data"] = {"name": "cifar10_subset", "load_s": 1.0, "placement_s": 0.5}
+  report["campaign"] = {
+    "eval": {"seconds": 0.5, "images": 1000, "compile_s": 2.0},
+    "checkpoint_save": {"seconds": 0.1, "images": 1, "compile_s": 0.0},
+  }
+  (extrapolation,) = accelerator_report.judge(report)["extrapolation"]
+  parts = extrapolation["parts_s"]
+  assert parts["eval"] == pytest.approx(10 * 0.5 * 10)  # 10 rounds, 10,000 test images
+  # A save every 10 of 200 epochs and two commits a round: 21 saves a round.
+  assert parts["checkpoint (upper bound: each save waited for)"] == pytest.approx(10 * 21 * 0.1)
+  once = parts["once: start-up, data, placement, compiles"]
+  assert once == pytest.approx(5.0 + 1.0 + 0.5 + 6.0 + 3.0 + 2.0)  # + eval's compile
+  assert extrapolation["total_s"] == pytest.approx(sum(parts.values()))
