@@ -26,7 +26,7 @@ CIFAR10_HIGH = {
   "test": 10_000,
   "checkpoint_every": 10,
 }
-# What README says bf16 query scores cost (digits demo model, experiments/bf16_error.py).
+# What docs/devices.md says bf16 query scores cost (digits demo model, experiments/bf16_error.py).
 DOCUMENTED_BF16 = {
   "relative_error_median": 0.025,
   "relative_error_p99": 0.15,
@@ -246,7 +246,7 @@ def _bf16_advice(report):
     if as_documented and faster
     else "keep fp32: bf16 is not >= 1.2x faster"
     if as_documented
-    else "keep fp32: the bf16 error exceeds what README documents"
+    else "keep fp32: the bf16 error exceeds what docs/devices.md documents"
   )
   return [
     f"{text} -> {verdict} (rule: Spearman >= 0.999, top-k overlap >= 98%, median error "
