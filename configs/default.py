@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.strategy = "lplgrad"
   # simulated: the pool's labels are known and revealed when queried.
   # human: a person labels each query (data.source="image_folder" with
-  # labeled/<class>/, unlabeled/ and optionally test/<class>/; see README).
+  # labeled/<class>/, unlabeled/ and optionally test/<class>/; see docs/labeling.md).
   config.oracle = "simulated"
 
   config.data = ml_collections.ConfigDict()
@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint.keep = 2  # newest checkpoints kept (the older one is a fallback);
   # 0 keeps every checkpoint
 
-  # Multi-host runs (one process per host, the same command on each; see README).
+  # Multi-host runs (one process per host, the same command on each; see docs/devices.md).
   config.distributed = ml_collections.ConfigDict()
   config.distributed.initialize = False  # call jax.distributed.initialize first
   config.distributed.coordinator_address = ""  # host:port of process 0 ("": from the cluster)

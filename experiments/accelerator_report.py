@@ -33,7 +33,7 @@ TARGETS = (
   ("fast_vs_vmap", "fast scorer / JAX vmap(grad)", "x", 5.0),
   ("campaign_cifar10_high", "CIFAR-10 high budget, 10 rounds x 200 epochs", "s", 300.0),
 )
-# What README says bf16 query scores cost (digits demo model, experiments/bf16_error.py).
+# What docs/devices.md says bf16 query scores cost (digits demo model, experiments/bf16_error.py).
 DOCUMENTED_BF16 = {"relative_error_median": 0.025, "relative_error_p99": 0.15}
 
 
@@ -250,7 +250,7 @@ def _bf16_advice(report):
     and error["relative_error_median"] <= 2 * doc["relative_error_median"]
   )
   verdict = (
-    "keep fp32: the bf16 error exceeds what README documents"
+    "keep fp32: the bf16 error exceeds what docs/devices.md documents"
     if not as_documented
     else "make bf16 the accelerator default"
     if max(train_x, query_x) >= 1.2

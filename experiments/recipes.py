@@ -2,7 +2,7 @@
 
 import numpy as np
 
-# The fidelity points of the README where the authors' code and common practice differ.
+# The fidelity points (docs/fidelity.md) where the authors' code and common practice differ.
 RECIPES = {
   "faithful": {},  # the authors' PyTorch recipe: today's defaults
   "he": {"model.init": "he"},

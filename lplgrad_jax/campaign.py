@@ -398,7 +398,7 @@ class Campaign:
       )
 
   def results(self) -> dict:
-    """What results.json holds (README: What a campaign writes)."""
+    """What results.json holds (docs/running.md: What a campaign writes)."""
     d = self.dataset
     results = {
       "config": self.state.config,

@@ -140,7 +140,7 @@ def validate_config(config) -> None:
       "to a folder with labeled/<class>/ and unlabeled/"
     )
   check_choice(config.train.augment, AUGMENTATIONS, "train.augment")
-  # The recipe's choices (README: Fidelity to the authors' code).
+  # The recipe's choices (docs/fidelity.md).
   check_choice(config.model.init, models.INITS, "model.init")
   check_choice(config.model.bn_running_var, models.BN_RUNNING_VARS, "model.bn_running_var")
   check_choice(config.train.aux_lr_schedule, optimizer.AUX_LR_SCHEDULES, "train.aux_lr_schedule")

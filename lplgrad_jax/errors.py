@@ -20,7 +20,7 @@ class Diverged(RuntimeError):
   """Training turned non-finite (NaN or inf loss, parameters or query scores).
 
   Nothing non-finite is saved: the workdir's newest checkpoint is the last
-  good one. The campaign exits with status 3 (README: Reliability).
+  good one. The campaign exits with status 3 (docs/reliability.md).
   """
 
   multi_line = False

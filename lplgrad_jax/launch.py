@@ -187,9 +187,7 @@ def accelerator_warning(config, platform: str, environ=os.environ) -> str | None
     else "on a GPU/TPU machine install JAX for it with pip install -e '.[cuda12]' "
     "('.[cuda13]' for NVIDIA driver >= 580, '.[tpu]' on a TPU VM)"
   )
-  return (
-    f"warning: JAX sees only the CPU, but {why}: {fix}; see README, Install on a GPU or TPU machine"
-  )
+  return f"warning: JAX sees only the CPU, but {why}: {fix}; see docs/install.md"
 
 
 def detect_accelerator_extra() -> tuple[str, str] | None:

@@ -280,7 +280,7 @@ def entropy_grad_norms(
     progress: show a progress bar over chunks.
     mesh: devices to split each chunk over (default: all, `sharding.data_mesh()`).
     compute_dtype: "float32", or "bfloat16" for the model's convolutions and
-      the per-layer products (float32 sums; see README for its measured error).
+      the per-layer products (float32 sums; see docs/devices.md for its measured error).
   """
   check_choice(reduction, REDUCTIONS, "gradient-norm reduction")
   check_choice(method, METHODS, "gradient-norm method")

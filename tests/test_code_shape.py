@@ -1,4 +1,5 @@
-"""The code base's shape rules (CONTRIBUTING in README): short functions, short parameter lists."""
+"""The code base's shape rules (docs/development.md, Code shape): short functions and short
+parameter lists, no import cycles."""
 
 import ast
 import pathlib

@@ -1,4 +1,4 @@
-"""The fault suite (README: Reliability): each fault played as a user meets it, on the CLI.
+"""The fault suite (docs/reliability.md): each fault played as a user meets it, on the CLI.
 
 Every case asserts the exit status, that stderr holds exactly the expected line(s)
 and nothing else, and that the workdir is unchanged or resumes to the result of

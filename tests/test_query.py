@@ -119,7 +119,7 @@ def test_unknown_reduction_and_method(model, images):
 def test_bfloat16_scores_track_float32(model, images):
   # bf16 activations with fp32 sums: the fast and vmap methods see the same bf16 model and
   # agree closely; both stay within a few percent of fp32 (at width 4, with few channels
-  # to average rounding over; README gives the error measured at width 64).
+  # to average rounding over; docs/devices.md gives the error measured at width 64).
   fp32 = query.entropy_grad_norms(model, images, chunk_size=7)
   fast, vmap = (
     query.entropy_grad_norms(model, images, chunk_size=7, method=method, compute_dtype="bfloat16")
