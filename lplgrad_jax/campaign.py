@@ -7,14 +7,13 @@ best-scoring images of a random subset R of the unlabeled pool.
 `run` reads top to bottom: `Campaign.set_up`, then `run_rounds`, whose body is
 `train_and_evaluate_round` and `query_round`; where the campaign stands is a
 `CampaignState` (campaign_state.py), saved with the weights by every checkpoint.
-All randomness is derived from the seed with `fold_in(seed, purpose, round, ...)`.
+All randomness is derived from the seed with `fold_in(seed, purpose, round, ...)` (seeds.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from typing import Literal
 
@@ -28,9 +27,11 @@ from lplgrad_jax import distributed
 from lplgrad_jax import optimizer
 from lplgrad_jax import query
 from lplgrad_jax import reporting
+from lplgrad_jax import seeds
 from lplgrad_jax import sharding
 from lplgrad_jax import strategies
 from lplgrad_jax import train
+from lplgrad_jax import workdirs
 from lplgrad_jax.campaign_state import CampaignState
 from lplgrad_jax.campaign_state import RoundRecord
 from lplgrad_jax.checkpoint import Checkpointer
@@ -46,28 +47,8 @@ from lplgrad_jax.oracle import make_oracle
 from lplgrad_jax.signals import StopRequest
 from lplgrad_jax.workdirs import WorkdirLock
 
-# Purposes folded into the seed, so each stream is independent of the others.
-_INITIAL_SET, _MODEL_INIT, _TRAIN, _QUERY = range(4)
 RESULTS_FILE = reporting.RESULTS_FILE
 Outcome = Literal["done", "stopped", "awaiting_labels"]
-
-
-def derive_key(seed: int, *path: int) -> jax.Array:
-  key = jax.random.key(seed)
-  for p in path:
-    key = jax.random.fold_in(key, p)
-  return key
-
-
-def initial_labeled_set(seed: int, pool_size: int, size: int) -> np.ndarray:
-  perm = jax.random.permutation(derive_key(seed, _INITIAL_SET), pool_size)
-  return np.sort(np.asarray(perm[:size]))
-
-
-def random_subset(seed: int, round_index: int, unlabeled: np.ndarray, size: int) -> np.ndarray:
-  """The random subset R of the unlabeled pool scored in one round."""
-  perm = jax.random.permutation(derive_key(seed, _QUERY, round_index, 0), len(unlabeled))
-  return unlabeled[np.asarray(perm[:size])]
 
 
 def run(config, workdir: str, *, restart: bool = False) -> dict:
@@ -114,7 +95,7 @@ class Campaign:
     """Checks the workdir and budgets, loads the data, builds or restores the learner."""
     checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep)
     if restart:
-      _discard_campaign(workdir, checkpointer)
+      workdirs.discard_campaign(workdir, checkpointer)
     previous = config_checks.previous_config(workdir, checkpointer, RESULTS_FILE)
     if previous is not None:
       config_checks.check_same_campaign(workdir, previous, config.to_dict())
@@ -136,7 +117,7 @@ class Campaign:
       config.model,
       dataset.num_classes,
       use_aux=use_aux,
-      key=derive_key(config.seed, _MODEL_INIT, 0),
+      key=seeds.model_init_key(config.seed, 0),
       image_size=int(dataset.x_train.shape[1]),
     )
     graphdef, train_state = train.create_train_state(learner, step_config)
@@ -207,7 +188,7 @@ class Campaign:
           self.config.model,
           self.dataset.num_classes,
           use_aux=self.step_config.use_aux,
-          key=derive_key(self.config.seed, _MODEL_INIT, s.round),
+          key=seeds.model_init_key(self.config.seed, s.round),
           image_size=int(self.dataset.x_train.shape[1]),
         )
       self.graphdef, self.train_state = train.create_train_state(self.learner, self.step_config)
@@ -269,7 +250,7 @@ class Campaign:
         cfg,
         padded_ids,
         len(labeled),
-        derive_key(self.config.seed, _TRAIN, s.round, epoch),
+        seeds.epoch_key(self.config.seed, s.round, epoch),
         optimizer.learning_rate_at(tc, epoch),
         optimizer.detach_features_at(tc, epoch),
       )
@@ -339,9 +320,9 @@ class Campaign:
     context = strategies.QueryContext(
       learner=self.learner,
       dataset=self.dataset,
-      subset_ids=random_subset(config.seed, r, unlabeled, config.al.subset_size),
+      subset_ids=seeds.random_subset(config.seed, r, unlabeled, config.al.subset_size),
       query_size=config.al.query_size,
-      key=derive_key(config.seed, _QUERY, r, 1),
+      key=seeds.strategy_key(config.seed, r),
       normalization=self.normalization,
       query_config=config.query,
       labeled_ids=labeled,
@@ -458,24 +439,12 @@ class Campaign:
     self.logger.close()
 
 
-def _discard_campaign(workdir: str, checkpointer: Checkpointer) -> None:
-  """--restart: deletes the checkpoints, results, plot and TensorBoard logs (process 0)."""
-  if distributed.is_main_process():
-    checkpointer.delete_all()
-    for name in (RESULTS_FILE, reporting.PLOT_FILE):
-      if os.path.exists(os.path.join(workdir, name)):
-        os.remove(os.path.join(workdir, name))
-    # queries/ stays: filled-in labels are a person's work (see query_files.filled_ids).
-    shutil.rmtree(os.path.join(workdir, reporting.TENSORBOARD_DIR), ignore_errors=True)
-  distributed.barrier("restart")
-
-
 def _initial_ids(config, dataset: Dataset) -> list[int]:
   """The first round's labeled set: the person's seed labels, or a random draw."""
   if config.oracle == "human":
     ids = dataset.seed_ids
   else:
-    ids = initial_labeled_set(config.seed, dataset.num_train, config.al.initial_size)
+    ids = seeds.initial_labeled_set(config.seed, dataset.num_train, config.al.initial_size)
   return [int(i) for i in ids]
 
 

@@ -1,4 +1,5 @@
-"""A campaign's workdir: checked before any data loads, and locked for one live campaign.
+"""A campaign's workdir: checked before any data loads, locked for one live campaign, and
+emptied of a campaign on --restart (`discard_campaign`).
 
 The lock is an OS lock (`fcntl.flock`) on WORKDIR/.lock, held by process 0 for
 the whole run: the kernel releases it when the process ends, however it ends
@@ -14,14 +15,21 @@ import datetime
 import errno
 import fcntl
 import os
+import shutil
 import socket
 import tempfile
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lplgrad_jax import distributed
+from lplgrad_jax import reporting
 from lplgrad_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+  from lplgrad_jax.checkpoint import Checkpointer
 
 LOCK_FILE = ".lock"
 MIN_FREE_BYTES = 64 * 2**20  # room for a few checkpoints of a small model and results
@@ -157,3 +165,15 @@ def _agree(error: ConfigError | None) -> None:
       )
   if error is not None:
     raise error
+
+
+def discard_campaign(workdir: str, checkpointer: Checkpointer) -> None:
+  """--restart: deletes the checkpoints, results, plot and TensorBoard logs (process 0)."""
+  if distributed.is_main_process():
+    checkpointer.delete_all()
+    for name in (reporting.RESULTS_FILE, reporting.PLOT_FILE):
+      if os.path.exists(os.path.join(workdir, name)):
+        os.remove(os.path.join(workdir, name))
+    # queries/ stays: filled-in labels are a person's work (see query_files.filled_ids).
+    shutil.rmtree(os.path.join(workdir, reporting.TENSORBOARD_DIR), ignore_errors=True)
+  distributed.barrier("restart")

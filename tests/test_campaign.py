@@ -6,6 +6,7 @@ import pytest
 from conftest import tiny_config
 
 from lplgrad_jax import campaign
+from lplgrad_jax import seeds
 from lplgrad_jax.errors import ConfigError
 
 POOL = 1438  # digits training images
@@ -58,7 +59,7 @@ def test_query_subset_is_drawn_from_the_unlabeled_pool(tiny_campaign):
   config, _, results = tiny_campaign
   first = results["rounds"][0]
   unlabeled = np.setdiff1d(np.arange(POOL), first["labeled_ids"])
-  subset = campaign.random_subset(config.seed, 0, unlabeled, config.al.subset_size)
+  subset = seeds.random_subset(config.seed, 0, unlabeled, config.al.subset_size)
   assert len(set(subset)) == config.al.subset_size
   assert not set(subset) & set(first["labeled_ids"])
   assert set(first["queried_ids"]) <= set(subset)

@@ -11,7 +11,7 @@ MAX_LINES = 80
 MAX_REQUIRED_OR_POSITIONAL = 8
 LIMITS = {("campaign.py", "run"): 60}  # the campaign loop reads top to bottom
 MAX_MODULE_LINES = 400
-MODULE_LIMITS = {"campaign.py": 500}  # the campaign loop: one class a reader follows through
+MODULE_LIMITS = {"campaign.py": 470}  # the campaign loop: one class a reader follows through
 
 
 def _functions():

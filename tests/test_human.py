@@ -12,6 +12,7 @@ from PIL import Image
 from lplgrad_jax import campaign
 from lplgrad_jax import errors
 from lplgrad_jax import query_files
+from lplgrad_jax import seeds
 from lplgrad_jax.data import load_digits
 from lplgrad_jax.errors import ConfigError
 
@@ -31,7 +32,7 @@ def photo_folder(tmp_path_factory):
   for name in digits.class_names:  # a class may have no seed image yet
     os.makedirs(root / "labeled" / name)
   seed = set(
-    campaign.initial_labeled_set(config.seed, digits.num_train, config.al.initial_size).tolist()
+    seeds.initial_labeled_set(config.seed, digits.num_train, config.al.initial_size).tolist()
   )
   for i, (image, label) in enumerate(zip(digits.x_train, digits.y_train)):
     where = f"labeled/{label}" if i in seed else "unlabeled"
