@@ -13,7 +13,6 @@ first stride-2 layer split into its forward, input gradient and kernel gradient.
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,8 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import measure  # noqa: E402 - the timing, shared with bench.py and query_profile.py
 
 from lplgrad_jax import reporting  # noqa: E402 - also its XLA:CPU setting (xla_flags.py)
 
@@ -58,13 +59,7 @@ def _torch_step(stride):
 
 
 def _median_ms(fn, *args) -> float:
-  fn(*args)
-  times = []
-  for _ in range(_ROUNDS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  return measure.median_ms(fn, *args, rounds=_ROUNDS.value)
 
 
 def _parts(side, c_in, c_out, stride, n):
@@ -137,15 +132,7 @@ def _layer(side, c_in, c_out, stride, n):
     )
   except ImportError:
     pass
-  times = {name: [] for name in calls}
-  for fn, args in calls.values():
-    fn(*args)  # compile / warm up
-  for _ in range(_ROUNDS.value):
-    for name, (fn, args) in calls.items():
-      start = time.perf_counter()
-      fn(*args)
-      times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+  return measure.interleaved_median_ms(calls, _ROUNDS.value)
 
 
 def main(_):

@@ -22,6 +22,30 @@ def time_call(fn, repeats, sync):
   return first, (time.perf_counter() - start) / repeats
 
 
+def interleaved_median_ms(calls: dict, rounds: int) -> dict:
+  """{name: median milliseconds} of `calls` ({name: (fn, args)}): each called once first (compile,
+  warm-up), then once per round in turn, so that on a machine whose speed drifts between minutes
+  every program meets the same minutes. Results are waited for (`jax.block_until_ready`; values
+  that are not JAX arrays pass through)."""
+  import jax
+  import numpy as np
+
+  times = {name: [] for name in calls}
+  for fn, args in calls.values():
+    jax.block_until_ready(fn(*args))
+  for _ in range(rounds):
+    for name, (fn, args) in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def median_ms(fn, *args, rounds: int) -> float:
+  """The median milliseconds of `rounds` calls of `fn(*args)`, after one call."""
+  return interleaved_median_ms({"": (fn, args)}, rounds)[""]
+
+
 def rate_entry(images, seconds, first):
   return {"images_per_s": images / seconds, "compile_s": max(first - seconds, 0.0)}
 

@@ -16,16 +16,16 @@ whole model: floor, the query's passes without the norms, and the whole query.
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app
 from absl import flags
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import measure  # noqa: E402 - the timing, shared with bench.py and conv_layout.py
 
 from lplgrad_jax import models  # noqa: E402
 from lplgrad_jax import pergrad  # noqa: E402
@@ -40,16 +40,6 @@ _WIDTH = flags.DEFINE_integer("width", 16, "ResNet-18 width.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Images per call.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per measurement (median).")
 _OUT = flags.DEFINE_string("out", None, "JSON path (a .md table is written beside it).")
-
-
-def _median_seconds(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def _conv_shapes(width):
@@ -89,8 +79,10 @@ def _layer_row(side, c_in, c_out, kernel, stride, count, n):
     "layer": f"{side}x{side} {c_in}->{c_out} k{kernel} s{stride}",
     "count": count,
     "route": "Gram" if gram else "per-offset products",
-    "per_example_norms_ms": 1e3 * _median_seconds(per_example, x, g),
-    "batch_weight_gradient_ms": 1e3 * _median_seconds(batch_weight_gradient, x, g),
+    "per_example_norms_ms": measure.median_ms(per_example, x, g, rounds=_REPEATS.value),
+    "batch_weight_gradient_ms": measure.median_ms(
+      batch_weight_gradient, x, g, rounds=_REPEATS.value
+    ),
   }
 
 
@@ -119,15 +111,8 @@ def _model_row(width, n):
 
   # Interleaved, one call of each per round: this machine's speed drifts between minutes.
   programs = {"floor": floor, "query_passes": capture_pass, "query": scores}
-  times = {name: [] for name in programs}
-  for fn in programs.values():
-    jax.block_until_ready(fn(params, rest, x))
-  for _ in range(_REPEATS.value):
-    for name, fn in programs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(params, rest, x))
-      times[name].append(time.perf_counter() - start)
-  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+  calls = {name: (fn, (params, rest, x)) for name, fn in programs.items()}
+  return measure.interleaved_median_ms(calls, _REPEATS.value)
 
 
 def _markdown(result) -> str:
