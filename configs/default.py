@@ -34,8 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
   # by rows over the devices (batches are gathered with one all-reduce of their rows).
   config.data.shard_pool = False
   # fixed: data.mean / data.std, the CIFAR-10 constants of the authors' code | pool: the
-  # pool's per-channel statistics (image folders, digits, data sets without such constants).
-  config.data.normalization = "fixed"
+  # pool's per-channel statistics (image folders, digits, data sets without such constants) |
+  # auto: with model.pretrained, the statistics the weights were trained with (ImageNet's);
+  # otherwise fixed.
+  config.data.normalization = "auto"
   config.data.mean = (0.4914, 0.4822, 0.4465)
   config.data.std = (0.2023, 0.1994, 0.2010)
 
@@ -52,12 +54,19 @@ def get_config() -> ml_collections.ConfigDict:
   # unbiased: running variance updated with n/(n-1) times the batch variance (PyTorch) |
   # biased: with the batch variance itself (Flax).
   config.model.bn_running_var = "unbiased"
+  # A weights file (.safetensors, .npz; .pth with PyTorch) of torchvision's resnet18/34/50
+  # (with stem="imagenet", width 64) or timm's ViTs (name vit_s16 / vit_b16) to start from;
+  # see docs/pretrained.md. "": random initialisation.
+  config.model.pretrained = ""
 
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 200
   config.train.batch_size = 128
   config.train.eval_batch_size = 500
   config.train.learning_rate = 0.1
+  # The main model's layers other than its classifier head, e.g. a pretrained backbone
+  # fine-tuned more gently than its new head; None: learning_rate.
+  config.train.backbone_learning_rate = ml_collections.config_dict.placeholder(float)
   config.train.lr_milestones = (160,)
   config.train.lr_decay = 0.1
   # constant: the loss-prediction module keeps learning_rate (the authors' code never steps
@@ -76,7 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.detach_rule = "after"
   config.train.augment = "crop_flip"  # crop_flip | crop | flip | none
   config.train.crop_padding = 4
-  config.train.reinit_each_round = False  # False: warm start, as the authors' code
+  # False: warm start, as the authors' code | True: a fresh model each round (from
+  # model.pretrained where set) | None: True with pretrained weights, else False.
+  config.train.reinit_each_round = ml_collections.config_dict.placeholder(bool)
   config.train.compute_dtype = "float32"  # float32 | bfloat16 (float32 weights and statistics)
   config.train.epoch_loop = "host"  # host (a loop of async steps) | scan (one call per epoch)
 

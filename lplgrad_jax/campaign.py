@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from lplgrad_jax import config_checks
 from lplgrad_jax import distributed
 from lplgrad_jax import optimizer
+from lplgrad_jax import pretrained
 from lplgrad_jax import query
 from lplgrad_jax import reporting
 from lplgrad_jax import seeds
@@ -41,6 +42,7 @@ from lplgrad_jax.data import load_dataset
 from lplgrad_jax.distributed import say
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import Diverged
+from lplgrad_jax.models import ActiveLearner
 from lplgrad_jax.models import create_learner
 from lplgrad_jax.oracle import Oracle
 from lplgrad_jax.oracle import make_oracle
@@ -113,13 +115,7 @@ class Campaign:
     step_config = train.StepConfig.from_config(
       config.train, final_size, use_aux, mesh, pool_sharded=config.data.shard_pool
     )
-    learner = create_learner(
-      config.model,
-      dataset.num_classes,
-      use_aux=use_aux,
-      key=seeds.model_init_key(config.seed, 0),
-      image_size=int(dataset.x_train.shape[1]),
-    )
+    learner = _round_learner(config, dataset, use_aux, 0)
     graphdef, train_state = train.create_train_state(learner, step_config)
     train_state = sharding.replicate(train_state, mesh)  # restored with these shardings
     if checkpointer.exists():
@@ -142,7 +138,9 @@ class Campaign:
     state.config = config.to_dict()
     oracle = make_oracle(config, workdir)
     dataset = oracle.start(state, dataset)  # the labels given so far
-    normalization = input_normalization(config.data, dataset)
+    normalization = input_normalization(
+      config.data, dataset, pretrained.normalization(config.model.pretrained)
+    )
     pool = _pool_on_devices(dataset, normalization, config.data.shard_pool, mesh)
     logger = reporting.MetricsLogger(
       workdir, config.log.tensorboard and distributed.is_main_process(), state.epochs_logged
@@ -183,14 +181,8 @@ class Campaign:
     """Trains round `state.round` to its end, evaluates and records it; False if stopped."""
     s = self.state
     if s.round_starts:
-      if s.round > 0 and self.config.train.reinit_each_round:
-        self.learner = create_learner(
-          self.config.model,
-          self.dataset.num_classes,
-          use_aux=self.step_config.use_aux,
-          key=seeds.model_init_key(self.config.seed, s.round),
-          image_size=int(self.dataset.x_train.shape[1]),
-        )
+      if s.round > 0 and optimizer.reinit_each_round(self.config):
+        self.learner = _round_learner(self.config, self.dataset, self.step_config.use_aux, s.round)
       self.graphdef, self.train_state = train.create_train_state(self.learner, self.step_config)
     self.train_state = sharding.replicate(self.train_state, self.mesh)
     start = time.perf_counter()
@@ -437,6 +429,15 @@ class Campaign:
   def __exit__(self, *exc) -> None:
     self.checkpointer.close()  # waits for the asynchronous saves
     self.logger.close()
+
+
+def _round_learner(config, dataset: Dataset, use_aux: bool, round_index: int) -> ActiveLearner:
+  """The learner a round starts from when it does not start from the last round's."""
+  key = seeds.model_init_key(config.seed, round_index)
+  image_size = int(dataset.x_train.shape[1])
+  return create_learner(
+    config.model, dataset.num_classes, use_aux=use_aux, key=key, image_size=image_size
+  )
 
 
 def _initial_ids(config, dataset: Dataset) -> list[int]:

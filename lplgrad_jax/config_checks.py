@@ -19,6 +19,7 @@ from lplgrad_jax import train
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import check_choice
 from lplgrad_jax.models import COMPUTE_DTYPES
+from lplgrad_jax.pretrained import weights_file
 
 ORACLES = ("simulated", "human")
 AUGMENTATIONS = ("crop_flip", "crop", "flip", "none")
@@ -71,7 +72,8 @@ _RANGES = (
   ("distributed.heartbeat_timeout_seconds", 1, None, True),
   ("distributed.shutdown_timeout_seconds", 1, None, True),
 )
-_POSITIVE_FLOATS = ("train.learning_rate", "train.lr_decay")
+_POSITIVE_FLOATS = ("train.learning_rate", "train.lr_decay", "train.backbone_learning_rate")
+_UNSET_ALLOWED = ("train.backbone_learning_rate",)  # None: train.learning_rate
 
 
 def _value(config, name: str):
@@ -113,6 +115,8 @@ def validate_config(config) -> None:
     _number(_value(config, name), name, low, high, integer)
   for name in _POSITIVE_FLOATS:
     value = _value(config, name)
+    if value is None and name in _UNSET_ALLOWED:
+      continue
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
       raise ConfigError(f"{name}={value!r}: expected a number > 0")
   for milestone in config.train.lr_milestones:
@@ -146,6 +150,8 @@ def validate_config(config) -> None:
   check_choice(config.train.aux_lr_schedule, optimizer.AUX_LR_SCHEDULES, "train.aux_lr_schedule")
   check_choice(config.train.detach_rule, optimizer.DETACH_RULES, "train.detach_rule")
   check_choice(config.data.normalization, data.NORMALIZATIONS, "data.normalization")
+  if config.model.pretrained:
+    weights_file.check_path(config.model.pretrained)
 
 
 def check_batch_split(batch_size: int, num_devices: int) -> None:

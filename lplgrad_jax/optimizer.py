@@ -1,6 +1,6 @@
 """The optimizer and its schedule: PyTorch's SGD as the authors' code runs it, the per-epoch
-learning rates of the main model and the loss-prediction module, and the epoch from which the
-ranking loss stops reaching the main model."""
+learning rates of the main model and the loss-prediction module, the epoch from which the
+ranking loss stops reaching the main model, and whether a round starts from fresh weights."""
 
 from __future__ import annotations
 
@@ -13,10 +13,15 @@ from lplgrad_jax.errors import check_choice
 
 
 class LearningRates(NamedTuple):
-  """The step sizes of the main model's and the loss-prediction module's parameters."""
+  """The step sizes of the main model's and the loss-prediction module's parameters.
+
+  `backbone`: the main model's layers other than its classifier `head` (a fine-tuned
+  pretrained backbone's own rate); None: `main`, as for the whole main model.
+  """
 
   main: float
   aux: float
+  backbone: float | None = None
 
 
 AUX_LR_SCHEDULES = ("constant", "decay")
@@ -25,20 +30,28 @@ DETACH_RULES = ("after", "from")
 
 def _scale_by_learning_rates(learning_rate) -> optax.GradientTransformation:
   """-learning_rate times the updates; a `LearningRates` scales the `loss_head` subtree by
-  its `aux` rate. Stateless (EmptyState, as optax.sgd's own scaling): checkpoints of the
-  single-rate optimizer restore unchanged."""
+  its `aux` rate and the main model's layers outside its `head` by its `backbone` rate.
+  Stateless (EmptyState, as optax.sgd's own scaling): checkpoints of the single-rate
+  optimizer restore unchanged."""
   rates = (
     learning_rate
     if isinstance(learning_rate, LearningRates)
     else LearningRates(learning_rate, learning_rate)
   )
 
+  def rate(path):
+    names = [getattr(p, "key", None) for p in path]
+    if names[0] == "loss_head":
+      return rates.aux
+    if rates.backbone is None or "head" in names[1:]:
+      return rates.main
+    return rates.backbone
+
   def update_fn(updates, state, params=None):
     del params
 
     def scale(path, u):
-      is_aux = getattr(path[0], "key", None) == "loss_head"
-      return -(rates.aux if is_aux else rates.main) * u
+      return -rate(path) * u
 
     return jax.tree_util.tree_map_with_path(scale, updates), state
 
@@ -61,14 +74,17 @@ def make_optimizer(learning_rate, cfg) -> optax.GradientTransformation:
 def learning_rate_at(train_config, epoch: int) -> LearningRates:
   """Step decay of the main model's rate: lr * decay ** (number of milestones reached).
 
+  `train.backbone_learning_rate` (None: the same as the rest) decays in step with it.
   `train.aux_lr_schedule`: "constant" keeps the loss-prediction module at `lr` (the
   authors' code creates its MultiStepLR but never steps it); "decay" decays it too.
   """
   schedule = train_config.get("aux_lr_schedule", "constant")
   check_choice(schedule, AUX_LR_SCHEDULES, "train.aux_lr_schedule")
-  passed = sum(epoch >= m for m in train_config.lr_milestones)
-  main = float(train_config.learning_rate * train_config.lr_decay**passed)
-  return LearningRates(main, main if schedule == "decay" else float(train_config.learning_rate))
+  decay = train_config.lr_decay ** sum(epoch >= m for m in train_config.lr_milestones)
+  main = float(train_config.learning_rate * decay)
+  aux = main if schedule == "decay" else float(train_config.learning_rate)
+  backbone = train_config.get("backbone_learning_rate")
+  return LearningRates(main, aux, None if backbone is None else float(backbone * decay))
 
 
 def detach_features_at(train_config, epoch: int) -> bool:
@@ -85,17 +101,28 @@ def detach_features_at(train_config, epoch: int) -> bool:
   return epoch >= train_config.detach_features_epoch
 
 
+def reinit_each_round(config) -> bool:
+  """`train.reinit_each_round`; unset, each round starts afresh from pretrained weights where
+  there are such weights (model.pretrained: the convention of AL on pretrained backbones) and
+  warm from the last round's weights otherwise (the authors' code)."""
+  choice = config.train.reinit_each_round
+  return bool(config.model.pretrained) if choice is None else bool(choice)
+
+
 def recipe_summary(config) -> str:
   """One line naming the choices where the authors' code and the alternatives differ."""
   data, model, tc = config.data, config.model, config.train
-  norm = (
-    f"fixed mean {tuple(data.mean)} std {tuple(data.std)}"
-    if data.normalization == "fixed"
-    else "pool statistics"
-  )
+  if data.normalization == "pool":
+    norm = "pool statistics"
+  elif data.normalization == "auto" and model.get("pretrained"):
+    norm = "the pretrained weights' (ImageNet's)"
+  else:
+    norm = f"fixed mean {tuple(data.mean)} std {tuple(data.std)}"
+  backbone = tc.get("backbone_learning_rate")
+  lr = f"{tc.learning_rate}" + ("" if backbone is None else f" (backbone {backbone})")
   return (
     f"recipe: init {model.init}, BatchNorm running variance {model.bn_running_var}, "
-    f"normalisation {norm}; lr {tc.learning_rate} x{tc.lr_decay} at epochs "
+    f"normalisation {norm}; lr {lr} x{tc.lr_decay} at epochs "
     f"{tuple(tc.lr_milestones)}, loss-head lr {tc.aux_lr_schedule}, features detached "
     f"{'after' if tc.detach_rule == 'after' else 'from'} epoch {tc.detach_features_epoch}"
   )

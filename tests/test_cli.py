@@ -138,7 +138,7 @@ def test_config_names_resolve_to_shipped_files(tmp_path):
     ConfigError,
     match=r"'cifar1000' is neither a config file nor a shipped "
     r"config: expected a config file or one of caltech101, "
-    r"cdd, cifar10, cifar100, cifar10_subset, digits, own_data, svhn",
+    r"cdd, cifar10, cifar100, cifar10_subset, digits, own_data, pretrained_folder, svhn",
   ):
     launch.resolve_config("cifar1000")
   with pytest.raises(

@@ -59,8 +59,13 @@ def test_learning_rate_step_decay():
   np.testing.assert_allclose([r.aux for r in rates], [0.1] * 7)
   config.train.aux_lr_schedule = "decay"
   assert [optimizer.learning_rate_at(config.train, e) for e in range(7)] == [
-    (r.main, r.main) for r in rates
+    (r.main, r.main, None) for r in rates
   ]
+  config.train.backbone_learning_rate = 0.02  # a pretrained backbone's, decayed in step
+  np.testing.assert_allclose(
+    [optimizer.learning_rate_at(config.train, e).backbone for e in range(7)],
+    [0.02, 0.02, 0.02, 0.002, 0.002, 0.0002, 0.0002],
+  )
   config.train.aux_lr_schedule = "never"
   with pytest.raises(ConfigError, match="unknown train.aux_lr_schedule 'never'"):
     optimizer.learning_rate_at(config.train, 0)
@@ -185,6 +190,18 @@ def test_loss_head_steps_with_its_own_learning_rate(learner_and_batch):
   for part, ratio in (("classifier", 1.0), ("loss_head", 0.25)):
     for a, b in zip(jax.tree.leaves(one[part]), jax.tree.leaves(two[part])):
       np.testing.assert_allclose(b, ratio * a, rtol=1e-6)
+  # A backbone rate: the classifier's head keeps the main rate, its other layers take it.
+  three, _ = optimizer.make_optimizer(optimizer.LearningRates(0.1, 0.025, 0.01), cfg).update(
+    grads, state.opt_state, state.params
+  )
+  ratios = set()
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(one["classifier"]), jax.tree.leaves(three["classifier"])
+  ):
+    ratio = 1.0 if "head" in [getattr(p, "key", None) for p in path] else 0.1
+    np.testing.assert_allclose(b, ratio * a, rtol=1e-6)
+    ratios.add(ratio)
+  assert ratios == {1.0, 0.1}
 
 
 def test_detached_features_stop_aux_gradients_reaching_the_classifier(learner_and_batch):

@@ -15,8 +15,9 @@ from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import check_choice
 
 # data.normalization: "fixed" (data.mean / data.std, in [0, 1] units: the authors' code
-# normalises CIFAR-10 with constants) or "pool" (per-channel statistics of the training pool).
-NORMALIZATIONS = ("fixed", "pool")
+# normalises CIFAR-10 with constants), "pool" (per-channel statistics of the training pool) or
+# "auto": the statistics pretrained weights were trained with (model.pretrained), else "fixed".
+NORMALIZATIONS = ("auto", "fixed", "pool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +116,18 @@ def keep_rows(dataset: Dataset, rows: RowRange | None) -> Dataset:
   )
 
 
-def input_normalization(data_config, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+def input_normalization(
+  data_config, dataset: Dataset, weights_normalization: tuple | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """The per-channel (mean, std) that images are normalised with, as `data.normalization` says.
 
   "pool": statistics of the whole pool, also when each process holds a shard of it.
+  "auto": `weights_normalization`, the (mean, std) of pretrained weights, where given.
   """
-  if check_choice(data_config.normalization, NORMALIZATIONS, "data.normalization") == "fixed":
+  choice = check_choice(data_config.normalization, NORMALIZATIONS, "data.normalization")
+  if choice == "auto" and weights_normalization is not None:
+    return tuple(np.asarray(v, np.float32) for v in weights_normalization)
+  if choice in ("auto", "fixed"):
     mean, std = (np.asarray(data_config[k], np.float32) for k in ("mean", "std"))
     if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0):
       raise ConfigError(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
+from lplgrad_jax import pretrained
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import check_choice
 from lplgrad_jax.models.backbone import Backbone
@@ -30,6 +31,7 @@ from lplgrad_jax.models.loss_head import pool_feature
 from lplgrad_jax.models.resnet import ResNet18
 from lplgrad_jax.models.resnet import ResNet34
 from lplgrad_jax.models.resnet import ResNet50
+from lplgrad_jax.models.vit import VIT_PRESETS
 from lplgrad_jax.models.vit import ViT
 from lplgrad_jax.models.wide_resnet import WideResNet
 
@@ -93,6 +95,15 @@ register_model(
 )
 
 
+for _name, _geometry in VIT_PRESETS.items():
+  register_model(
+    _name,
+    lambda c, num_classes, image_size, layers, rngs, g=_geometry: Backbone(
+      ViT(num_classes, **g, image_size=image_size, rngs=rngs), image_size
+    ),
+  )
+
+
 def _user_model(spec: str, num_classes: int, image_size: int, rngs: nnx.Rngs) -> nnx.Module:
   """`module:pkg.mod:factory`: factory(num_classes, rngs) -> model returning (logits, features)."""
   parts = spec.split(":")
@@ -137,7 +148,12 @@ def with_compute_dtype(module: nnx.Module, dtype: str) -> nnx.Module:
 def create_learner(
   model_config, num_classes: int, *, use_aux: bool, key: jax.Array, image_size: int = 32
 ) -> ActiveLearner:
-  """Builds the main model (chosen by `model_config.name`) and its loss head."""
+  """Builds the main model (chosen by `model_config.name`) and its loss head.
+
+  With `model_config.pretrained` (a weights file), the main model starts from those weights
+  (lplgrad_jax.pretrained); its classifier head keeps `key`'s draw where the file's has
+  other classes, and the loss head always does.
+  """
   name = model_config.name
   if not name.startswith("module:") and name not in _MODELS:
     raise ConfigError(
@@ -178,9 +194,13 @@ def create_learner(
   options = _RUN_ONCE_OPTIONS if jax.default_backend() == "cpu" else None
   try:
     state = jax.jit(initial_state, compiler_options=options)(key)
+    learner = nnx.merge(graphdef, state)
   except _NEEDS_CONCRETE_VALUES:  # a user's factory that computes with its weights' values
-    return build(key)
-  return nnx.merge(graphdef, state)
+    learner = build(key)
+  weights = model_config.get("pretrained", "")
+  if weights:
+    pretrained.load_pretrained(learner.classifier, weights)
+  return learner
 
 
 # XLA:CPU's LLVM optimisations cost seconds on the initialisers' random draws and save

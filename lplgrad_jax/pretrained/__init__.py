@@ -1,0 +1,57 @@
+"""Pretrained weights from a local file (`model.pretrained`): torchvision's ResNets and timm's
+ViTs, read from .safetensors or .npz (NumPy alone) or .pth (with PyTorch).
+
+    learner = create_learner(config.model, num_classes, use_aux=True, key=key)
+
+loads `config.model.pretrained` into the main model (lplgrad_jax.models.create_learner calls
+`load_pretrained`); the loss head and a classifier head for another class count keep their
+random initialisation. Images are then normalised with the statistics the weights were
+trained with (`IMAGENET_MEAN`, `IMAGENET_STD`) unless `data.normalization` says otherwise.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from lplgrad_jax.errors import ConfigError
+from lplgrad_jax.models.backbone import Backbone
+from lplgrad_jax.models.resnet import ResNet18
+from lplgrad_jax.models.vit import ViT
+from lplgrad_jax.pretrained import timm_vit
+from lplgrad_jax.pretrained import torchvision_resnet
+from lplgrad_jax.pretrained.state_dict import Loaded
+from lplgrad_jax.pretrained.state_dict import load_entries
+from lplgrad_jax.pretrained.weights_file import read_state_dict
+
+__all__ = [
+  "IMAGENET_MEAN",
+  "IMAGENET_STD",
+  "Loaded",
+  "load_pretrained",
+  "normalization",
+  "read_state_dict",
+]
+
+# torchvision's and most timm weights were trained on images normalised with these.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The model classes (with their subclasses) whose weights have a naming, and that naming.
+_NAMINGS = ((ResNet18, torchvision_resnet), (ViT, timm_vit))
+
+
+def normalization(path: str) -> tuple[tuple, tuple] | None:
+  """(mean, std) of the images the weights of `path` were trained on; None without weights."""
+  return (IMAGENET_MEAN, IMAGENET_STD) if path else None
+
+
+def load_pretrained(classifier: nnx.Module, path: str) -> Loaded:
+  """Writes the weights of the file `path` into `classifier` (in place), strictly."""
+  net = classifier.net if isinstance(classifier, Backbone) else classifier
+  for cls, naming in _NAMINGS:
+    if isinstance(net, cls):
+      return load_entries(naming.entries(net), read_state_dict(path), path, naming.HINT)
+  raise ConfigError(
+    f"model.pretrained={path!r}: no pretrained naming for {type(net).__name__}: expected "
+    "model.name resnet18, resnet34, resnet50 (torchvision), vit, vit_s16 or vit_b16 (timm)"
+  )
