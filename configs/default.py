@@ -58,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (with stem="imagenet", width 64) or timm's ViTs (name vit_s16 / vit_b16) to start from;
   # see docs/pretrained.md. "": random initialisation.
   config.model.pretrained = ""
+  # finetune: every layer trains on the images | linear: the pretrained backbone is frozen,
+  # its features computed once per campaign; a linear head and the loss head train on them
+  # (no augmentation).
+  config.model.train_mode = "finetune"
 
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 200

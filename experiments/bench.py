@@ -11,6 +11,8 @@ Prints and writes JSON, images/s and compile seconds of:
                          the seconds a subset of R=25,000 images would take
   train_step_<dtype>     one training step (main model + loss head, augmentation)
   train_epoch_<loop>     an epoch of --epoch_steps steps, host loop vs device loop
+  linear_*               (--linear) linear mode: the frozen backbone's features of the
+                         batch, and the query on such features
   torch_*                (--torch) the same ResNet-18 in PyTorch on the same
                          device and inputs: forward+backward, the authors'
                          per-sample backward loop, torch.func vmap(grad), an
@@ -37,9 +39,15 @@ _MODEL = flags.DEFINE_string(
 _WIDTH = flags.DEFINE_integer(
   "width", 64, "model.width (ResNet-18: 64 = the paper's; WRN: k; ViT: embedding size)."
 )
+_STEM = flags.DEFINE_enum(
+  "stem", "cifar", ["cifar", "imagenet"], "ResNet stem (imagenet: 7x7/2 and max-pool, 224 px)."
+)
 _DEPTH = flags.DEFINE_integer("depth", 6, "ViT blocks.")
 _HEADS = flags.DEFINE_integer("heads", 4, "ViT attention heads.")
 _TRAIN = flags.DEFINE_bool("train", True, "Also time a training step.")
+_LINEAR = flags.DEFINE_bool(
+  "linear", False, "Also time linear mode: the frozen features and the query on them."
+)
 _BATCH = flags.DEFINE_integer("batch", 128, "Images per call.")
 _SIZE = flags.DEFINE_integer("image_size", 32, "Image side (CIFAR: 32).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per measurement.")
@@ -75,6 +83,7 @@ def _jax_report(report, n, images, labels, mean, std):
   config = default.get_config()
   config.model.name, config.model.width = _MODEL.value, _WIDTH.value
   config.model.depth, config.model.heads = _DEPTH.value, _HEADS.value
+  config.model.stem = _STEM.value
   config.train.batch_size = n
   learner = models.create_learner(
     config.model, 10, use_aux=True, key=jax.random.key(0), image_size=images.shape[1]
@@ -100,6 +109,9 @@ def _jax_report(report, n, images, labels, mean, std):
       )
       entry[f"seconds_for_{SUBSET}"] = SUBSET / entry["images_per_s"]
 
+  if _LINEAR.value:
+    _linear_report(report, learner, images, mean, std)
+
   mesh = sharding.data_mesh()
   pool = sharding.replicate((images, labels), mesh)
   for dtype in _DTYPES.value if _TRAIN.value else ():
@@ -121,6 +133,25 @@ def _jax_report(report, n, images, labels, mean, std):
       first, seconds = measure.time_call(epoch, max(1, _REPEATS.value - 1), sync)
       report[f"train_epoch_{loop}"] = measure.rate_entry(steps * n, seconds, first)
       report[f"train_epoch_{loop}"]["steps"] = steps
+
+
+def _linear_report(report, learner, images, mean, std):
+  """Linear mode: the features (once per campaign) and the query on them (each round)."""
+  import jax
+  import numpy as np
+
+  from lplgrad_jax import linear_probe
+
+  n = len(images)
+  extract = lambda: linear_probe.frozen_features(learner.classifier, images, (mean, std), n)
+  first, seconds = measure.time_call(extract, _REPEATS.value, jax.block_until_ready)
+  report["linear_features"] = measure.rate_entry(n, seconds, first)
+  features = np.tile(extract(), (_QUERY_CHUNKS.value, 1))
+  probe = linear_probe.probe_of(learner).classifier
+  run = measure.make_query(probe, features, mean, std, method="fast", chunk_size=n)
+  first, seconds = measure.time_call(run, _REPEATS.value, jax.block_until_ready)
+  report["linear_query_fast"] = entry = measure.rate_entry(len(features), seconds, first)
+  entry[f"seconds_for_{SUBSET}"] = SUBSET / entry["images_per_s"]
 
 
 def _torch_report(report, images, labels, mean, std):
@@ -160,6 +191,7 @@ def main(_):
     "width": _WIDTH.value,
     "batch": n,
     "image_size": size,
+    "stem": _STEM.value,
     "bn_variance": _BN_VARIANCE.value,
   }
   _jax_report(report, n, images, labels, mean, std)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lplgrad_jax import config_checks
 from lplgrad_jax import distributed
+from lplgrad_jax import linear_probe
 from lplgrad_jax import optimizer
 from lplgrad_jax import pretrained
 from lplgrad_jax import query
@@ -80,6 +81,7 @@ class Campaign:
   config: object  # the ml_collections ConfigDict
   workdir: str
   dataset: Dataset  # with every label the oracle has given so far
+  inputs: Dataset  # what the main model reads: `dataset`, or its frozen features (linear mode)
   oracle: Oracle
   checkpointer: Checkpointer
   mesh: jax.sharding.Mesh
@@ -115,7 +117,16 @@ class Campaign:
     step_config = train.StepConfig.from_config(
       config.train, final_size, use_aux, mesh, pool_sharded=config.data.shard_pool
     )
-    learner = _round_learner(config, dataset, use_aux, 0)
+    normalization = input_normalization(
+      config.data, dataset, pretrained.normalization(config.model.pretrained)
+    )
+    learner, features = _round_learner(config, dataset, use_aux, 0), None
+    if config.model.train_mode == "linear":  # the backbone's features, once per campaign
+      progress = config.log.progress and distributed.is_main_process()
+      learner, features = linear_probe.freeze(
+        learner, dataset, normalization, config.train.eval_batch_size, progress
+      )
+      step_config = dataclasses.replace(step_config, crop_padding=0, flip=False)  # not images
     graphdef, train_state = train.create_train_state(learner, step_config)
     train_state = sharding.replicate(train_state, mesh)  # restored with these shardings
     if checkpointer.exists():
@@ -138,10 +149,8 @@ class Campaign:
     state.config = config.to_dict()
     oracle = make_oracle(config, workdir)
     dataset = oracle.start(state, dataset)  # the labels given so far
-    normalization = input_normalization(
-      config.data, dataset, pretrained.normalization(config.model.pretrained)
-    )
-    pool = _pool_on_devices(dataset, normalization, config.data.shard_pool, mesh)
+    inputs = dataset if features is None else linear_probe.with_features(dataset, *features)
+    pool = train.Pool.on_devices(inputs, normalization, mesh, shard=config.data.shard_pool)
     logger = reporting.MetricsLogger(
       workdir, config.log.tensorboard and distributed.is_main_process(), state.epochs_logged
     )
@@ -149,6 +158,7 @@ class Campaign:
       config,
       workdir,
       dataset,
+      inputs,
       oracle,
       checkpointer,
       mesh,
@@ -182,7 +192,9 @@ class Campaign:
     s = self.state
     if s.round_starts:
       if s.round > 0 and optimizer.reinit_each_round(self.config):
-        self.learner = _round_learner(self.config, self.dataset, self.step_config.use_aux, s.round)
+        learner = _round_learner(self.config, self.dataset, self.step_config.use_aux, s.round)
+        linear = self.config.model.train_mode == "linear"
+        self.learner = linear_probe.probe_of(learner) if linear else learner
       self.graphdef, self.train_state = train.create_train_state(self.learner, self.step_config)
     self.train_state = sharding.replicate(self.train_state, self.mesh)
     start = time.perf_counter()
@@ -192,7 +204,7 @@ class Campaign:
       return False
     nnx.update(self.learner, self.train_state.params, self.train_state.batch_stats)
     metrics = query.evaluate(
-      self.learner, self.dataset, self.normalization, self.config.train.eval_batch_size
+      self.learner, self.inputs, self.normalization, self.config.train.eval_batch_size
     )
     record = RoundRecord(
       round=s.round,
@@ -205,11 +217,8 @@ class Campaign:
     s.finish_training(record)
     self.commit()
     self.logger.round(record.to_json())
-    accuracy = (
-      "no test set"
-      if record.test_accuracy is None
-      else f"test accuracy {100 * record.test_accuracy:.2f}%"
-    )
+    accuracy = record.test_accuracy
+    accuracy = "no test set" if accuracy is None else f"test accuracy {100 * accuracy:.2f}%"
     say(
       f"round {s.round + 1}/{self.config.al.num_rounds}: {record.num_labeled} labeled, "
       f"{accuracy}, train {record.train_seconds:.1f}s"
@@ -298,8 +307,7 @@ class Campaign:
     )
     start = time.perf_counter()
     selection, selected_scores = self._select(labeled)
-    summary = None if selection.scores is None else _score_summary(selection.scores)
-    s.record_query(selection.ids, summary, time.perf_counter() - start)
+    s.record_query(selection.ids, selection.scores, time.perf_counter() - start)
     labels_in = self.oracle.label(s, selection.ids, selected_scores)
     self.commit()
     return labels_in
@@ -311,7 +319,7 @@ class Campaign:
     unlabeled = np.setdiff1d(np.arange(self.dataset.num_train), excluded, assume_unique=True)
     context = strategies.QueryContext(
       learner=self.learner,
-      dataset=self.dataset,
+      dataset=self.inputs,
       subset_ids=seeds.random_subset(config.seed, r, unlabeled, config.al.subset_size),
       query_size=config.al.query_size,
       key=seeds.strategy_key(config.seed, r),
@@ -447,22 +455,3 @@ def _initial_ids(config, dataset: Dataset) -> list[int]:
   else:
     ids = seeds.initial_labeled_set(config.seed, dataset.num_train, config.al.initial_size)
   return [int(i) for i in ids]
-
-
-def _pool_on_devices(dataset: Dataset, normalization, shard_pool: bool, mesh) -> train.Pool:
-  arrays = (dataset.x_train, dataset.y_train)
-  arrays = (
-    sharding.shard_rows(arrays, dataset.num_train, mesh)
-    if shard_pool
-    else sharding.replicate(arrays, mesh)
-  )
-  return train.Pool(*arrays, *sharding.replicate(normalization, mesh))
-
-
-def _score_summary(scores: np.ndarray) -> dict:
-  return {
-    "min": float(np.min(scores)),
-    "median": float(np.median(scores)),
-    "max": float(np.max(scores)),
-    "mean": float(np.mean(scores)),
-  }

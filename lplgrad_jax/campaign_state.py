@@ -102,11 +102,21 @@ class CampaignState:
     self.rounds.append(record)
     self.phase, self.epoch, self.step, self.train_seconds = "query", 0, 0, 0.0
 
-  def record_query(self, queried_ids, score_summary: dict | None, seconds: float) -> None:
+  def record_query(self, queried_ids, scores: np.ndarray | None, seconds: float) -> None:
+    """The round's query: its ids, how long it took, and (a scoring strategy's) the spread of
+    the scores over the scored subset."""
     record = self.rounds[self.round]
     record.queried_ids, record.query_seconds = _ids(queried_ids), seconds
-    if score_summary is not None:
-      record.query_scores = score_summary
+    if scores is not None:
+      record.query_scores = {
+        name: float(reduce(scores))
+        for name, reduce in (
+          ("min", np.min),
+          ("median", np.median),
+          ("max", np.max),
+          ("mean", np.mean),
+        )
+      }
 
   def add_labeled(self, new_ids) -> None:
     """query|labels -> train: the next round trains with `new_ids` labeled too."""

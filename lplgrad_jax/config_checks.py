@@ -18,6 +18,7 @@ from lplgrad_jax import strategies
 from lplgrad_jax import train
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import check_choice
+from lplgrad_jax.linear_probe import TRAIN_MODES
 from lplgrad_jax.models import COMPUTE_DTYPES
 from lplgrad_jax.pretrained import weights_file
 
@@ -152,6 +153,13 @@ def validate_config(config) -> None:
   check_choice(config.data.normalization, data.NORMALIZATIONS, "data.normalization")
   if config.model.pretrained:
     weights_file.check_path(config.model.pretrained)
+  if check_choice(config.model.train_mode, TRAIN_MODES, "model.train_mode") == "linear" and not (
+    config.model.pretrained
+  ):
+    raise ConfigError(
+      "model.train_mode='linear' freezes the backbone: expected pretrained weights in "
+      "model.pretrained"
+    )
 
 
 def check_batch_split(batch_size: int, num_devices: int) -> None:

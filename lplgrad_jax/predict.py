@@ -23,6 +23,7 @@ from flax import nnx
 
 from lplgrad_jax import cli
 from lplgrad_jax import errors
+from lplgrad_jax import linear_probe
 from lplgrad_jax import models
 from lplgrad_jax import query
 from lplgrad_jax import reporting
@@ -69,22 +70,25 @@ def load_model(workdir: str) -> Model:
     )
   # The restore target: same structure as the saved state. max_labeled only
   # sizes training buffers, which prediction has none of.
+  model_config = ml_collections.ConfigDict(config["model"])
+  linear = model_config.get("train_mode") == "linear"
+  if not linear:  # the checkpoint holds every weight: the pretrained file is not needed
+    model_config.pretrained = ""
   learner = models.create_learner(
-    ml_collections.ConfigDict(config["model"]),
-    len(class_names),
-    use_aux=use_aux,
-    key=jax.random.key(0),
-    image_size=image_size,
+    model_config, len(class_names), use_aux=use_aux, key=jax.random.key(0), image_size=image_size
   )
+  # Linear mode saved the probe alone; its head is the learner's, which then classifies images
+  # with the pretrained backbone.
+  trained = linear_probe.probe_of(learner) if linear else learner
   step_config = train.StepConfig.from_config(
     ml_collections.ConfigDict(config["train"]), max_labeled=1, use_aux=use_aux
   )
-  _, state = train.create_train_state(learner, step_config)
+  _, state = train.create_train_state(trained, step_config)
   try:
     state, position = checkpointer.restore(state, delete_corrupt=False)
   finally:
     checkpointer.close()
-  nnx.update(learner, state.params, state.batch_stats)
+  nnx.update(trained, state.params, state.batch_stats)
   return Model(learner, class_names, image_size, normalization, len(position["rounds"]))
 
 

@@ -65,7 +65,7 @@ def max_probability(logits: jax.Array) -> jax.Array:
   return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
 
 
-def _padded_chunks(images: np.ndarray, chunk_size: int):
+def padded_chunks(images: np.ndarray, chunk_size: int):
   """Yields (chunk padded to chunk_size, number of real images) so one shape compiles."""
   for start in range(0, len(images), chunk_size):
     chunk = images[start : start + chunk_size]
@@ -94,7 +94,7 @@ def model_outputs(
   mean, std = (np.asarray(a, np.float32) for a in normalization)
   parts = [
     jax.device_get(_outputs_batch(graphdef, params, rest, chunk, mean, std)) + (real,)
-    for chunk, real in _padded_chunks(np.asarray(images), batch_size)
+    for chunk, real in padded_chunks(np.asarray(images), batch_size)
   ]
   names = ("logits", "embedding", "predicted_loss")
   return {name: np.concatenate([p[i][: p[-1]] for p in parts]) for i, name in enumerate(names)}
@@ -196,8 +196,7 @@ def output_entropy(outputs) -> jax.Array:
 
 def _fast_scores(graphdef, params, rest, images, mean, std, reduction):
   """Exact per-example gradient norms from one batched backward pass (`pergrad`)."""
-  if images.dtype == jnp.uint8:
-    images = normalize(images, mean, std)
+  images = normalize(images, mean, std)
   return pergrad.reduce(
     pergrad.squared_norms(graphdef, params, rest, images, output_entropy), reduction
   )
@@ -209,8 +208,7 @@ def _image_entropy(params, graphdef, rest, image):
 
 
 def _vmap_grad_scores(graphdef, params, rest, images, mean, std, reduction):
-  if images.dtype == jnp.uint8:
-    images = normalize(images, mean, std)
+  images = normalize(images, mean, std)
   grads = jax.vmap(jax.grad(_image_entropy), in_axes=(None, None, None, 0))(
     params, graphdef, rest, images
   )
@@ -299,7 +297,7 @@ def entropy_grad_norms(
   score = _chunk_scorer(graphdef, reduction, method, mesh)
   pending = []
   for chunk, real in tqdm(
-    _padded_chunks(images, chunk_size),
+    padded_chunks(images, chunk_size),
     desc="query",
     unit="chunk",
     total=ceil_div(len(images), chunk_size),

@@ -35,10 +35,22 @@ class TrainState(NamedTuple):
 class Pool(NamedTuple):
   """The training pool on the devices, and how its images are normalised."""
 
-  images: jax.Array  # (N, H, W, 3) uint8, replicated or split by rows (data.shard_pool)
+  images: jax.Array  # (N, H, W, 3) uint8 (or linear mode's (N, F) features), replicated or
+  # split by rows (data.shard_pool)
   labels: jax.Array  # (N,) int32; -1 where unknown (a human oracle's unlabeled images)
   mean: jax.Array  # (3,) per-channel mean, [0, 1] units
   std: jax.Array  # (3,) per-channel std
+
+  @classmethod
+  def on_devices(cls, dataset, normalization, mesh: Mesh, *, shard: bool) -> Pool:
+    """`dataset`'s training images and labels, split by rows over `mesh` (`shard`: this
+    process holds only its devices' rows) or replicated; the normalisation replicated."""
+    arrays = (dataset.x_train, dataset.y_train)
+    if shard:
+      arrays = sharding.shard_rows(arrays, dataset.num_train, mesh)
+    else:
+      arrays = sharding.replicate(arrays, mesh)
+    return cls(*arrays, *sharding.replicate(normalization, mesh))
 
 
 class EpochPlan(NamedTuple):
@@ -128,8 +140,12 @@ def _fresh_optimizer_state(params, cfg: StepConfig):
   return optimizer.make_optimizer(0.0, cfg).init(params)
 
 
-def normalize(images_uint8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-  return (images_uint8.astype(jnp.float32) / 255.0 - mean) / std
+def normalize(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  """uint8 images as the model reads them; float inputs (normalised images, linear mode's
+  frozen features) are the model's input already."""
+  if images.dtype != jnp.uint8:
+    return images
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
 def augment(key: jax.Array, images: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
@@ -137,6 +153,8 @@ def augment(key: jax.Array, images: jax.Array, crop_padding: int, flip: bool) ->
 
   The random draws have fixed dtypes: a float64 run (jax_enable_x64) augments alike.
   """
+  if not crop_padding and not flip:  # also linear mode's features, which are not images
+    return images
   n, h, w, _ = images.shape
   crop_key, flip_key = jax.random.split(key)
   if crop_padding:

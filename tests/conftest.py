@@ -61,6 +61,7 @@ _LONG_FILES_FIRST = (
   "test_torch_parity.py",
   "test_sharding.py",
   "test_query.py",
+  "test_pretrained.py",
   "test_accelerator_check.py",
   "test_train.py",
   "test_experiments.py",

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from lplgrad_jax import strategies
@@ -29,10 +30,16 @@ def test_simulated_round_trip_of_phases():
   assert not state.round_starts
   state.finish_training(_record(0, [1, 3]))
   assert (state.phase, state.epoch, state.step, state.train_seconds) == ("query", 0, 0, 0.0)
-  state.record_query([7, 2], {"min": 0.0, "median": 1.0, "max": 2.0, "mean": 1.0}, 0.25)
+  state.record_query([7, 2], np.array([0.0, 2.0, 1.0, 0.5, 1.5]), 0.25)
   state.add_labeled([7, 2])
   assert state.labeled_ids == [1, 2, 3, 7] and state.round == 1 and state.round_starts
   assert state.rounds[0].to_json()["queried_ids"] == [7, 2]
+  assert state.rounds[0].to_json()["query_scores"] == {
+    "min": 0.0,
+    "median": 1.0,
+    "max": 2.0,
+    "mean": 1.0,
+  }
 
 
 def test_human_labels_and_skips():
@@ -52,7 +59,7 @@ def test_human_labels_and_skips():
 def test_json_round_trip_is_exact():
   state = CampaignState([0, 4], config={"a": {"b": 1}}, epochs_logged=7, pool_files=["x.png"])
   state.finish_training(_record(0, [0, 4]))
-  state.record_query([2], {"min": 1.0, "median": 1.0, "max": 1.0, "mean": 1.0}, 0.5)
+  state.record_query([2], np.array([1.0, 1.0]), 0.5)
   state.await_labels([2])
   state.apply_labels({2: 3})
   saved = json.loads(json.dumps(state.to_json()))  # what the checkpoint holds

@@ -19,9 +19,13 @@ from flax import nnx
 from PIL import Image
 
 from lplgrad_jax import campaign
+from lplgrad_jax import config_checks
 from lplgrad_jax import data
+from lplgrad_jax import linear_probe
 from lplgrad_jax import models
+from lplgrad_jax import predict
 from lplgrad_jax import pretrained
+from lplgrad_jax import query
 from lplgrad_jax.configs import default
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.pretrained import timm_vit
@@ -282,7 +286,59 @@ def _image_folder(root, classes=("ant", "bee", "cow"), per_class=(12, 4)):
         Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
 
 
-def test_an_al_campaign_on_an_image_folder_starts_from_pretrained_weights(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def resnet18_learner():
+  return models.create_learner(_resnet_config(), 3, use_aux=True, key=jax.random.key(1))
+
+
+def test_linear_mode_features_give_the_full_models_outputs(resnet18_learner, expected):
+  images = (np.abs(expected["images"][:, :, :, :]) * 60).astype(np.uint8)
+  normalization = pretrained.normalization(RESNET18)
+  features = linear_probe.frozen_features(resnet18_learner.classifier, images, normalization, 2)
+  assert features.shape == (2, (4 + 8 + 16 + 32) + 32) and features.dtype == np.float32
+  probe = linear_probe.probe_of(resnet18_learner)
+  logits, stages = _eval_outputs(probe.classifier, features)
+  mean, std = (np.asarray(a, np.float32) for a in normalization)
+  full_logits, full_stages = _eval_outputs(
+    resnet18_learner.classifier, (images / np.float32(255) - mean) / std
+  )
+  np.testing.assert_allclose(logits, full_logits, rtol=1e-5, atol=1e-6)
+  for pooled, stage in zip(stages, full_stages, strict=True):
+    np.testing.assert_allclose(pooled, models.pool_feature(stage), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["layer_sum", "frobenius"])
+def test_linear_mode_scores_have_the_closed_form(reduction, resnet18_learner):
+  probe = linear_probe.probe_of(resnet18_learner).classifier
+  features = np.random.default_rng(0).standard_normal((6, 92), np.float32)
+  closed = linear_probe.closed_form_scores(probe, jnp.asarray(features), reduction)
+  for method in ("fast", "vmap"):
+    scores = query.entropy_grad_norms(
+      probe, features, reduction=reduction, method=method, chunk_size=6
+    )
+    np.testing.assert_allclose(scores, closed, rtol=2e-5)
+
+
+def test_linear_mode_needs_pretrained_weights():
+  config = tiny_config(**{"model.train_mode": "linear"})
+  with pytest.raises(ConfigError, match="model.train_mode='linear' freezes the backbone"):
+    config_checks.validate_config(config)
+
+
+def _image_folder(root, classes=("ant", "bee", "cow"), per_class=(12, 4)):
+  rng = np.random.default_rng(0)
+  for split, count in zip(("train", "test"), per_class):
+    for c, name in enumerate(classes):
+      os.makedirs(root / split / name)
+      for i in range(count):
+        pixels = rng.integers(0, 256, (40, 40, 3), np.uint8) // 2 + 60 * c
+        Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
+
+
+@pytest.mark.parametrize("train_mode", ["finetune", "linear"])
+def test_an_al_campaign_on_an_image_folder_starts_from_pretrained_weights(
+  train_mode, tmp_path, monkeypatch
+):
   _image_folder(tmp_path / "photos")
   config = tiny_config(
     **{
@@ -293,6 +349,7 @@ def test_an_al_campaign_on_an_image_folder_starts_from_pretrained_weights(tmp_pa
       "model.name": "resnet18",
       "model.stem": "imagenet",
       "model.pretrained": RESNET18,
+      "model.train_mode": train_mode,
       "al.initial_size": 9,
       "al.query_size": 6,
       "al.subset_size": 20,
@@ -303,9 +360,18 @@ def test_an_al_campaign_on_an_image_folder_starts_from_pretrained_weights(tmp_pa
   loads = []
   real_load = pretrained.load_pretrained
   monkeypatch.setattr(pretrained, "load_pretrained", lambda *a: loads.append(a) or real_load(*a))
-  results = campaign.run(config, str(tmp_path / "w"))
+  workdir = str(tmp_path / "w")
+  results = campaign.run(config, workdir)
   assert len(loads) == 2  # round 0, and round 1 afresh (train.reinit_each_round unset)
   assert [r["num_labeled"] for r in results["rounds"]] == [9, 15]
   assert all(np.isfinite(r["test_accuracy"]) for r in results["rounds"])
   normalization = results["data"]["normalization"]
   np.testing.assert_allclose(normalization["mean"], pretrained.IMAGENET_MEAN, rtol=1e-6)
+  # The predictor classifies images with the trained weights (linear mode: the pretrained
+  # backbone under the trained head) as the campaign evaluated them.
+  model = predict.load_model(workdir)
+  test = data.load_dataset(config.data).x_test
+  logits = query.model_outputs(model.learner, test, model.normalization, 8)["logits"]
+  dataset = data.load_dataset(config.data)
+  accuracy = float(np.mean(np.argmax(logits, -1) == dataset.y_test))
+  assert accuracy == pytest.approx(results["rounds"][-1]["test_accuracy"])
