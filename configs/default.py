@@ -35,8 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shard_pool = False
   # fixed: data.mean / data.std, the CIFAR-10 constants of the authors' code | pool: the
   # pool's per-channel statistics (image folders, digits, data sets without such constants) |
-  # auto: with model.pretrained, the statistics the weights were trained with (ImageNet's);
-  # otherwise fixed.
+  # auto: with model.pretrained, the statistics the weights were trained with (ImageNet's
+  # for torchvision's ResNets, 0.5 and 0.5 for timm's ViTs); otherwise fixed.
   config.data.normalization = "auto"
   config.data.mean = (0.4914, 0.4822, 0.4465)
   config.data.std = (0.2023, 0.1994, 0.2010)
@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   # see docs/pretrained.md. "": random initialisation.
   config.model.pretrained = ""
   # finetune: every layer trains on the images | linear: the pretrained backbone is frozen,
-  # its features computed once per campaign; a linear head and the loss head train on them
+  # its features computed once per run; a linear head and the loss head train on them
   # (no augmentation).
   config.model.train_mode = "finetune"
 

@@ -6,8 +6,8 @@ fine-tuned from its ImageNet weights (docs/pretrained.md).
 
 own_data's budgets (200 labels to start, 200 per round, R = 1000, 5 rounds: set al.* to
 yours). Images are normalised with ImageNet's statistics, as the weights were trained; each
-round starts afresh from the pretrained weights (train.reinit_each_round unset) with a new
-head for your classes; the backbone fine-tunes at a tenth of the head's rate. A starting point
+round starts afresh from the pretrained weights (train.reinit_each_round unset) with a newly
+drawn head for your classes; the backbone fine-tunes at a tenth of the head's rate. A starting point
 from common fine-tuning practice, not tuned on a benchmark.
 """
 

@@ -118,7 +118,7 @@ class Campaign:
       config.train, final_size, use_aux, mesh, pool_sharded=config.data.shard_pool
     )
     normalization = input_normalization(
-      config.data, dataset, pretrained.normalization(config.model.pretrained)
+      config.data, dataset, pretrained.normalization(config.model)
     )
     learner, features = _round_learner(config, dataset, use_aux, 0), None
     if config.model.train_mode == "linear":  # the backbone's features, once per campaign

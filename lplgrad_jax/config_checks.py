@@ -16,6 +16,7 @@ from lplgrad_jax import optimizer
 from lplgrad_jax import query
 from lplgrad_jax import strategies
 from lplgrad_jax import train
+from lplgrad_jax.configs import default
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import check_choice
 from lplgrad_jax.linear_probe import TRAIN_MODES
@@ -40,6 +41,7 @@ RESUMABLE_KEYS = (
   "train.epoch_loop",
   "query.chunk_size",
   "train.learning_rate",
+  "train.backbone_learning_rate",
 )
 _POSITIVE_INTS = (
   "al.initial_size",
@@ -192,6 +194,16 @@ def check_budgets(al_config, pool_size: int, initial_size: int | None = None) ->
   return final
 
 
+def _resolved(flat: dict) -> dict:
+  """`flat` with the settings whose unset or automatic value depends on others resolved."""
+  weights = bool(flat.get("model.pretrained"))
+  if flat.get("data.normalization") == "auto" and not weights:
+    flat["data.normalization"] = "fixed"
+  if flat.get("train.reinit_each_round") is None:
+    flat["train.reinit_each_round"] = weights
+  return flat
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
   flat = {}
   for k, v in tree.items():
@@ -203,8 +215,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def check_same_campaign(workdir: str, previous: dict, config_dict: dict) -> None:
-  """Refuses to resume a campaign whose configuration differs in a key that matters."""
-  old, new = _flatten(previous), _flatten(json.loads(json.dumps(config_dict)))
+  """Refuses to resume a campaign whose configuration differs in a key that matters.
+
+  Keys a campaign of an earlier version lacks count at their defaults, and settings compare
+  by what they resolve to (e.g. normalization "auto" without pretrained weights is "fixed").
+  """
+  defaults = _flatten(default.get_config().to_dict())
+  old, new = (
+    _resolved({**defaults, **_flatten(json.loads(json.dumps(c)))}) for c in (previous, config_dict)
+  )
   differing = sorted(
     k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS)
   )

@@ -3,9 +3,11 @@ campaign, and a linear classifier head and the loss-prediction module trained on
 
 An image's features: the global-average-pooled output of each stage (what the loss head
 reads) and the input of the classifier `head` (ResNet: the pooled last stage; ViT: the class
-token after the final LayerNorm), concatenated, in inference mode. `LinearProbe` reads these in
-place of images and is an ordinary main model of the campaign, so training, the query, every
-strategy and the checkpoints run unchanged on it, at the cost of one dense layer per image.
+token after the final LayerNorm), concatenated, in inference mode. They are computed when a
+run starts (once per campaign; again after a stop, such as a human oracle's wait for
+labels). `LinearProbe` reads these in place of images and is an ordinary main model of the
+campaign, so training, the query, every strategy and the checkpoints run unchanged on it, at
+the cost of one dense layer per image.
 
 Its only parameters are the head's W and b, so LPLgrad's score has a closed form: with h the
 head's input, p = softmax(logits) and H the entropy, g = dH/dlogits = -p (log p + H) and
@@ -92,6 +94,9 @@ def frozen_features(
 ) -> np.ndarray:
   """(N, sum(stage_channels) + head inputs) float32 features of uint8 images, in inference
   mode (BatchNorm with its running statistics); `progress`: a bar over the batches."""
+  if not len(images):  # a labeling folder without test/
+    head = classifier_head(classifier)
+    return np.zeros((0, sum(classifier.stage_channels) + head.in_features), np.float32)
   model = nnx.clone(classifier)
   model.eval()
   graphdef, state = nnx.split(model)

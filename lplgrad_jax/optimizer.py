@@ -115,7 +115,7 @@ def recipe_summary(config) -> str:
   if data.normalization == "pool":
     norm = "pool statistics"
   elif data.normalization == "auto" and model.get("pretrained"):
-    norm = "the pretrained weights' (ImageNet's)"
+    norm = "the pretrained weights' statistics"
   else:
     norm = f"fixed mean {tuple(data.mean)} std {tuple(data.std)}"
   backbone = tc.get("backbone_learning_rate")

@@ -255,6 +255,7 @@ def test_non_finite_query_scores_never_reach_a_query(monkeypatch):
     state=CampaignState(list(range(20)), config.to_dict()),
     config=config,
     dataset=types.SimpleNamespace(num_train=100),
+    inputs=None,
     learner=None,
     normalization=None,
     pool=None,

@@ -6,7 +6,9 @@ shapes (tests/data/pretrained/manifest.json)."""
 
 import json
 import os
+import shutil
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -224,20 +226,34 @@ def test_pytorch_files_load_through_pytorch(tmp_path):
     ("weights.h5", b"", r"unknown file type '.h5': expected one of .safetensors, .npz"),
     ("garbage.safetensors", b"\x00" * 16, "not a readable safetensors file"),
     ("garbage.npz", b"not a zip", "not a readable .npz file"),
+    ("other_zip.npz", "notes.txt", "tensor 'notes.txt' holds bytes: expected numbers"),
+    ("raw_bfloat16.npz", "bfloat16", "tensor 'w' holds \\|V2: expected numbers"),
   ],
 )
 def test_unreadable_files_are_one_clear_error(name, content, message, tmp_path):
   path = tmp_path / name
-  if content is not None:
+  if content == "notes.txt":  # a zip archive, but not of arrays
+    with zipfile.ZipFile(path, "w") as archive:
+      archive.writestr("notes.txt", "not an array")
+  elif content == "bfloat16":  # np.savez keeps bfloat16 as raw two-byte records
+    np.savez(path, w=np.ones(3, ml_dtypes.bfloat16))
+  elif content is not None:
     path.write_bytes(content)
   with pytest.raises(ConfigError, match=rf"model.pretrained='.*{name}': {message}"):
     pretrained.read_state_dict(str(path))
 
 
 def test_the_weights_normalisation_is_the_default_one():
+  model = _resnet_config()
+  imagenet = pretrained.normalization(model)
+  assert imagenet == (pretrained.IMAGENET_MEAN, pretrained.IMAGENET_STD)
+  model.name = "vit_s16"  # timm's default (augreg) weights: 0.5 and 0.5
+  assert pretrained.normalization(model) == (pretrained.INCEPTION_MEAN, pretrained.INCEPTION_STD)
+  model.pretrained = ""
+  assert pretrained.normalization(model) is None
   dataset = data.Dataset("d", *(np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2, np.int32)) * 2, ())
   config = default.get_config().data
-  imagenet = pretrained.normalization(RESNET18)
+  assert config.normalization == "auto"
   for choice, weights, want in [
     ("auto", imagenet, imagenet),
     ("auto", None, (config.mean, config.std)),
@@ -276,35 +292,35 @@ def test_the_real_names_and_shapes_load_strictly(real):
   assert set(shapes) - set(entries) <= {n for n in shapes if n.endswith("num_batches_tracked")}
 
 
-def _image_folder(root, classes=("ant", "bee", "cow"), per_class=(12, 4)):
-  rng = np.random.default_rng(0)
-  for split, count in zip(("train", "test"), per_class):
-    for c, name in enumerate(classes):
-      os.makedirs(root / split / name)
-      for i in range(count):
-        pixels = rng.integers(0, 256, (40, 40, 3), np.uint8) // 2 + 60 * c
-        Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
-
-
 @pytest.fixture(scope="module")
 def resnet18_learner():
   return models.create_learner(_resnet_config(), 3, use_aux=True, key=jax.random.key(1))
 
 
-def test_linear_mode_features_give_the_full_models_outputs(resnet18_learner, expected):
-  images = (np.abs(expected["images"][:, :, :, :]) * 60).astype(np.uint8)
-  normalization = pretrained.normalization(RESNET18)
-  features = linear_probe.frozen_features(resnet18_learner.classifier, images, normalization, 2)
-  assert features.shape == (2, (4 + 8 + 16 + 32) + 32) and features.dtype == np.float32
-  probe = linear_probe.probe_of(resnet18_learner)
+@pytest.mark.parametrize("model", ["resnet18", "vit"])
+def test_linear_mode_features_give_the_full_models_outputs(model, resnet18_learner, expected):
+  if model == "vit":
+    learner = models.ActiveLearner(_tiny_vit(), None)
+    pretrained.load_pretrained(learner.classifier, VIT)
+    width = 24 * 2 + 24  # two pooled blocks, the class token after the final LayerNorm
+  else:
+    learner, width = resnet18_learner, (4 + 8 + 16 + 32) + 32  # four pooled stages, the pool
+  images = (np.abs(expected["images"]) * 60).astype(np.uint8)
+  normalization = pretrained.IMAGENET_MEAN, pretrained.IMAGENET_STD
+  features = linear_probe.frozen_features(learner.classifier, images, normalization, 2)
+  assert features.shape == (2, width) and features.dtype == np.float32
+  probe = linear_probe.probe_of(learner)
   logits, stages = _eval_outputs(probe.classifier, features)
   mean, std = (np.asarray(a, np.float32) for a in normalization)
   full_logits, full_stages = _eval_outputs(
-    resnet18_learner.classifier, (images / np.float32(255) - mean) / std
+    learner.classifier, (images / np.float32(255) - mean) / std
   )
-  np.testing.assert_allclose(logits, full_logits, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logits, full_logits, rtol=1e-5, atol=1e-5)
   for pooled, stage in zip(stages, full_stages, strict=True):
-    np.testing.assert_allclose(pooled, models.pool_feature(stage), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pooled, models.pool_feature(stage), rtol=1e-5, atol=1e-5)
+  # A labeling folder without test/ has no test images: no features, the same width.
+  empty = linear_probe.frozen_features(learner.classifier, images[:0], normalization, 2)
+  assert empty.shape == (0, width)
 
 
 @pytest.mark.parametrize("reduction", ["layer_sum", "frobenius"])
@@ -357,6 +373,9 @@ def test_an_al_campaign_on_an_image_folder_starts_from_pretrained_weights(
       "train.epochs": 1,
     }
   )
+  weights = str(tmp_path / "resnet18.safetensors")
+  shutil.copy(RESNET18, weights)
+  config.model.pretrained = weights
   loads = []
   real_load = pretrained.load_pretrained
   monkeypatch.setattr(pretrained, "load_pretrained", lambda *a: loads.append(a) or real_load(*a))
@@ -367,11 +386,17 @@ def test_an_al_campaign_on_an_image_folder_starts_from_pretrained_weights(
   assert all(np.isfinite(r["test_accuracy"]) for r in results["rounds"])
   normalization = results["data"]["normalization"]
   np.testing.assert_allclose(normalization["mean"], pretrained.IMAGENET_MEAN, rtol=1e-6)
+  np.testing.assert_allclose(normalization["std"], pretrained.IMAGENET_STD, rtol=1e-6)
+  if train_mode == "linear":  # resumes: the features again, the probe from its checkpoint
+    config.al.num_rounds = 3
+    results = campaign.run(config, workdir)
+    assert [r["num_labeled"] for r in results["rounds"]] == [9, 15, 21]
+  else:  # the checkpoint holds every weight: the predictor needs no weights file
+    os.remove(weights)
   # The predictor classifies images with the trained weights (linear mode: the pretrained
   # backbone under the trained head) as the campaign evaluated them.
   model = predict.load_model(workdir)
-  test = data.load_dataset(config.data).x_test
-  logits = query.model_outputs(model.learner, test, model.normalization, 8)["logits"]
   dataset = data.load_dataset(config.data)
+  logits = query.model_outputs(model.learner, dataset.x_test, model.normalization, 8)["logits"]
   accuracy = float(np.mean(np.argmax(logits, -1) == dataset.y_test))
   assert accuracy == pytest.approx(results["rounds"][-1]["test_accuracy"])

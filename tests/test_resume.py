@@ -16,6 +16,7 @@ from conftest import run_cli
 from conftest import tiny_config
 
 from lplgrad_jax import campaign
+from lplgrad_jax import config_checks
 from lplgrad_jax.errors import ConfigError
 
 CLI_ARGS = [
@@ -167,6 +168,25 @@ def test_other_configuration_is_refused_unless_restart(tiny_campaign, tmp_path):
     tiny_config(strategy="random", **{"al.num_rounds": 2}), workdir, restart=True
   )
   assert len(fresh["rounds"]) == 2 and fresh["config"]["strategy"] == "random"
+
+
+def test_a_campaign_of_an_earlier_version_resumes_and_a_changed_one_does_not():
+  new = tiny_config(**{"data.normalization": "auto"}).to_dict()
+  old = json.loads(json.dumps(new))  # as a checkpoint of the version before these keys held it
+  for section, key in (
+    ("model", "pretrained"),
+    ("model", "train_mode"),
+    ("train", "backbone_learning_rate"),
+  ):
+    del old[section][key]
+  old["data"]["normalization"], old["train"]["reinit_each_round"] = "fixed", False
+  config_checks.check_same_campaign("w", old, new)
+  new["model"]["pretrained"] = "resnet18.safetensors"
+  with pytest.raises(
+    ConfigError,
+    match=r"differing: data.normalization, model.pretrained, train.reinit_each_round\)",
+  ):
+    config_checks.check_same_campaign("w", old, new)
 
 
 def test_extending_num_rounds_continues_the_campaign(tiny_campaign, tmp_path):

@@ -202,6 +202,10 @@ def test_loss_head_steps_with_its_own_learning_rate(learner_and_batch):
     np.testing.assert_allclose(b, ratio * a, rtol=1e-6)
     ratios.add(ratio)
   assert ratios == {1.0, 0.1}
+  for layer, ratio in (("head", 1.0), ("stem_conv", 0.1)):  # by name, not by the rule above
+    np.testing.assert_allclose(
+      three["classifier"][layer]["kernel"], ratio * one["classifier"][layer]["kernel"], rtol=1e-6
+    )
 
 
 def test_detached_features_stop_aux_gradients_reaching_the_classifier(learner_and_batch):

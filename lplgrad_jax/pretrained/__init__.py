@@ -26,23 +26,32 @@ from lplgrad_jax.pretrained.weights_file import read_state_dict
 __all__ = [
   "IMAGENET_MEAN",
   "IMAGENET_STD",
+  "INCEPTION_MEAN",
+  "INCEPTION_STD",
   "Loaded",
   "load_pretrained",
   "normalization",
   "read_state_dict",
 ]
 
-# torchvision's and most timm weights were trained on images normalised with these.
+# torchvision's weights were trained on images normalised with ImageNet's statistics; timm's
+# default ViT-S/16 and ViT-B/16 weights (augreg) with 0.5 and 0.5 (Inception's convention).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 
 # The model classes (with their subclasses) whose weights have a naming, and that naming.
 _NAMINGS = ((ResNet18, torchvision_resnet), (ViT, timm_vit))
 
 
-def normalization(path: str) -> tuple[tuple, tuple] | None:
-  """(mean, std) of the images the weights of `path` were trained on; None without weights."""
-  return (IMAGENET_MEAN, IMAGENET_STD) if path else None
+def normalization(model_config) -> tuple[tuple, tuple] | None:
+  """(mean, std) of the images `model_config.pretrained`'s weights were trained on, by the
+  naming they load through; None without weights."""
+  if not model_config.get("pretrained"):
+    return None
+  if model_config.name.startswith("vit"):
+    return INCEPTION_MEAN, INCEPTION_STD
+  return IMAGENET_MEAN, IMAGENET_STD
 
 
 def load_pretrained(classifier: nnx.Module, path: str) -> Loaded:
@@ -53,5 +62,5 @@ def load_pretrained(classifier: nnx.Module, path: str) -> Loaded:
       return load_entries(naming.entries(net), read_state_dict(path), path, naming.HINT)
   raise ConfigError(
     f"model.pretrained={path!r}: no pretrained naming for {type(net).__name__}: expected "
-    "model.name resnet18, resnet34, resnet50 (torchvision), vit, vit_s16 or vit_b16 (timm)"
+    "model.name resnet18, resnet34, resnet50 (torchvision), vit_s16 or vit_b16 (timm)"
   )

@@ -7,6 +7,7 @@ import functools
 import importlib
 import os
 import zipfile
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -49,11 +50,21 @@ def _read_cached(path: str, size: int, mtime_ns: int) -> dict[str, np.ndarray]:
   del size, mtime_ns  # the cache key: a file rewritten in place is read again
   suffix = os.path.splitext(path)[1].lower()
   read = {".safetensors": _read_safetensors, ".npz": _read_npz}.get(suffix, _read_torch)
-  return {name: _upcast(a) for name, a in read(path).items()}
+  return {name: _numeric(path, name, a) for name, a in read(path).items()}
 
 
-def _upcast(array: np.ndarray) -> np.ndarray:
-  return array.astype(np.float32) if array.dtype in _HALF_PRECISION else array
+def _numeric(path: str, name: str, array) -> np.ndarray:
+  """`array` as a number array, float16 and bfloat16 upcast to float32; ConfigError otherwise
+  (a zip member that is not an array, NumPy's raw 'V2' bytes of a bfloat16 saved by np.savez)."""
+  if isinstance(array, np.ndarray) and array.dtype in _HALF_PRECISION:
+    return array.astype(np.float32)
+  if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiub":
+    kind = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+    raise ConfigError(
+      f"model.pretrained={path!r}: tensor {name!r} holds {kind}: expected numbers (float16, "
+      "bfloat16 from .safetensors or .pth, float32, float64)"
+    )
+  return array
 
 
 _HALF_PRECISION = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
@@ -65,7 +76,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
   try:
     return load_file(path)
-  except (SafetensorError, OSError, ValueError) as e:
+  except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
     raise ConfigError(f"model.pretrained={path!r}: not a readable safetensors file ({e})") from None
 
 
@@ -73,14 +84,14 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   try:
     with np.load(path, allow_pickle=False) as archive:
       return {name: archive[name] for name in archive.files}
-  except (zipfile.BadZipFile, OSError, ValueError) as e:
+  except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:
     raise ConfigError(f"model.pretrained={path!r}: not a readable .npz file ({e})") from None
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
     torch = importlib.import_module("torch")
-  except ImportError:
+  except (ImportError, OSError):  # not installed, or an installation that cannot load
     raise ConfigError(
       f"model.pretrained={path!r}: reading a PyTorch file needs PyTorch (pip install torch); "
       "or save its state dict as .safetensors (safetensors.torch.save_file)"
