@@ -9,7 +9,9 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from lplgrad_jax import config_args
 from lplgrad_jax import errors
+from lplgrad_jax import launch
 
 
 def start(argv) -> None:
@@ -22,6 +24,25 @@ def start(argv) -> None:
   # Errors the program reports itself (e.g. a corrupt checkpoint) are not logged twice.
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   sys.unraisablehook = _without_closed_loop_errors(sys.unraisablehook)
+
+
+def parse_config_flags(argv) -> tuple[list[str], str]:
+  """absl's parse of `argv` whose `--config` (a file or a shipped config's name) loads and
+  whose every `--config.<key>` names a key, checked first (config_args); any error is one
+  `error:` line. Returns (the remaining arguments, the config's name)."""
+  try:
+    resolved, config_name = launch.rewrite_config_argv(argv)
+    config_args.check(resolved, argv)
+  except errors.ConfigError as e:
+    errors.exit_with(e)
+  try:
+    return flags.FLAGS(resolved), config_name
+  except flags.Error as e:  # a bad value, an unknown flag, --config missing
+    text = str(e)
+    for typed, used in zip(argv, resolved):  # name the config as the user did
+      if typed != used:
+        text = text.replace(used.partition("=")[2] or used, typed.partition("=")[2] or typed)
+    errors.exit_with(errors.ConfigError(text))
 
 
 def _without_closed_loop_errors(unraisablehook):

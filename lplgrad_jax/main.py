@@ -18,7 +18,6 @@ from ml_collections import config_flags
 
 from lplgrad_jax import campaign
 from lplgrad_jax import cli
-from lplgrad_jax import config_args
 from lplgrad_jax import distributed
 from lplgrad_jax import errors
 from lplgrad_jax import launch
@@ -54,20 +53,8 @@ _config_name = None  # of --config, set by _parse_flags: it names the default wo
 
 def _parse_flags(argv):
   global _config_name
-  try:
-    resolved, _config_name = launch.rewrite_config_argv(argv)
-    # The config file loads and every --config.<key> names a key, before absl reads them.
-    config_args.check(resolved, argv)
-  except ConfigError as e:
-    errors.exit_with(e)
-  try:
-    return flags.FLAGS(resolved)
-  except flags.Error as e:  # a bad value, an unknown flag, --config missing
-    text = str(e)
-    for typed, used in zip(argv, resolved):  # name the config as the user did
-      if typed != used:
-        text = text.replace(used.partition("=")[2] or used, typed.partition("=")[2] or typed)
-    errors.exit_with(ConfigError(text))
+  remaining, _config_name = cli.parse_config_flags(argv)
+  return remaining
 
 
 def _start(config, workdir: str) -> None:

@@ -10,6 +10,8 @@ Sources (chosen by `config.data.source`):
                 (`load_labeling_folder`: the pool mixes labeled and unlabeled images)
   digits        scikit-learn's bundled 8x8 digits, upsampled (the embedded default)
   npz           x_train/y_train/x_test/y_test arrays in one .npz file
+  npy           root/train_images.npy, train_labels.npy, test_images.npy, test_labels.npy,
+                meta.json, memory-mapped (`npy_folder`; written by lplgrad_jax.convert)
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ from lplgrad_jax.data.dataset import RowRange
 from lplgrad_jax.data.dataset import input_normalization
 from lplgrad_jax.data.folders import IMAGE_SUFFIXES
 from lplgrad_jax.data.folders import image_files
+from lplgrad_jax.data.folders import image_folder_splits
 from lplgrad_jax.data.folders import load_image_folder
 from lplgrad_jax.data.folders import load_labeling_folder
 from lplgrad_jax.data.folders import read_image
+from lplgrad_jax.data.npy_folder import Split
+from lplgrad_jax.data.npy_folder import in_memory_split
+from lplgrad_jax.data.npy_folder import load_npy
+from lplgrad_jax.data.npy_folder import write_npy
 from lplgrad_jax.data.tfds_source import TFDS_DATASETS
 from lplgrad_jax.data.tfds_source import load_tfds
+from lplgrad_jax.data.tfds_source import tfds_splits
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import check_choice
 
@@ -39,15 +47,19 @@ __all__ = [
   "TFDS_DATASETS",
   "Dataset",
   "RowRange",
+  "Split",
   "image_files",
   "input_normalization",
   "load_dataset",
   "load_digits",
   "load_image_folder",
   "load_labeling_folder",
+  "load_npy",
   "load_npz",
   "load_tfds",
   "read_image",
+  "source_splits",
+  "write_npy",
 ]
 
 SOURCES: dict[str, Callable[..., Dataset]] = {
@@ -55,6 +67,7 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
   "image_folder": load_image_folder,
   "digits": load_digits,
   "npz": load_npz,
+  "npy": load_npy,
 }
 
 
@@ -74,3 +87,20 @@ def load_dataset(
   if human_oracle and data_config.source == "image_folder":
     return load_labeling_folder(data_config)
   return SOURCES[data_config.source](data_config, rows)
+
+
+def source_splits(data_config) -> tuple[str, tuple[str, ...], dict[str, Split]]:
+  """(name, class names, {"train", "test": Split}) of the data set `config.data` names, read a
+  chunk at a time where the source allows (image folders, TFDS); digits, npz and npy folders
+  are read as `load_dataset` reads them (in memory, or memory-mapped)."""
+  check_choice(data_config.source, SOURCES, "data source")
+  if data_config.source == "image_folder":
+    return image_folder_splits(data_config)
+  if data_config.source == "tfds":
+    return tfds_splits(data_config)
+  d = load_dataset(data_config)
+  splits = {
+    "train": in_memory_split(d.x_train, d.y_train),
+    "test": in_memory_split(d.x_test, d.y_test),
+  }
+  return d.name, d.class_names, splits

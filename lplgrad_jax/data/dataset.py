@@ -35,6 +35,9 @@ class Dataset:
   # pool (config.data.shard_pool); x_train and y_train then hold those rows alone.
   first_row: int = 0
   pool_size: int | None = None
+  # Per-channel (mean, std) of the whole pool where a source knows them (the npy route's
+  # meta.json), so that "pool" normalisation needs no pass over the images.
+  pool_statistics: tuple[np.ndarray, np.ndarray] | None = None
 
   @property
   def num_classes(self) -> int:
@@ -48,6 +51,8 @@ class Dataset:
   def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of the whole training pool, in [0, 1] units, also when
     each process holds a shard of it (sums over the processes' shards)."""
+    if self.pool_statistics is not None:
+      return self.pool_statistics
     if self.pool_size is None:
       return _channel_stats(self.x_train, total=lambda v: v)
     from lplgrad_jax import distributed  # JAX: not imported by the JAX-free labeling page

@@ -9,6 +9,7 @@ import numpy as np
 
 from lplgrad_jax.data.dataset import Dataset
 from lplgrad_jax.data.dataset import RowRange
+from lplgrad_jax.data.npy_folder import Split
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.query_files import SKIP
 
@@ -39,10 +40,8 @@ def read_image(path: str, size: int) -> np.ndarray:
     raise ConfigError(f"cannot read image {path}: {e}") from None
 
 
-def _read_image_folder(
-  split_dir: str, class_names: list[str], size: int, rows: RowRange | None = None
-):
-  """(images, labels, number of files, first row read): the files of rows `rows(N)` alone."""
+def _labeled_files(split_dir: str, class_names: list[str]) -> list[tuple[str, int]]:
+  """(path, label) of every image of `split_dir/<class>/`, in id order."""
   files = [
     (os.path.join(split_dir, name, file), label)
     for label, name in enumerate(class_names)
@@ -53,6 +52,14 @@ def _read_image_folder(
     raise ConfigError(
       f"{split_dir} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders"
     )
+  return files
+
+
+def _read_image_folder(
+  split_dir: str, class_names: list[str], size: int, rows: RowRange | None = None
+):
+  """(images, labels, number of files, first row read): the files of rows `rows(N)` alone."""
+  files = _labeled_files(split_dir, class_names)
   start, end = rows(len(files)) if rows is not None else (0, len(files))
   images = [read_image(path, size) for path, _ in files[start:end]]
   shape = (0, size, size, 3)
@@ -64,8 +71,8 @@ def _read_image_folder(
   )
 
 
-def load_image_folder(data_config, rows: RowRange | None = None) -> Dataset:
-  """`root/train/<class>/*` and `root/test/<class>/*`, RGB, resized to image_size."""
+def _image_folder_layout(data_config) -> tuple[str, str, str, list[str]]:
+  """(root, train folder, test folder, class names) of `data.root`, checked."""
   root = os.path.expanduser(data_config.root or "")
   train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
   if not root or not os.path.isdir(root):
@@ -89,6 +96,12 @@ def load_image_folder(data_config, rows: RowRange | None = None) -> Dataset:
       f"test classes {test_classes} differ from train classes {classes} in {root}: "
       "expected the same class folders"
     )
+  return root, train_dir, test_dir, classes
+
+
+def load_image_folder(data_config, rows: RowRange | None = None) -> Dataset:
+  """`root/train/<class>/*` and `root/test/<class>/*`, RGB, resized to image_size."""
+  root, train_dir, test_dir, classes = _image_folder_layout(data_config)
   size = data_config.image_size
   x_train, y_train, pool_size, first_row = _read_image_folder(train_dir, classes, size, rows)
   x_test, y_test, _, _ = _read_image_folder(test_dir, classes, size)
@@ -103,6 +116,29 @@ def load_image_folder(data_config, rows: RowRange | None = None) -> Dataset:
     first_row=first_row,
     pool_size=pool_size if rows is not None else None,
   )
+
+
+def image_folder_splits(data_config) -> tuple[str, tuple[str, ...], dict[str, Split]]:
+  """(name, class names, {"train", "test": Split}) of an image folder, read a chunk at a time
+  (the converter: a folder larger than memory)."""
+  root, train_dir, test_dir, classes = _image_folder_layout(data_config)
+  size = data_config.image_size
+
+  def split(split_dir: str) -> Split:
+    files = _labeled_files(split_dir, classes)
+
+    def chunks(n):
+      for start in range(0, len(files), n):
+        part = files[start : start + n]
+        yield (
+          np.stack([read_image(path, size) for path, _ in part]),
+          np.asarray([label for _, label in part], np.int32),
+        )
+
+    return Split(len(files), chunks)
+
+  name = data_config.get("name") or os.path.basename(os.path.normpath(root))
+  return name, tuple(classes), {"train": split(train_dir), "test": split(test_dir)}
 
 
 def image_files(directory: str) -> list[str]:

@@ -7,6 +7,7 @@ routes that work offline.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import urllib.parse
@@ -18,6 +19,7 @@ from absl import logging as absl_logging
 from lplgrad_jax.data.dataset import Dataset
 from lplgrad_jax.data.dataset import RowRange
 from lplgrad_jax.data.dataset import to_rgb_uint8
+from lplgrad_jax.data.npy_folder import Split
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import check_choice
 
@@ -127,13 +129,10 @@ def _tf_resizer(tf, size: int):
   return resize
 
 
-def load_tfds(data_config, rows: RowRange | None = None) -> Dataset:
-  """A TFDS image-classification data set, read once into memory in file order.
-
-  Not yet prepared: built by TFDS from the archives in data.manual_dir, or
-  downloaded and prepared (data.download, the default; a download that
-  cannot start fails within PROBE_TIMEOUT seconds).
-  """
+def _prepared_builder(data_config):
+  """(tfds, tf, the data set's builder), prepared: built by TFDS from the archives in
+  data.manual_dir, or downloaded and prepared (data.download, the default; a download that
+  cannot start fails within PROBE_TIMEOUT seconds)."""
   name = data_config.name
   check_choice(name, TFDS_DATASETS, "TFDS data set")
   data_dir = os.path.expanduser(data_config.data_dir) if data_config.data_dir else None
@@ -156,23 +155,54 @@ def load_tfds(data_config, rows: RowRange | None = None) -> Dataset:
     absl_logging.set_verbosity(verbosity)
   if not prepared:
     _download_and_prepare(builder, data_config, tfds)
-  tf = _import_tensorflow()
+  return tfds, _import_tensorflow(), builder
 
-  size = data_config.image_size
+
+def _batches(data_config, tfds, tf, builder, split: str, n: int, start=0, end=None):
+  """(images, labels) batches of `split`'s rows [start, end), in file order, resized."""
+  ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+  if end is not None:  # this process's rows only: skipped ones are never kept
+    ds = ds.skip(start).take(end - start)
+  if data_config.image_size:
+    ds = ds.map(_tf_resizer(tf, data_config.image_size))
+  for x, y in tfds.as_numpy(ds.batch(n)):
+    yield to_rgb_uint8(x, f"{data_config.name}:{split}"), y.astype(np.int32)
+
+
+def _class_names(builder) -> tuple[str, ...]:
+  label = builder.info.supervised_keys[1]
+  return tuple(builder.info.features[label].names)
+
+
+def tfds_splits(data_config) -> tuple[str, tuple[str, ...], dict[str, Split]]:
+  """(name, class names, {"train", "test": Split}) of a TFDS data set, read a chunk at a time
+  (the converter: a data set larger than memory)."""
+  tfds, tf, builder = _prepared_builder(data_config)
+  splits = {}
+  for key in ("train", "test"):
+    split = data_config[f"{key}_split"]
+    try:
+      count = builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as e:
+      raise ConfigError(f"cannot read {data_config.name} split {split!r}: {e}") from None
+    chunks = functools.partial(_batches, data_config, tfds, tf, builder, split)
+    splits[key] = Split(count, chunks)
+  return data_config.name, _class_names(builder), splits
+
+
+def load_tfds(data_config, rows: RowRange | None = None) -> Dataset:
+  """A TFDS image-classification data set, read once into memory in file order."""
+  tfds, tf, builder = _prepared_builder(data_config)
+  name, size = data_config.name, data_config.image_size
 
   def read(split: str, start: int = 0, end: int | None = None):
-    ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-    if end is not None:  # this process's rows only: skipped ones are never kept
-      ds = ds.skip(start).take(end - start)
-    if size:
-      ds = ds.map(_tf_resizer(tf, size))
     xs, ys = [], []
-    for x, y in tfds.as_numpy(ds.batch(1024)):
+    for x, y in _batches(data_config, tfds, tf, builder, split, 1024, start, end):
       xs.append(x)
       ys.append(y)
     if not xs:
       return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32)
-    return to_rgb_uint8(np.concatenate(xs), f"{name}:{split}"), np.concatenate(ys).astype(np.int32)
+    return np.concatenate(xs), np.concatenate(ys)
 
   try:
     pool_size = first_row = None
@@ -187,15 +217,13 @@ def load_tfds(data_config, rows: RowRange | None = None) -> Dataset:
     raise ConfigError(
       f"cannot read {name} splits {data_config.train_split!r}/{data_config.test_split!r}: {e}"
     ) from None
-  label = builder.info.supervised_keys[1]
-  class_names = tuple(builder.info.features[label].names)
   return Dataset(
     name,
     x_train,
     y_train,
     x_test,
     y_test,
-    class_names,
+    _class_names(builder),
     first_row=first_row or 0,
     pool_size=pool_size,
   )

@@ -1,0 +1,179 @@
+"""The npy route (a pool as memory-mapped .npy files) and the converter that writes it
+(lplgrad_jax.convert): what it writes reads back as the source it came from, a campaign on it
+is the campaign on the source, and every bad folder is one clear error."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import campaign_outcome
+from conftest import run_cli
+from conftest import tiny_config
+from PIL import Image
+
+from lplgrad_jax import campaign
+from lplgrad_jax import convert
+from lplgrad_jax import data
+from lplgrad_jax.configs import default
+from lplgrad_jax.data import npy_folder
+from lplgrad_jax.errors import ConfigError
+
+
+def _data_config(**overrides):
+  config = default.get_config().data
+  config.update(overrides)
+  return config
+
+
+def _image_folder(root):
+  rng = np.random.default_rng(3)
+  for split, count in (("train", 5), ("test", 2)):
+    for c, name in enumerate(("bird", "cat", "dog")):
+      os.makedirs(root / split / name)
+      for i in range(count):
+        size = (9 + i, 7 + c)  # sizes differ: every image is resized as it is read
+        pixels = rng.integers(0, 256, (*size, 3), np.uint8)
+        Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def _assert_same_dataset(read, source):
+  for key in ("x_train", "y_train", "x_test", "y_test"):
+    np.testing.assert_array_equal(getattr(read, key), getattr(source, key), err_msg=key)
+  assert read.class_names == source.class_names
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_an_image_folder_converts_chunk_by_chunk_and_reads_back(chunk_size, tmp_path):
+  _image_folder(tmp_path / "photos")
+  folder = _data_config(source="image_folder", root=str(tmp_path / "photos"), image_size=12)
+  meta = convert.convert(folder, str(tmp_path / "npy"), chunk_size, progress=False)
+  assert not os.path.exists(tmp_path / "npy.partial")
+  source = data.load_dataset(folder)
+  read = data.load_dataset(_data_config(source="npy", root=str(tmp_path / "npy"), image_size=12))
+  _assert_same_dataset(read, source)
+  assert isinstance(read.x_train, np.memmap) and isinstance(read.x_test, np.memmap)
+  assert (meta["num_train"], meta["num_test"], meta["class_names"]) == (
+    15,
+    6,
+    ["bird", "cat", "dog"],
+  )
+  # The statistics of the one streaming pass are the two-pass ones, to float32's last bit.
+  streamed, two_pass = read.channel_stats(), source.channel_stats()
+  for a, b in zip(streamed, two_pass):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_process_reads_only_its_rows(tmp_path):
+  convert.convert(_data_config(source="digits"), str(tmp_path / "npy"), 500, progress=False)
+  whole = data.load_dataset(_data_config(source="digits"))
+  shard = data.load_dataset(
+    _data_config(source="npy", root=str(tmp_path / "npy")), rows=lambda n: (100, 300)
+  )
+  np.testing.assert_array_equal(shard.x_train, whole.x_train[100:300])
+  assert (shard.first_row, shard.num_train) == (100, whole.num_train)
+  np.testing.assert_array_equal(shard.channel_stats()[0], whole.channel_stats()[0])
+
+
+def test_statistics_of_chunks_equal_those_of_the_whole():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (50, 4, 4, 3), np.uint8)
+  stats = npy_folder.ChannelStatistics()
+  for start, end in ((0, 1), (1, 17), (17, 17), (17, 50)):
+    stats.add(images[start:end])
+  pixels = images.reshape(-1, 3) / 255.0
+  np.testing.assert_allclose(stats.mean, pixels.mean(0), rtol=1e-14)
+  np.testing.assert_allclose(stats.m2 / len(pixels), pixels.var(0), rtol=1e-12)
+
+
+def test_a_campaign_on_the_converted_pool_is_the_campaign_on_the_source(tiny_campaign, tmp_path):
+  config, _, results = tiny_campaign
+  convert.convert(config.data, str(tmp_path / "npy"), 256, progress=False)
+  on_npy = tiny_config(**{"data.source": "npy", "data.root": str(tmp_path / "npy")})
+  campaign.run(on_npy, str(tmp_path / "w"))
+  assert campaign_outcome(str(tmp_path / "w")) == [
+    (
+      r["num_labeled"],
+      r["labeled_ids"],
+      r["queried_ids"],
+      r["test_accuracy"],
+      r["per_class_accuracy"],
+    )
+    for r in results["rounds"]
+  ]
+
+
+def _write_npy(root, **changes):
+  rng = np.random.default_rng(0)
+  arrays = {
+    "train_images.npy": rng.integers(0, 256, (6, 32, 32, 3), np.uint8),
+    "train_labels.npy": np.array([0, 1, 2, 0, 1, 2], np.int32),
+    "test_images.npy": rng.integers(0, 256, (2, 32, 32, 3), np.uint8),
+    "test_labels.npy": np.array([1, 0], np.int64),
+  }
+  arrays.update(changes)
+  os.makedirs(root, exist_ok=True)
+  for name, array in arrays.items():
+    if array is None:
+      continue
+    if isinstance(array, bytes):
+      (root / name).write_bytes(array)
+    else:
+      np.save(root / name, array)
+
+
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    ({"test_labels.npy": None}, "lacks test_labels.npy"),
+    ({"train_images.npy": b"not npy"}, "train_images.npy is not a readable .npy file"),
+    ({"train_images.npy": np.zeros((6, 32, 32), np.uint8)}, r"uint8 \(6, 32, 32\): expected"),
+    ({"test_images.npy": np.zeros((2, 32, 32, 3), np.float32)}, "float32 .*expected .* uint8"),
+    ({"train_images.npy": np.zeros((6, 16, 16, 3), np.uint8)}, "16x16 images: expected data.im"),
+    ({"train_labels.npy": np.zeros(5, np.int32)}, r"\(5,\): expected \(6,\) integers"),
+    ({"train_labels.npy": np.array([0, -1, 2, 0, -1, 2])}, "2 training images have no label"),
+    ({"train_labels.npy": np.array([0, 1, 2, 0, 1, 9])}, r"labels outside 0..2"),
+  ],
+  ids=[
+    "missing_file",
+    "not_npy",
+    "grayscale",
+    "float_images",
+    "other_size",
+    "label_count",
+    "unlabeled",
+    "label_range",
+  ],
+)
+def test_a_bad_npy_folder_is_one_clear_error(changes, message, tmp_path):
+  _write_npy(tmp_path / "d", **changes)
+  if "label_range" in message or "outside" in message:
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({"class_names": ["a", "b", "c"]}))
+  with pytest.raises(ConfigError, match=message):
+    data.load_dataset(_data_config(source="npy", root=str(tmp_path / "d")))
+
+
+def test_the_converter_never_overwrites(tmp_path):
+  (tmp_path / "full").mkdir()
+  (tmp_path / "full" / "keep.txt").write_text("mine")
+  with pytest.raises(ConfigError, match="exists and is not an empty folder"):
+    convert.convert(_data_config(source="digits"), str(tmp_path / "full"), progress=False)
+  assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+  (tmp_path / "half.partial").mkdir()
+  with pytest.raises(ConfigError, match="an interrupted conversion"):
+    convert.convert(_data_config(source="digits"), str(tmp_path / "half"), progress=False)
+
+
+def test_the_converter_command(tmp_path):
+  proc = run_cli(
+    "--config=digits",
+    f"--out={tmp_path / 'npy'}",
+    "--chunk_size=300",
+    module="lplgrad_jax.convert",
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "1438 training and 359 test images, 10 classes" in proc.stdout
+  assert "--config.data.source=npy" in proc.stdout
+  again = run_cli("--config=digits", f"--out={tmp_path / 'npy'}", module="lplgrad_jax.convert")
+  lines = [line for line in again.stderr.splitlines() if line.strip()]
+  assert again.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out=")
