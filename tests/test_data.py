@@ -185,6 +185,14 @@ def test_tfds_builds_locally_then_reads_offline(tmp_path, monkeypatch):
     _data_config(source="tfds", name="cifar10", data_dir=str(data_dir), image_size=16)
   )
   assert resized.x_train.shape == (30, 16, 16, 3)
+  # The converter reads it a chunk at a time; the npy folder reads back as the data set.
+  from lplgrad_jax import convert
+
+  convert.convert(config, str(tmp_path / "npy"), 4, progress=False)
+  npy = data.load_dataset(_data_config(source="npy", root=str(tmp_path / "npy"), image_size=32))
+  for key in ("x_train", "y_train", "x_test", "y_test"):
+    np.testing.assert_array_equal(getattr(npy, key), getattr(ds, key))
+  assert npy.class_names == ds.class_names
 
 
 def test_tfds_missing_data_dir(tmp_path):
