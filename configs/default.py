@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Multi-host: each process loads only its devices' rows of the pool, which stays split
   # by rows over the devices (batches are gathered with one all-reduce of their rows).
   config.data.shard_pool = False
+  # Stream: the pool stays where it is (the npy route: on disk, memory-mapped); the devices
+  # hold the labeled images alone (at most the final labeled set), and the query and the
+  # evaluation read their images a chunk at a time. Selections and training are unchanged.
+  config.data.stream = False
   # fixed: data.mean / data.std, the CIFAR-10 constants of the authors' code | pool: the
   # pool's per-channel statistics (image folders, digits, data sets without such constants) |
   # auto: with model.pretrained, the statistics the weights were trained with (ImageNet's

@@ -23,6 +23,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from lplgrad_jax import config_checks
+from lplgrad_jax import device_pool
 from lplgrad_jax import distributed
 from lplgrad_jax import linear_probe
 from lplgrad_jax import optimizer
@@ -86,7 +87,7 @@ class Campaign:
   checkpointer: Checkpointer
   mesh: jax.sharding.Mesh
   step_config: train.StepConfig
-  pool: train.Pool  # the training pool on the devices
+  pool: device_pool.WholePool | device_pool.LabeledCache  # the training pool on the devices
   normalization: tuple[np.ndarray, np.ndarray]  # the pool's per-channel mean and std
   learner: nnx.Module  # holds the newest trained weights between rounds
   graphdef: nnx.GraphDef  # of the learner in training mode
@@ -150,7 +151,7 @@ class Campaign:
     oracle = make_oracle(config, workdir)
     dataset = oracle.start(state, dataset)  # the labels given so far
     inputs = dataset if features is None else linear_probe.with_features(dataset, *features)
-    pool = train.Pool.on_devices(inputs, normalization, mesh, shard=config.data.shard_pool)
+    pool = device_pool.place(inputs, normalization, mesh, config.data, final_size)
     logger = reporting.MetricsLogger(
       workdir, config.log.tensorboard and distributed.is_main_process(), state.epochs_logged
     )
@@ -233,7 +234,7 @@ class Campaign:
     s, cfg, tc = self.state, self.step_config, self.config.train
     labeled = s.labeled
     padded_ids = np.zeros(cfg.steps_per_epoch * cfg.batch_size, np.int32)
-    padded_ids[: len(labeled)] = labeled
+    padded_ids[: len(labeled)] = self.pool.rows(labeled)  # stream mode: new images cached
     padded_ids = sharding.replicate(padded_ids, self.mesh)
     epochs = tqdm(
       range(s.epoch, tc.epochs),
@@ -256,7 +257,13 @@ class Campaign:
         optimizer.detach_features_at(tc, epoch),
       )
       self.train_state, metrics, next_step = train.train_epoch(
-        self.graphdef, cfg, self.train_state, self.pool, plan, first_step=s.step, should_stop=stop
+        self.graphdef,
+        cfg,
+        self.train_state,
+        self.pool.arrays,
+        plan,
+        first_step=s.step,
+        should_stop=stop,
       )
       # The epoch's one host sync (the progress bar needs the sums anyway).
       metrics = None if metrics is None else jax.device_get(metrics)
@@ -326,7 +333,7 @@ class Campaign:
       normalization=self.normalization,
       query_config=config.query,
       labeled_ids=labeled,
-      sharded_pool=self.pool[:2] if config.data.shard_pool else None,
+      sharded_pool=self.pool.arrays[:2] if config.data.shard_pool else None,
       mesh=self.mesh,
       progress=self._progress,
     )

@@ -27,7 +27,7 @@ ORACLES = ("simulated", "human")
 AUGMENTATIONS = ("crop_flip", "crop", "flip", "none")
 # Settings that may change when a campaign is resumed: logging, checkpoint
 # frequency, how processes meet and hold the pool (distributed.*: each host has its own
-# process_id; data.shard_pool), memory and speed knobs (evaluation and query batch
+# process_id; data.shard_pool, data.stream), memory and speed knobs (evaluation and query batch
 # sizes, the epoch loop), the number of rounds (to extend a campaign) and the learning
 # rate (to resume a diverged campaign from its last good checkpoint with a lower one).
 # Everything else must match.
@@ -36,6 +36,7 @@ RESUMABLE_KEYS = (
   "checkpoint.",
   "distributed.",
   "data.shard_pool",
+  "data.stream",
   "al.num_rounds",
   "train.eval_batch_size",
   "train.epoch_loop",
@@ -135,6 +136,11 @@ def validate_config(config) -> None:
     check_choice(_value(config, name), COMPUTE_DTYPES, name)
   train.resolve_epoch_loop(config.train.epoch_loop)
   check_choice(config.oracle, ORACLES, "oracle")
+  if config.data.stream and config.data.shard_pool:
+    raise ConfigError(
+      "data.stream=True with data.shard_pool=True: each host streaming its own rows of the "
+      "pool is not supported yet; expected one of them"
+    )
   if config.oracle == "human" and config.data.shard_pool:
     raise ConfigError(
       "data.shard_pool=True with oracle 'human': the human oracle keeps the "

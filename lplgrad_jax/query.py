@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 from lplgrad_jax import models
 from lplgrad_jax import pergrad
 from lplgrad_jax import sharding
+from lplgrad_jax.data.rows import Rows
+from lplgrad_jax.data.rows import prefetched
 from lplgrad_jax.errors import check_choice
 from lplgrad_jax.train import normalize
 from lplgrad_jax.utils import ceil_div
@@ -65,8 +67,14 @@ def max_probability(logits: jax.Array) -> jax.Array:
   return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
 
 
-def padded_chunks(images: np.ndarray, chunk_size: int):
-  """Yields (chunk padded to chunk_size, number of real images) so one shape compiles."""
+def _array_like(images) -> np.ndarray | Rows:
+  return images if isinstance(images, (np.ndarray, Rows)) else np.asarray(images)
+
+
+def padded_chunks(images, chunk_size: int):
+  """Yields (chunk padded to chunk_size, number of real images) so one shape compiles; each
+  chunk is read when it is reached (a `Rows` view of a memory-mapped pool), ahead of its use
+  by `prefetched`."""
   for start in range(0, len(images), chunk_size):
     chunk = images[start : start + chunk_size]
     real = len(chunk)
@@ -94,7 +102,7 @@ def model_outputs(
   mean, std = (np.asarray(a, np.float32) for a in normalization)
   parts = [
     jax.device_get(_outputs_batch(graphdef, params, rest, chunk, mean, std)) + (real,)
-    for chunk, real in padded_chunks(np.asarray(images), batch_size)
+    for chunk, real in prefetched(padded_chunks(_array_like(images), batch_size))
   ]
   names = ("logits", "embedding", "predicted_loss")
   return {name: np.concatenate([p[i][: p[-1]] for p in parts]) for i, name in enumerate(names)}
@@ -284,7 +292,7 @@ def entropy_grad_norms(
   check_choice(method, METHODS, "gradient-norm method")
   mesh = mesh if mesh is not None else sharding.data_mesh()
   chunk_size = round_up(chunk_size, mesh.size)
-  images = np.asarray(images)
+  images = _array_like(images)
   if images.dtype == np.uint8 and normalization is None:
     raise ValueError("uint8 images need normalization=(mean, std)")
   mean, std = (
@@ -297,7 +305,7 @@ def entropy_grad_norms(
   score = _chunk_scorer(graphdef, reduction, method, mesh)
   pending = []
   for chunk, real in tqdm(
-    padded_chunks(images, chunk_size),
+    prefetched(padded_chunks(images, chunk_size)),
     desc="query",
     unit="chunk",
     total=ceil_div(len(images), chunk_size),

@@ -25,6 +25,8 @@ from flax import nnx
 from lplgrad_jax import query
 from lplgrad_jax import sharding
 from lplgrad_jax.data import Dataset
+from lplgrad_jax.data.rows import Rows
+from lplgrad_jax.data.rows import lazy_rows
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import check_choice
 
@@ -43,11 +45,12 @@ class QueryContext:
   sharded_pool: tuple | None = None  # (images, labels) split by rows over `mesh`, if so
   mesh: object = None
 
-  def images(self, ids: np.ndarray) -> np.ndarray:
-    """uint8 pool images by id: from host memory, or gathered from the devices'
-    shards when each process loaded only its part of the pool (data.shard_pool)."""
+  def images(self, ids: np.ndarray) -> np.ndarray | Rows:
+    """uint8 pool images by id: from host memory (from disk as they are used, for a
+    memory-mapped pool), or gathered from the devices' shards when each process loaded only
+    its part of the pool (data.shard_pool)."""
     if self.sharded_pool is None:
-      return self.dataset.x_train[ids]
+      return lazy_rows(self.dataset.x_train, ids)
     return np.asarray(_gather_rows(self.sharded_pool[0], np.asarray(ids, np.int32), self.mesh))
 
   def outputs(self, ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -41,17 +41,6 @@ class Pool(NamedTuple):
   mean: jax.Array  # (3,) per-channel mean, [0, 1] units
   std: jax.Array  # (3,) per-channel std
 
-  @classmethod
-  def on_devices(cls, dataset, normalization, mesh: Mesh, *, shard: bool) -> Pool:
-    """`dataset`'s training images and labels, split by rows over `mesh` (`shard`: this
-    process holds only its devices' rows) or replicated; the normalisation replicated."""
-    arrays = (dataset.x_train, dataset.y_train)
-    if shard:
-      arrays = sharding.shard_rows(arrays, dataset.num_train, mesh)
-    else:
-      arrays = sharding.replicate(arrays, mesh)
-    return cls(*arrays, *sharding.replicate(normalization, mesh))
-
 
 class EpochPlan(NamedTuple):
   """What one epoch's steps share: the batch order and the epoch's settings."""

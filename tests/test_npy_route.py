@@ -1,22 +1,29 @@
-"""The npy route (a pool as memory-mapped .npy files) and the converter that writes it
-(lplgrad_jax.convert): what it writes reads back as the source it came from, a campaign on it
-is the campaign on the source, and every bad folder is one clear error."""
+"""The npy route (a pool as memory-mapped .npy files), the converter that writes it
+(lplgrad_jax.convert), and stream mode (data.stream: the labeled images alone on the devices,
+the rest read from disk as the query uses them): what the converter writes reads back as the
+source it came from, a campaign on it, streamed or not and resumed, is the campaign on the
+source, and every bad folder is one clear error."""
 
 import json
 import os
+import time
 
+import jax
 import numpy as np
 import pytest
 from conftest import campaign_outcome
 from conftest import run_cli
 from conftest import tiny_config
+from flax import nnx
 from PIL import Image
 
 from lplgrad_jax import campaign
 from lplgrad_jax import convert
 from lplgrad_jax import data
+from lplgrad_jax import predict
 from lplgrad_jax.configs import default
 from lplgrad_jax.data import npy_folder
+from lplgrad_jax.data import rows
 from lplgrad_jax.errors import ConfigError
 
 
@@ -86,21 +93,60 @@ def test_statistics_of_chunks_equal_those_of_the_whole():
   np.testing.assert_allclose(stats.m2 / len(pixels), pixels.var(0), rtol=1e-12)
 
 
-def test_a_campaign_on_the_converted_pool_is_the_campaign_on_the_source(tiny_campaign, tmp_path):
-  config, _, results = tiny_campaign
+@pytest.mark.parametrize("stream", [False, True], ids=["in_memory", "streamed"])
+def test_a_campaign_on_the_converted_pool_is_the_campaign_on_the_source(
+  stream, tiny_campaign, tmp_path
+):
+  config, source_workdir, _ = tiny_campaign
   convert.convert(config.data, str(tmp_path / "npy"), 256, progress=False)
-  on_npy = tiny_config(**{"data.source": "npy", "data.root": str(tmp_path / "npy")})
-  campaign.run(on_npy, str(tmp_path / "w"))
-  assert campaign_outcome(str(tmp_path / "w")) == [
-    (
-      r["num_labeled"],
-      r["labeled_ids"],
-      r["queried_ids"],
-      r["test_accuracy"],
-      r["per_class_accuracy"],
-    )
-    for r in results["rounds"]
-  ]
+  on_npy = tiny_config(
+    **{"data.source": "npy", "data.root": str(tmp_path / "npy"), "data.stream": stream}
+  )
+  workdir = str(tmp_path / "w")
+  if stream:  # stopped after two rounds and resumed: the cache refills in another order
+    on_npy.al.num_rounds = 2
+    campaign.run(on_npy, workdir)
+    on_npy.al.num_rounds = config.al.num_rounds
+  campaign.run(on_npy, workdir)
+  assert campaign_outcome(workdir) == campaign_outcome(source_workdir)
+  trained, source = (predict.load_model(w).learner for w in (workdir, source_workdir))
+  for a, b in zip(jax.tree.leaves(nnx.state(trained)), jax.tree.leaves(nnx.state(source))):
+    np.testing.assert_array_equal(a, b)  # the same weights, bit for bit
+
+
+def test_rows_are_read_as_their_slices_are_taken(tmp_path):
+  path = str(tmp_path / "pool.npy")
+  np.save(path, np.arange(40 * 2, dtype=np.uint8).reshape(40, 2))
+  pool = np.load(path, mmap_mode="r")
+  ids = np.array([31, 2, 17, 2, 39, 0, 8])
+  view = rows.lazy_rows(pool, ids)
+  assert isinstance(view, rows.Rows) and len(view) == 7 and view.shape == (7, 2)
+  np.testing.assert_array_equal(view[2:6], np.asarray(pool)[ids[2:6]])
+  in_memory = rows.lazy_rows(np.asarray(pool), ids)  # an array in memory is indexed at once
+  assert isinstance(in_memory, np.ndarray) and in_memory.shape == (7, 2)
+
+
+def test_prefetched_keeps_order_raises_and_stops():
+  assert list(rows.prefetched(iter(range(10)), depth=2)) == list(range(10))
+
+  def failing():
+    yield 1
+    raise OSError("disk gone")
+
+  with pytest.raises(OSError, match="disk gone"):
+    list(rows.prefetched(failing()))
+  produced = []
+
+  def counting():
+    for i in range(1000):
+      produced.append(i)
+      yield i
+
+  ahead = rows.prefetched(counting(), depth=2)
+  assert next(ahead) == 0
+  ahead.close()  # the consumer stops: the producer stops too, a few items ahead at most
+  time.sleep(0.5)
+  assert len(produced) <= 5
 
 
 def _write_npy(root, **changes):

@@ -1,0 +1,96 @@
+"""The training pool on the devices: the whole pool, or in stream mode its labeled rows alone.
+
+A training step gathers its batch by row from `arrays` (a `train.Pool`). `rows(labeled_ids)`
+gives the rows of the labeled images: their ids themselves when the whole pool is on the
+devices (the default), or their places in a cache of the labeled images alone
+(`data.stream=True`: the pool stays on disk, memory-mapped, and the cache holds at most the
+final labeled set, known from the budget). The cache appends the images labeled since the
+last round, read from disk; its order is immaterial, because an epoch orders the labeled
+set by position in `labeled_ids` (sorted ids), so batches, and training, are those of the
+whole pool bit for bit, on resume too.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lplgrad_jax import sharding
+from lplgrad_jax import train
+from lplgrad_jax.errors import ConfigError
+
+_APPEND_ROWS = 256  # images written into the cache per call (one compiled shape)
+
+
+class WholePool:
+  """Every pool image on the devices, replicated or split by rows (data.shard_pool)."""
+
+  def __init__(self, dataset, normalization, mesh, *, shard: bool):
+    images_and_labels = (dataset.x_train, dataset.y_train)
+    if shard:
+      images_and_labels = sharding.shard_rows(images_and_labels, dataset.num_train, mesh)
+    else:
+      images_and_labels = sharding.replicate(images_and_labels, mesh)
+    self.arrays = train.Pool(*images_and_labels, *sharding.replicate(normalization, mesh))
+
+  def rows(self, labeled_ids) -> np.ndarray:
+    return np.asarray(labeled_ids, np.int32)
+
+
+class LabeledCache:
+  """The labeled images alone on the devices, `capacity` rows, appended as images are
+  labeled; the pool's other images are read from disk only when a query scores them."""
+
+  def __init__(self, dataset, normalization, mesh, *, capacity: int):
+    self.images, self.labels = dataset.x_train, dataset.y_train  # host (memory-mapped)
+    self.capacity, self.mesh = capacity, mesh
+    self.row_of: dict[int, int] = {}
+    shape = (capacity, *self.images.shape[1:])
+    empty = jax.jit(
+      lambda: (jnp.zeros(shape, self.images.dtype), jnp.zeros((capacity,), jnp.int32)),
+      out_shardings=sharding.replicated(mesh),
+    )()
+    self.arrays = train.Pool(*empty, *sharding.replicate(normalization, mesh))
+
+  def rows(self, labeled_ids) -> np.ndarray:
+    """The cache rows of `labeled_ids`; images not yet cached are read and appended first."""
+    new = np.asarray([i for i in labeled_ids if int(i) not in self.row_of], np.int64)
+    if len(self.row_of) + len(new) > self.capacity:
+      raise ConfigError(
+        f"{len(self.row_of) + len(new)} labeled images exceed the training cache of "
+        f"{self.capacity} (the budget's final labeled set)"
+      )
+    for start in range(0, len(new), _APPEND_ROWS):
+      self._append(np.sort(new[start : start + _APPEND_ROWS]))
+    return np.asarray([self.row_of[int(i)] for i in labeled_ids], np.int32)
+
+  def _append(self, ids: np.ndarray) -> None:
+    first = len(self.row_of)
+    targets = np.full(_APPEND_ROWS, self.capacity, np.int32)  # past the end: dropped
+    targets[: len(ids)] = first + np.arange(len(ids))
+    images = np.zeros((_APPEND_ROWS, *self.images.shape[1:]), self.images.dtype)
+    images[: len(ids)] = self.images[ids]
+    labels = np.zeros(_APPEND_ROWS, np.int32)
+    labels[: len(ids)] = self.labels[ids]
+    placed = sharding.replicate((targets, images, labels), self.mesh)
+    cache_images, cache_labels = _write_rows(self.arrays.images, self.arrays.labels, *placed)
+    self.arrays = self.arrays._replace(images=cache_images, labels=cache_labels)
+    self.row_of.update((int(i), first + k) for k, i in enumerate(ids))
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _write_rows(cache_images, cache_labels, targets, images, labels):
+  return (
+    cache_images.at[targets].set(images, mode="drop"),
+    cache_labels.at[targets].set(labels, mode="drop"),
+  )
+
+
+def place(dataset, normalization, mesh, data_config, final_size: int) -> WholePool | LabeledCache:
+  """The training pool of a campaign, as `data.stream` and `data.shard_pool` say."""
+  if data_config.get("stream"):  # config_checks: not with shard_pool (yet)
+    return LabeledCache(dataset, normalization, mesh, capacity=final_size)
+  return WholePool(dataset, normalization, mesh, shard=data_config.shard_pool)
