@@ -12,8 +12,6 @@ when complete (it is written as <out>.partial first), and an existing one is nev
 
 from __future__ import annotations
 
-import os
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -37,8 +35,7 @@ def convert(data_config, out: str, chunk_size: int = 1024, progress: bool = True
   what meta.json holds."""
   if chunk_size < 1:
     raise ConfigError(f"--chunk_size={chunk_size}: expected a positive integer")
-  if data_config.source == "npy" and os.path.abspath(data_config.root) == os.path.abspath(out):
-    raise ConfigError(f"--out={out} is the folder being read: expected another")
+  out = data.check_out(out)  # before a data set is read (or downloaded)
   name, class_names, splits = data.source_splits(data_config)
 
   def bar(total: int, split: str):
@@ -56,6 +53,8 @@ def main(argv):
     meta = convert(config.data, _OUT.value, _CHUNK_SIZE.value)
   except ConfigError as e:
     errors.exit_with(e)
+  except OSError as e:  # a folder that cannot be written, a full disk
+    errors.exit_with(ConfigError(f"cannot write --out={_OUT.value}: {e}"))
   print(
     f"wrote {_OUT.value}: {meta['num_train']} training and {meta['num_test']} test images, "
     f"{len(meta['class_names'])} classes, {config.data.image_size} px; run with "

@@ -77,6 +77,8 @@ def padded_chunks(images, chunk_size: int):
   by `prefetched`."""
   for start in range(0, len(images), chunk_size):
     chunk = images[start : start + chunk_size]
+    if isinstance(chunk, np.memmap):  # read here, on the read-ahead thread
+      chunk = np.array(chunk)
     real = len(chunk)
     if real < chunk_size:
       chunk = np.concatenate([chunk, np.zeros((chunk_size - real,) + chunk.shape[1:], chunk.dtype)])

@@ -20,8 +20,10 @@ from PIL import Image
 from lplgrad_jax import campaign
 from lplgrad_jax import convert
 from lplgrad_jax import data
+from lplgrad_jax import device_pool
 from lplgrad_jax import predict
 from lplgrad_jax.configs import default
+from lplgrad_jax.data import dataset as dataset_module
 from lplgrad_jax.data import npy_folder
 from lplgrad_jax.data import rows
 from lplgrad_jax.errors import ConfigError
@@ -71,6 +73,52 @@ def test_an_image_folder_converts_chunk_by_chunk_and_reads_back(chunk_size, tmp_
     np.testing.assert_array_equal(a, b)
 
 
+def test_pool_statistics_without_meta_json_are_read_in_chunks(tmp_path, monkeypatch):
+  convert.convert(_data_config(source="digits"), str(tmp_path / "npy"), 500, progress=False)
+  meta_path = tmp_path / "npy" / "meta.json"
+  meta = json.loads(meta_path.read_text())
+  del meta["mean"], meta["std"]
+  meta_path.write_text(json.dumps(meta))
+  monkeypatch.setattr(dataset_module, "_STATS_CHUNK", 100)  # 15 chunks of the 1,438 images
+  read = data.load_dataset(_data_config(source="npy", root=str(tmp_path / "npy")))
+  assert read.pool_statistics is None and isinstance(read.x_train, np.memmap)
+  whole = data.load_dataset(_data_config(source="digits"))
+  for chunked, at_once in zip(read.channel_stats(), whole.channel_stats()):
+    np.testing.assert_allclose(chunked, at_once, rtol=1e-6)
+  meta["mean"] = [0.5, 0.5]
+  meta_path.write_text(json.dumps(meta))
+  with pytest.raises(ConfigError, match='expected "mean" and "std", three numbers each'):
+    data.load_dataset(_data_config(source="npy", root=str(tmp_path / "npy")))
+
+
+@pytest.mark.parametrize("announced", [5, 7])
+def test_a_source_that_yields_another_count_leaves_nothing(announced, tmp_path):
+  images = np.zeros((6, 8, 8, 3), np.uint8)
+
+  def chunks(n):
+    for start in range(0, 6, n):
+      yield images[start : start + n], np.zeros(min(n, 6 - start), np.int32)
+
+  splits = {"train": npy_folder.Split(announced, chunks), "test": npy_folder.Split(0, chunks)}
+  with pytest.raises(ConfigError, match=rf"{announced}( images)? announced"):
+    npy_folder.write_npy(str(tmp_path / "out"), ("a",), splits, 4, _no_progress)
+  assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
+
+
+class _no_progress:
+  def __init__(self, total, split):
+    del total, split
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def update(self, n):
+    del n
+
+
 def test_a_process_reads_only_its_rows(tmp_path):
   convert.convert(_data_config(source="digits"), str(tmp_path / "npy"), 500, progress=False)
   whole = data.load_dataset(_data_config(source="digits"))
@@ -95,7 +143,7 @@ def test_statistics_of_chunks_equal_those_of_the_whole():
 
 @pytest.mark.parametrize("stream", [False, True], ids=["in_memory", "streamed"])
 def test_a_campaign_on_the_converted_pool_is_the_campaign_on_the_source(
-  stream, tiny_campaign, tmp_path
+  stream, tiny_campaign, tmp_path, monkeypatch
 ):
   config, source_workdir, _ = tiny_campaign
   convert.convert(config.data, str(tmp_path / "npy"), 256, progress=False)
@@ -103,11 +151,19 @@ def test_a_campaign_on_the_converted_pool_is_the_campaign_on_the_source(
     **{"data.source": "npy", "data.root": str(tmp_path / "npy"), "data.stream": stream}
   )
   workdir = str(tmp_path / "w")
+  caches = []  # the training pool each round trains on
+  rows = device_pool.LabeledCache.rows
+  monkeypatch.setattr(
+    device_pool.LabeledCache, "rows", lambda c, ids: caches.append(c.capacity) or rows(c, ids)
+  )
   if stream:  # stopped after two rounds and resumed: the cache refills in another order
     on_npy.al.num_rounds = 2
     campaign.run(on_npy, workdir)
     on_npy.al.num_rounds = config.al.num_rounds
   campaign.run(on_npy, workdir)
+  # Streamed: the devices held the final labeled set alone (30 images for two rounds, then 40
+  # for three), never the pool's 1,438.
+  assert caches == ([30, 30, 40] if stream else [])
   assert campaign_outcome(workdir) == campaign_outcome(source_workdir)
   trained, source = (predict.load_model(w).learner for w in (workdir, source_workdir))
   for a, b in zip(jax.tree.leaves(nnx.state(trained)), jax.tree.leaves(nnx.state(source))):
@@ -223,3 +279,32 @@ def test_the_converter_command(tmp_path):
   again = run_cli("--config=digits", f"--out={tmp_path / 'npy'}", module="lplgrad_jax.convert")
   lines = [line for line in again.stderr.splitlines() if line.strip()]
   assert again.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out=")
+
+
+def _sparse_npy(path, shape, dtype=np.uint8):
+  """An .npy file of zeros that takes no disk: its header, then a hole to its full size."""
+  with open(path, "wb") as f:
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
+    np.lib.format.write_array_header_1_0(f, {**header, "shape": shape})
+    f.truncate(f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+
+
+LIMIT_MB = 2048  # RLIMIT_DATA of the streamed run: a quarter of the pool
+
+
+def test_a_streamed_campaign_runs_on_a_pool_four_times_its_memory_limit(tmp_path):
+  root = tmp_path / "pool"
+  root.mkdir()
+  count = 4 * LIMIT_MB * 2**20 // (32 * 32 * 3)  # 8 GiB of images, as a sparse file
+  _sparse_npy(root / "train_images.npy", (count, 32, 32, 3))
+  np.save(root / "train_labels.npy", (np.arange(count) % 10).astype(np.int32))
+  np.save(root / "test_images.npy", np.zeros((50, 32, 32, 3), np.uint8))
+  np.save(root / "test_labels.npy", (np.arange(50) % 10).astype(np.int32))
+  meta = {"class_names": [str(c) for c in range(10)], "mean": [0.5] * 3, "std": [0.25] * 3}
+  (root / "meta.json").write_text(json.dumps(meta))
+  script = os.path.join(os.path.dirname(__file__), "stream_memory_check.py")
+  proc = run_cli(script, str(root), str(tmp_path / "w"), "stream", str(LIMIT_MB), module=None)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["completed"], report["error"]
+  assert report["peak_rss_anon_mb"] < LIMIT_MB / 2, report  # bounded by the cache, not by N

@@ -31,6 +31,7 @@ from lplgrad_jax.data.folders import load_image_folder
 from lplgrad_jax.data.folders import load_labeling_folder
 from lplgrad_jax.data.folders import read_image
 from lplgrad_jax.data.npy_folder import Split
+from lplgrad_jax.data.npy_folder import check_out
 from lplgrad_jax.data.npy_folder import in_memory_split
 from lplgrad_jax.data.npy_folder import load_npy
 from lplgrad_jax.data.npy_folder import write_npy
@@ -48,6 +49,7 @@ __all__ = [
   "Dataset",
   "RowRange",
   "Split",
+  "check_out",
   "image_files",
   "input_normalization",
   "load_dataset",

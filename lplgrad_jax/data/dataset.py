@@ -62,12 +62,19 @@ class Dataset:
 
 def _channel_stats(images: np.ndarray, total) -> tuple[np.ndarray, np.ndarray]:
   """Mean and std per channel of uint8 `images`; `total` adds float64 sums up over the
-  holders of the pool (identity when this process holds all of it)."""
-  pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
-  count = total(np.array([len(pixels)], np.float64))[0]
-  mean = total(pixels.sum(0)) / count
-  var = total(np.square(pixels - mean).sum(0)) / count
+  holders of the pool (identity when this process holds all of it). A memory-mapped pool is
+  read a chunk of images at a time (two passes), never whole."""
+  chunk = len(images) if not isinstance(images, np.memmap) else _STATS_CHUNK
+  parts = [images[i : i + chunk] for i in range(0, len(images), max(chunk, 1))]
+  pixels = lambda part: np.asarray(part).reshape(-1, 3).astype(np.float64) / 255.0
+  count = total(np.array([images[..., 0].size], np.float64))[0]
+  mean = total(sum((pixels(p).sum(0) for p in parts), np.zeros(3))) / count
+  squares = sum((np.square(pixels(p) - mean).sum(0) for p in parts), np.zeros(3))
+  var = total(squares) / count
   return mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-3).astype(np.float32)
+
+
+_STATS_CHUNK = 4096  # images per read of a memory-mapped pool
 
 
 def to_rgb_uint8(images: np.ndarray, what: str) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Layout (`data.source="npy"`, `data.root=DIR`; written by `python -m lplgrad_jax.convert`):
   train_images.npy  (N, H, W, 3) uint8, NumPy's .npy format
-  train_labels.npy  (N,) integers; -1 marks an image without a label
+  train_labels.npy  (N,) integers (-1, an image without a label, is refused for now: the
+                    simulated oracle reveals a label for every queried image)
   test_images.npy   (M, H, W, 3) uint8
   test_labels.npy   (M,) integers
   meta.json         optional: {"class_names": [...], "mean": [r, g, b], "std": [r, g, b]}, the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable
 from collections.abc import Iterator
 
@@ -75,9 +77,7 @@ def load_npy(data_config, rows: RowRange | None = None) -> Dataset:
       "a label for every queried image; expected a label for each"
     )
   first, end = rows(len(labels["y_train"])) if rows is not None else (0, len(labels["y_train"]))
-  stats = (
-    tuple(np.asarray(meta[k], np.float32) for k in ("mean", "std")) if "mean" in meta else None
-  )
+  stats = _statistics(meta, os.path.join(root, META))
   return Dataset(
     data_config.get("name") or os.path.basename(os.path.normpath(root)),
     arrays["x_train"][first:end],
@@ -110,6 +110,18 @@ def _read_meta(root: str) -> dict:
   if not isinstance(meta, dict):
     raise ConfigError(f"{path} holds {type(meta).__name__}: expected a JSON object")
   return meta
+
+
+def _statistics(meta: dict, path: str) -> tuple[np.ndarray, np.ndarray] | None:
+  if "mean" not in meta and "std" not in meta:
+    return None  # "pool" normalisation reads the images (in chunks) instead
+  try:
+    mean, std = (np.asarray(meta[k], np.float32) for k in ("mean", "std"))
+  except (KeyError, TypeError, ValueError):
+    mean = std = np.zeros(0)
+  if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0):
+    raise ConfigError(f'{path}: expected "mean" and "std", three numbers each, std > 0')
+  return mean, std
 
 
 def _class_names(data_config, meta: dict, labels: dict) -> tuple[str, ...]:
@@ -167,9 +179,20 @@ class ChannelStatistics:
     return self.mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
 
 
-def write_npy(
-  out: str, class_names, splits: dict[str, Split], chunk_size: int, progress=None
-) -> dict:
+def check_out(out: str) -> str:
+  """`out` as an absolute path if a conversion may write it: new, or an empty folder, and no
+  `out`.partial left by another; ConfigError otherwise (nothing is ever overwritten)."""
+  out = os.path.abspath(os.path.expanduser(out))
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise ConfigError(f"--out={out} exists and is not an empty folder: expected a new folder")
+  if os.path.exists(out + ".partial"):
+    raise ConfigError(
+      f"{out}.partial exists (an interrupted conversion?): remove it, or choose another --out"
+    )
+  return out
+
+
+def write_npy(out: str, class_names, splits: dict[str, Split], chunk_size: int, progress) -> dict:
   """Writes `splits` ("train", "test") into the new folder `out` in the npy layout, a chunk at
   a time, with the training images' channel statistics from the same pass; returns meta.json.
 
@@ -177,17 +200,23 @@ def write_npy(
   either absent or whole; an existing non-empty `out` is refused, never overwritten.
   `progress(total, split)`: a context with update(n), e.g. a tqdm bar.
   """
-  out = os.path.abspath(os.path.expanduser(out))
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise ConfigError(f"--out={out} exists and is not an empty folder: expected a new folder")
-  partial = out + ".partial"
-  if os.path.exists(partial):
-    raise ConfigError(
-      f"{partial} exists (an interrupted conversion?): remove it, or choose another --out"
-    )
-  os.makedirs(partial)
+  out = check_out(out)
   if not splits["train"].count:
     raise ConfigError("the source holds no training images: expected at least one")
+  partial = out + ".partial"
+  os.makedirs(partial)
+  try:
+    meta = _write_splits(partial, class_names, splits, chunk_size, progress)
+  except (ConfigError, OSError):  # nothing of this run is left behind
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  if os.path.isdir(out):
+    os.rmdir(out)  # empty, checked above
+  os.rename(partial, out)
+  return meta
+
+
+def _write_splits(partial: str, class_names, splits, chunk_size: int, progress) -> dict:
   stats = ChannelStatistics()
   image_shape = None
   for split, source in splits.items():
@@ -201,11 +230,11 @@ def write_npy(
       for x, y in source.chunks(chunk_size):
         if images is None:  # the image size is known from the first chunk
           image_shape = x.shape[1:]
-          images = np.lib.format.open_memmap(
-            os.path.join(partial, FILES[f"x_{split}"]), "w+", np.uint8, (source.count, *x.shape[1:])
-          )
-          labels = np.lib.format.open_memmap(
-            os.path.join(partial, FILES[f"y_{split}"]), "w+", np.int32, (source.count,)
+          images = _allocated(FILES[f"x_{split}"], partial, np.uint8, (source.count, *x.shape[1:]))
+          labels = _allocated(FILES[f"y_{split}"], partial, np.int32, (source.count,))
+        if written + len(x) > source.count:
+          raise ConfigError(
+            f"the {split} split yields more than the {source.count} images announced"
           )
         images[written : written + len(x)] = x
         labels[written : written + len(x)] = y
@@ -228,7 +257,14 @@ def write_npy(
   }
   with open(os.path.join(partial, META), "w") as f:
     json.dump(meta, f, indent=1)
-  if os.path.isdir(out):
-    os.rmdir(out)  # empty, checked above
-  os.rename(partial, out)
   return meta
+
+
+def _allocated(name: str, folder: str, dtype, shape) -> np.memmap:
+  """A new .npy file opened for writing, its disk space reserved first: a full disk is an
+  OSError here, not a SIGBUS when a page of the map is written."""
+  path = os.path.join(folder, name)
+  array = np.lib.format.open_memmap(path, "w+", dtype, shape)
+  with open(path, "r+b") as f:
+    os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+  return array
