@@ -22,13 +22,6 @@ from lplgrad_jax import data
 from lplgrad_jax import errors
 from lplgrad_jax.errors import ConfigError
 
-_OUT = flags.DEFINE_string("out", None, "The folder to write (new, or empty).")
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 1024, "Images read and written at a time.")
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "The config whose data.* names the data set (a file or a shipped config's name)."
-)
-flags.mark_flags_as_required(["config", "out"])
-
 
 def convert(data_config, out: str, chunk_size: int = 1024, progress: bool = True) -> dict:
   """Writes the data set `data_config` names into the new folder `out` (npy layout); returns
@@ -46,25 +39,33 @@ def convert(data_config, out: str, chunk_size: int = 1024, progress: bool = True
   return data.write_npy(out, class_names, splits, chunk_size, bar)
 
 
+def _define_flags() -> None:
+  """Defined only when run as a program: importing this module for `convert()` must not clash
+  with the flags of other programs (main's --config)."""
+  flags.DEFINE_string("out", None, "The folder to write (new, or empty).")
+  flags.DEFINE_integer("chunk_size", 1024, "Images read and written at a time.")
+  config_flags.DEFINE_config_file(
+    "config", None, "The config whose data.* names the data set (a file or a shipped name)."
+  )
+  flags.mark_flags_as_required(["config", "out"])
+
+
 def main(argv):
   cli.start(argv)
-  config = _CONFIG.value
+  config, out = flags.FLAGS.config, flags.FLAGS.out
   try:
-    meta = convert(config.data, _OUT.value, _CHUNK_SIZE.value)
+    meta = convert(config.data, out, flags.FLAGS.chunk_size)
   except ConfigError as e:
     errors.exit_with(e)
   except OSError as e:  # a folder that cannot be written, a full disk
-    errors.exit_with(ConfigError(f"cannot write --out={_OUT.value}: {e}"))
+    errors.exit_with(ConfigError(f"cannot write --out={out}: {e}"))
   print(
-    f"wrote {_OUT.value}: {meta['num_train']} training and {meta['num_test']} test images, "
+    f"wrote {out}: {meta['num_train']} training and {meta['num_test']} test images, "
     f"{len(meta['class_names'])} classes, {config.data.image_size} px; run with "
-    f"--config.data.source=npy --config.data.root={_OUT.value}"
+    f"--config.data.source=npy --config.data.root={out}"
   )
 
 
-def run() -> None:
-  app.run(main, flags_parser=lambda argv: cli.parse_config_flags(argv)[0])
-
-
 if __name__ == "__main__":
-  run()
+  _define_flags()
+  app.run(main, flags_parser=lambda argv: cli.parse_config_flags(argv)[0])

@@ -63,12 +63,17 @@ def gather_rows():
 
 
 def campaigns(workdir):
-  """The same 2-round campaign with the pool replicated and split by rows."""
+  """The same 2-round campaign with the pool replicated ("False"), split by rows ("True"), and
+  streamed (the labeled images alone on the devices, "stream")."""
   outcome = {}
-  for shard_pool in (False, True):
-    config = tiny_config(**{"al.num_rounds": 2, "data.shard_pool": shard_pool})
-    results = campaign.run(config, os.path.join(workdir, str(shard_pool)))
-    outcome[str(shard_pool)] = {
+  for name, data_config in (
+    ("False", {}),
+    ("True", {"data.shard_pool": True}),
+    ("stream", {"data.stream": True}),
+  ):
+    config = tiny_config(**{"al.num_rounds": 2, **data_config})
+    results = campaign.run(config, os.path.join(workdir, name))
+    outcome[name] = {
       "num_devices": results["num_devices"],
       "rounds": [
         (r["labeled_ids"], r["queried_ids"], r["test_accuracy"]) for r in results["rounds"]

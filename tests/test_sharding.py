@@ -49,3 +49,9 @@ def test_a_pool_split_by_rows_runs_the_same_campaign(four_device_run):
   # are gathered from the shards, the channel statistics summed over them.
   replicated, split = (four_device_run["campaigns"][k]["rounds"] for k in ("False", "True"))
   assert split == replicated
+
+
+def test_a_streamed_campaign_on_four_devices_is_the_replicated_one(four_device_run):
+  # data.stream: the labeled images alone, replicated over the devices, appended each round.
+  replicated, streamed = (four_device_run["campaigns"][k]["rounds"] for k in ("False", "stream"))
+  assert streamed == replicated
