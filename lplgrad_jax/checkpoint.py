@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from lplgrad_jax.errors import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
+_UNFINISHED = ".orbax-checkpoint-tmp"  # Orbax's name for a save not yet finalized
 
 
 class Checkpointer:
@@ -33,6 +34,7 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self._keep = keep
     self._manager = None
+    self._saved = False  # by this process: before its first save, a killed save's leftovers go
 
   @property
   def manager(self) -> ocp.CheckpointManager:
@@ -54,6 +56,9 @@ class Checkpointer:
     shutil.rmtree(self.directory, ignore_errors=True)
 
   def save(self, state, campaign: dict) -> int:
+    if not self._saved and jax.process_index() == 0:  # the host that creates the folders
+      self._discard_unfinished_saves()
+    self._saved = True
     step = (self.manager.latest_step() or 0) + 1
     self.manager.save(
       step,
@@ -62,6 +67,17 @@ class Checkpointer:
       ),
     )
     return step
+
+  def _discard_unfinished_saves(self) -> None:
+    """Removes the folders of saves that never finished (a process killed while writing one:
+    Orbax's `<step>.orbax-checkpoint-tmp*`), which Orbax would otherwise remove with a warning
+    on stderr when it saves that step again. Only a campaign saves, holding the workdir's
+    lock, so no live save is writing them."""
+    if not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if _UNFINISHED in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def is_saving(self) -> bool:
     """Whether an asynchronous save is being written."""

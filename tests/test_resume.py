@@ -189,6 +189,17 @@ def test_a_campaign_of_an_earlier_version_resumes_and_a_changed_one_does_not():
     config_checks.check_same_campaign("w", old, new)
 
 
+def test_a_save_killed_midway_leaves_nothing_that_a_resume_reports(tiny_campaign, tmp_path, caplog):
+  workdir, _ = _copy_campaign(tiny_campaign, tmp_path)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(checkpoints) if n.isdigit()]
+  unfinished = os.path.join(checkpoints, f"{max(steps) + 1}.orbax-checkpoint-tmp")
+  os.makedirs(os.path.join(unfinished, "state"))  # as a kill -9 during that save leaves it
+  extended = campaign.run(tiny_config(**{"al.num_rounds": 4}), workdir)
+  assert len(extended["rounds"]) == 4 and not os.path.exists(unfinished)
+  assert "already exists" not in caplog.text  # Orbax had nothing to remove with a warning
+
+
 def test_extending_num_rounds_continues_the_campaign(tiny_campaign, tmp_path):
   workdir, results = _copy_campaign(tiny_campaign, tmp_path)
   extended = campaign.run(tiny_config(**{"al.num_rounds": 4}), workdir)
