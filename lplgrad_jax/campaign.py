@@ -428,11 +428,14 @@ class Campaign:
     return self.results()
 
   def describe(self) -> str:
-    """The data as loaded (the run's first line, `launch.first_line`, gave the rest)."""
+    """The data as loaded and the weights the model starts from (the run's first line,
+    `launch.first_line`, gave the rest)."""
     d = self.dataset
-    return (
+    data = (
       f"{d.name}: {d.num_train} training / {len(d.y_test)} test images, {d.num_classes} classes"
     )
+    weights = pretrained.describe(self.config.model, d.num_classes)
+    return f"{data}\n{weights}" if weights else data
 
   @property
   def _progress(self) -> bool:

@@ -353,7 +353,7 @@ def _image_folder(root, classes=("ant", "bee", "cow"), per_class=(12, 4)):
 
 @pytest.mark.parametrize("train_mode", ["finetune", "linear"])
 def test_an_al_campaign_on_an_image_folder_starts_from_pretrained_weights(
-  train_mode, tmp_path, monkeypatch
+  train_mode, tmp_path, monkeypatch, capsys
 ):
   _image_folder(tmp_path / "photos")
   config = tiny_config(
@@ -381,6 +381,9 @@ def test_an_al_campaign_on_an_image_folder_starts_from_pretrained_weights(
   monkeypatch.setattr(pretrained, "load_pretrained", lambda *a: loads.append(a) or real_load(*a))
   workdir = str(tmp_path / "w")
   results = campaign.run(config, workdir)
+  said = capsys.readouterr().out
+  assert f"pretrained weights: {weights} (torchvision names); its 10-class head is drawn " in said
+  assert ("the backbone frozen (linear mode)" in said) == (train_mode == "linear")
   assert len(loads) == 2  # round 0, and round 1 afresh (train.reinit_each_round unset)
   assert [r["num_labeled"] for r in results["rounds"]] == [9, 15]
   assert all(np.isfinite(r["test_accuracy"]) for r in results["rounds"])

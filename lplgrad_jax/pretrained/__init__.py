@@ -25,6 +25,7 @@ from lplgrad_jax.pretrained.weights_file import read_state_dict
 
 __all__ = [
   "IMAGENET_MEAN",
+  "describe",
   "IMAGENET_STD",
   "INCEPTION_MEAN",
   "INCEPTION_STD",
@@ -52,6 +53,25 @@ def normalization(model_config) -> tuple[tuple, tuple] | None:
   if model_config.name.startswith("vit"):
     return INCEPTION_MEAN, INCEPTION_STD
   return IMAGENET_MEAN, IMAGENET_STD
+
+
+def describe(model_config, num_classes: int) -> str:
+  """One line on the weights a campaign starts from ("" without): the file, its naming, and
+  whether its classifier head is kept or drawn anew for `num_classes` classes."""
+  path = model_config.get("pretrained")
+  if not path:
+    return ""
+  naming = timm_vit if model_config.name.startswith("vit") else torchvision_resnet
+  head = read_state_dict(path).get(naming.HEAD_WEIGHT)
+  if head is None:
+    kept = f"it has no classifier head: one is drawn for {num_classes} classes"
+  elif head.shape[0] != num_classes:
+    kept = f"its {head.shape[0]}-class head is drawn anew for {num_classes} classes"
+  else:
+    kept = f"its {num_classes}-class head is kept"
+  mode = model_config.get("train_mode", "finetune")
+  frozen = "; the backbone frozen (linear mode)" if mode == "linear" else ""
+  return f"pretrained weights: {path} ({naming.NAMES} names); {kept}{frozen}"
 
 
 def load_pretrained(classifier: nnx.Module, path: str) -> Loaded:

@@ -18,6 +18,8 @@ from lplgrad_jax.pretrained.state_dict import conv_kernel
 from lplgrad_jax.pretrained.state_dict import linear_kernel
 from lplgrad_jax.pretrained.state_dict import tensor
 
+NAMES = "timm"
+HEAD_WEIGHT = "head.weight"
 HINT = (
   "timm's ViTs need model.name='vit_s16' or 'vit_b16' (patch 16, MLP ratio 4, exact GELU) "
   "with the file's width and depth"

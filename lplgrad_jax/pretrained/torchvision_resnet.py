@@ -14,6 +14,8 @@ from lplgrad_jax.pretrained.state_dict import linear_kernel
 from lplgrad_jax.pretrained.state_dict import tensor
 
 HINT = "torchvision's ResNets need model.stem='imagenet' and model.width=64"
+NAMES = "torchvision"
+HEAD_WEIGHT = "fc.weight"
 
 
 def _batch_norm(prefix: str, bn) -> dict[str, Entry]:
