@@ -24,15 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from lplgrad_jax import layer_hooks
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.models import ActiveLearner
-from lplgrad_jax.models import Backbone
 from lplgrad_jax.models import at_least_float32
 from lplgrad_jax.models import pool_feature
-from lplgrad_jax.query import padded_chunks
+from lplgrad_jax.models.backbone import inner_model
+from lplgrad_jax.query import map_chunks
 from lplgrad_jax.train import normalize
 
 # finetune: every layer trains on the images | linear: a frozen backbone's features.
@@ -54,7 +53,7 @@ class LinearProbe(nnx.Module):
 
 
 def classifier_head(classifier: nnx.Module) -> nnx.Linear:
-  net = classifier.net if isinstance(classifier, Backbone) else classifier
+  net = inner_model(classifier)
   head = getattr(net, "head", None)
   if not isinstance(head, nnx.Linear):
     raise ConfigError(
@@ -101,17 +100,13 @@ def frozen_features(
   model.eval()
   graphdef, state = nnx.split(model)
   mean, std = (np.asarray(a, np.float32) for a in normalization)
-  parts = [
-    np.asarray(_features_batch(graphdef, state, chunk, mean, std))[:real]
-    for chunk, real in tqdm(
-      padded_chunks(np.asarray(images), batch_size),
-      desc="frozen features",
-      total=-(-len(images) // batch_size),
-      disable=not progress,
-      leave=False,
-    )
-  ]
-  return np.concatenate(parts).astype(np.float32)
+  (features,) = map_chunks(
+    lambda chunk: (_features_batch(graphdef, state, chunk, mean, std),),
+    images,
+    batch_size,
+    "frozen features" if progress else "",
+  )
+  return features.astype(np.float32)
 
 
 def freeze(

@@ -96,18 +96,36 @@ def _outputs_batch(graphdef, params, rest, images_uint8, mean, std):
   return logits, embedding, predicted_loss
 
 
+def map_chunks(batch_fn, images, batch_size: int, progress: str = ""):
+  """`batch_fn(chunk)` (a tuple of per-image arrays) over `images` in padded chunks of
+  `batch_size`, read ahead (`prefetched`); the real rows of each output, concatenated.
+  `progress`: the description of a bar over the chunks ("": none)."""
+  images = _array_like(images)
+  parts = [
+    (jax.device_get(batch_fn(chunk)), real)
+    for chunk, real in tqdm(
+      prefetched(padded_chunks(images, batch_size)),
+      desc=progress,
+      total=ceil_div(len(images), batch_size),
+      disable=not progress,
+      leave=False,
+    )
+  ]
+  return tuple(
+    np.concatenate([out[i][:real] for out, real in parts]) for i in range(len(parts[0][0]))
+  )
+
+
 def model_outputs(
   learner: nnx.Module, images: np.ndarray, normalization, batch_size: int
 ) -> dict[str, np.ndarray]:
   """Inference-mode logits, penultimate `embedding` and `predicted_loss` of uint8 images."""
   graphdef, params, rest = _split_for_inference(learner)
   mean, std = (np.asarray(a, np.float32) for a in normalization)
-  parts = [
-    jax.device_get(_outputs_batch(graphdef, params, rest, chunk, mean, std)) + (real,)
-    for chunk, real in prefetched(padded_chunks(_array_like(images), batch_size))
-  ]
-  names = ("logits", "embedding", "predicted_loss")
-  return {name: np.concatenate([p[i][: p[-1]] for p in parts]) for i, name in enumerate(names)}
+  outputs = map_chunks(
+    lambda chunk: _outputs_batch(graphdef, params, rest, chunk, mean, std), images, batch_size
+  )
+  return dict(zip(("logits", "embedding", "predicted_loss"), outputs))
 
 
 def evaluate(learner: nnx.Module, dataset, normalization, batch_size: int) -> dict:

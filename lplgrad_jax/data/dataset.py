@@ -70,8 +70,18 @@ def _channel_stats(images: np.ndarray, total) -> tuple[np.ndarray, np.ndarray]:
   count = total(np.array([images[..., 0].size], np.float64))[0]
   mean = total(sum((pixels(p).sum(0) for p in parts), np.zeros(3))) / count
   squares = sum((np.square(pixels(p) - mean).sum(0) for p in parts), np.zeros(3))
-  var = total(squares) / count
+  return statistics_from_moments(mean, total(squares) / count)
+
+
+def statistics_from_moments(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The (mean, std) images are normalised with: float32, the std at least 1e-3 (a channel
+  that never varies is not divided by zero)."""
   return mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-3).astype(np.float32)
+
+
+def valid_statistics(mean: np.ndarray, std: np.ndarray) -> bool:
+  """Three means and three positive stds."""
+  return mean.shape == (3,) and std.shape == (3,) and bool(np.all(std > 0))
 
 
 _STATS_CHUNK = 4096  # images per read of a memory-mapped pool
@@ -141,7 +151,7 @@ def input_normalization(
     return tuple(np.asarray(v, np.float32) for v in weights_normalization)
   if choice in ("auto", "fixed"):
     mean, std = (np.asarray(data_config[k], np.float32) for k in ("mean", "std"))
-    if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0):
+    if not valid_statistics(mean, std):
       raise ConfigError(
         f"data.mean={tuple(data_config.mean)} data.std={tuple(data_config.std)}: "
         "expected 3 values each, std > 0"

@@ -27,6 +27,8 @@ import numpy as np
 from lplgrad_jax.data.dataset import Dataset
 from lplgrad_jax.data.dataset import RowRange
 from lplgrad_jax.data.dataset import check_labels
+from lplgrad_jax.data.dataset import statistics_from_moments
+from lplgrad_jax.data.dataset import valid_statistics
 from lplgrad_jax.errors import ConfigError
 
 FILES = {
@@ -119,7 +121,7 @@ def _statistics(meta: dict, path: str) -> tuple[np.ndarray, np.ndarray] | None:
     mean, std = (np.asarray(meta[k], np.float32) for k in ("mean", "std"))
   except (KeyError, TypeError, ValueError):
     mean = std = np.zeros(0)
-  if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0):
+  if not valid_statistics(mean, std):
     raise ConfigError(f'{path}: expected "mean" and "std", three numbers each, std > 0')
   return mean, std
 
@@ -174,9 +176,8 @@ class ChannelStatistics:
     self.count = total
 
   def result(self) -> tuple[np.ndarray, np.ndarray]:
-    """As `Dataset.channel_stats`: (mean, max(std, 1e-3)) in float32."""
-    std = np.sqrt(self.m2 / max(self.count, 1))
-    return self.mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+    """As `Dataset.channel_stats`."""
+    return statistics_from_moments(self.mean, self.m2 / max(self.count, 1))
 
 
 def check_out(out: str) -> str:

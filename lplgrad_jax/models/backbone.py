@@ -27,6 +27,11 @@ def _masked_batch_norm(net: nnx.Module, mask: jax.Array):
   return layer_hooks.intercept(net, (nnx.BatchNorm,), with_mask)
 
 
+def inner_model(classifier: nnx.Module) -> nnx.Module:
+  """The model a `Backbone` adapts (a ViT's, a user's), or `classifier` itself."""
+  return classifier.net if isinstance(classifier, Backbone) else classifier
+
+
 class Backbone(nnx.Module):
   """Adapts a model `net(x) -> (logits, features)` to the campaign's `(x, mask=None)` call.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from flax import nnx
 
 from lplgrad_jax.errors import ConfigError
-from lplgrad_jax.models.backbone import Backbone
+from lplgrad_jax.models.backbone import inner_model
 from lplgrad_jax.models.resnet import ResNet18
 from lplgrad_jax.models.vit import ViT
 from lplgrad_jax.pretrained import timm_vit
@@ -25,11 +25,11 @@ from lplgrad_jax.pretrained.weights_file import read_state_dict
 
 __all__ = [
   "IMAGENET_MEAN",
-  "describe",
   "IMAGENET_STD",
   "INCEPTION_MEAN",
   "INCEPTION_STD",
   "Loaded",
+  "describe",
   "load_pretrained",
   "normalization",
   "read_state_dict",
@@ -43,6 +43,16 @@ INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 
 # The model classes (with their subclasses) whose weights have a naming, and that naming.
 _NAMINGS = ((ResNet18, torchvision_resnet), (ViT, timm_vit))
+# The (mean, std) of the images each naming's weights were trained on.
+_NORMALIZATIONS = {
+  torchvision_resnet: (IMAGENET_MEAN, IMAGENET_STD),
+  timm_vit: (INCEPTION_MEAN, INCEPTION_STD),
+}
+
+
+def _naming_of(model_config):
+  """The naming `model_config.name`'s weights load through (the model need not be built)."""
+  return timm_vit if model_config.name.startswith("vit") else torchvision_resnet
 
 
 def normalization(model_config) -> tuple[tuple, tuple] | None:
@@ -50,9 +60,7 @@ def normalization(model_config) -> tuple[tuple, tuple] | None:
   naming they load through; None without weights."""
   if not model_config.get("pretrained"):
     return None
-  if model_config.name.startswith("vit"):
-    return INCEPTION_MEAN, INCEPTION_STD
-  return IMAGENET_MEAN, IMAGENET_STD
+  return _NORMALIZATIONS[_naming_of(model_config)]
 
 
 def describe(model_config, num_classes: int) -> str:
@@ -61,7 +69,7 @@ def describe(model_config, num_classes: int) -> str:
   path = model_config.get("pretrained")
   if not path:
     return ""
-  naming = timm_vit if model_config.name.startswith("vit") else torchvision_resnet
+  naming = _naming_of(model_config)
   head = read_state_dict(path).get(naming.HEAD_WEIGHT)
   if head is None:
     kept = f"it has no classifier head: one is drawn for {num_classes} classes"
@@ -76,7 +84,7 @@ def describe(model_config, num_classes: int) -> str:
 
 def load_pretrained(classifier: nnx.Module, path: str) -> Loaded:
   """Writes the weights of the file `path` into `classifier` (in place), strictly."""
-  net = classifier.net if isinstance(classifier, Backbone) else classifier
+  net = inner_model(classifier)
   for cls, naming in _NAMINGS:
     if isinstance(net, cls):
       return load_entries(naming.entries(net), read_state_dict(path), path, naming.HINT)
