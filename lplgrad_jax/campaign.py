@@ -116,7 +116,7 @@ class Campaign:
     os.makedirs(workdir, exist_ok=True)
     use_aux = strategies.uses_aux(config)
     step_config = train.StepConfig.from_config(
-      config.train, final_size, use_aux, mesh, pool_sharded=config.data.shard_pool
+      config.train, final_size, use_aux, mesh, pool_sharded=device_pool.rows_split(config.data)
     )
     normalization = input_normalization(
       config.data, dataset, pretrained.normalization(config.model)
@@ -204,8 +204,9 @@ class Campaign:
     if not finished:
       return False
     nnx.update(self.learner, self.train_state.params, self.train_state.batch_stats)
+    split_over = self.mesh if self.config.data.shard_pool else None
     metrics = query.evaluate(
-      self.learner, self.inputs, self.normalization, self.config.train.eval_batch_size
+      self.learner, self.inputs, self.normalization, self.config.train.eval_batch_size, split_over
     )
     record = RoundRecord(
       round=s.round,
@@ -333,7 +334,7 @@ class Campaign:
       normalization=self.normalization,
       query_config=config.query,
       labeled_ids=labeled,
-      sharded_pool=self.pool.arrays[:2] if config.data.shard_pool else None,
+      pool_split=config.data.shard_pool,
       mesh=self.mesh,
       progress=self._progress,
     )

@@ -136,11 +136,6 @@ def validate_config(config) -> None:
     check_choice(_value(config, name), COMPUTE_DTYPES, name)
   train.resolve_epoch_loop(config.train.epoch_loop)
   check_choice(config.oracle, ORACLES, "oracle")
-  if config.data.stream and config.data.shard_pool:
-    raise ConfigError(
-      "data.stream=True with data.shard_pool=True: each host streaming its own rows of the "
-      "pool is not supported yet; expected one of them"
-    )
   if config.oracle == "human" and config.data.shard_pool:
     raise ConfigError(
       "data.shard_pool=True with oracle 'human': the human oracle keeps the "

@@ -42,10 +42,15 @@ class WholePool:
 
 class LabeledCache:
   """The labeled images alone on the devices, `capacity` rows, appended as images are
-  labeled; the pool's other images are read from disk only when a query scores them."""
+  labeled; the pool's other images are read from disk only when a query scores them.
 
-  def __init__(self, dataset, normalization, mesh, *, capacity: int):
+  `split`: each process holds only its rows of the pool (data.shard_pool), reads the newly
+  labeled images among them, and the devices exchange them (`sharding.gather_rows`)."""
+
+  def __init__(self, dataset, normalization, mesh, *, capacity: int, split: bool = False):
     self.images, self.labels = dataset.x_train, dataset.y_train  # host (memory-mapped)
+    self.first_row = dataset.first_row
+    self.pool_blocks = sharding.pool_blocks(mesh, dataset.num_train) if split else None
     self.capacity, self.mesh = capacity, mesh
     self.row_of: dict[int, int] = {}
     shape = (capacity, *self.images.shape[1:])
@@ -71,14 +76,47 @@ class LabeledCache:
     first = len(self.row_of)
     targets = np.full(_APPEND_ROWS, self.capacity, np.int32)  # past the end: dropped
     targets[: len(ids)] = first + np.arange(len(ids))
-    images = np.zeros((_APPEND_ROWS, *self.images.shape[1:]), self.images.dtype)
-    images[: len(ids)] = self.images[ids]
-    labels = np.zeros(_APPEND_ROWS, np.int32)
-    labels[: len(ids)] = self.labels[ids]
-    placed = sharding.replicate((targets, images, labels), self.mesh)
-    cache_images, cache_labels = _write_rows(self.arrays.images, self.arrays.labels, *placed)
+    images, labels = self._read(ids)
+    cache_images, cache_labels = _write_rows(
+      self.arrays.images, self.arrays.labels, sharding.replicate(targets, self.mesh), images, labels
+    )
     self.arrays = self.arrays._replace(images=cache_images, labels=cache_labels)
     self.row_of.update((int(i), first + k) for k, i in enumerate(ids))
+
+  def _read(self, ids: np.ndarray):
+    """(images, labels) of `ids` in `_APPEND_ROWS` rows (zeros after them), on every device."""
+    if self.pool_blocks is None:
+      return sharding.replicate(_rows(self.images, self.labels, ids, _APPEND_ROWS), self.mesh)
+    # Each process puts the ids it holds at the start of its block of a row-split array; one
+    # gather of `positions` from it gives every device the rows in the order of `ids`.
+    blocks = sharding.process_blocks(self.mesh, self.mesh.size * _APPEND_ROWS)
+    positions = np.zeros(_APPEND_ROWS, np.int32)
+    for process, (pool_first, pool_end) in self.pool_blocks.items():
+      held = np.flatnonzero((ids >= pool_first) & (ids < pool_end))
+      positions[held] = blocks[process][0] + np.arange(len(held))
+    pool_first, pool_end = self.pool_blocks[jax.process_index()]
+    own = ids[(ids >= pool_first) & (ids < pool_end)] - self.first_row
+    first, end = blocks[jax.process_index()]
+    local = _rows(self.images, self.labels, own, end - first)
+    split = jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(
+        sharding.batch_sharded(self.mesh), x, (self.mesh.size * _APPEND_ROWS, *x.shape[1:])
+      ),
+      local,
+    )
+    return _gather_rows(split, sharding.replicate(positions, self.mesh), self.mesh)
+
+
+def _rows(images, labels, ids: np.ndarray, size: int):
+  """Host (images, labels) of `ids`, in `size` rows, zeros after them."""
+  out_images = np.zeros((size, *images.shape[1:]), images.dtype)
+  out_images[: len(ids)] = images[ids]
+  out_labels = np.zeros(size, np.int32)
+  out_labels[: len(ids)] = labels[ids]
+  return out_images, out_labels
+
+
+_gather_rows = jax.jit(sharding.gather_rows, static_argnames="mesh")
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -89,8 +127,16 @@ def _write_rows(cache_images, cache_labels, targets, images, labels):
   )
 
 
+def rows_split(data_config) -> bool:
+  """Whether training gathers its batches from a pool split by rows over the devices: the
+  whole pool with data.shard_pool (a streamed one's cache is replicated)."""
+  return bool(data_config.shard_pool and not data_config.get("stream"))
+
+
 def place(dataset, normalization, mesh, data_config, final_size: int) -> WholePool | LabeledCache:
   """The training pool of a campaign, as `data.stream` and `data.shard_pool` say."""
-  if data_config.get("stream"):  # config_checks: not with shard_pool (yet)
-    return LabeledCache(dataset, normalization, mesh, capacity=final_size)
-  return WholePool(dataset, normalization, mesh, shard=data_config.shard_pool)
+  if data_config.get("stream"):
+    return LabeledCache(
+      dataset, normalization, mesh, capacity=final_size, split=data_config.shard_pool
+    )
+  return WholePool(dataset, normalization, mesh, shard=rows_split(data_config))

@@ -26,12 +26,12 @@ import numpy as np
 from flax import nnx
 
 from lplgrad_jax import layer_hooks
+from lplgrad_jax.chunks import map_chunks
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.models import ActiveLearner
 from lplgrad_jax.models import at_least_float32
 from lplgrad_jax.models import pool_feature
 from lplgrad_jax.models.backbone import inner_model
-from lplgrad_jax.query import map_chunks
 from lplgrad_jax.train import normalize
 
 # finetune: every layer trains on the images | linear: a frozen backbone's features.
@@ -104,7 +104,7 @@ def frozen_features(
     lambda chunk: (_features_batch(graphdef, state, chunk, mean, std),),
     images,
     batch_size,
-    "frozen features" if progress else "",
+    progress="frozen features" if progress else "",
   )
   return features.astype(np.float32)
 

@@ -27,17 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
-from tqdm.auto import tqdm
 
 from lplgrad_jax import models
 from lplgrad_jax import pergrad
 from lplgrad_jax import sharding
+from lplgrad_jax.chunks import SplitRows
+from lplgrad_jax.chunks import map_chunks
 from lplgrad_jax.data.rows import Rows
-from lplgrad_jax.data.rows import prefetched
 from lplgrad_jax.errors import check_choice
 from lplgrad_jax.train import normalize
-from lplgrad_jax.utils import ceil_div
-from lplgrad_jax.utils import round_up
 
 REDUCTIONS = ("layer_sum", "frobenius")
 METHODS = ("fast", "vmap")
@@ -67,25 +65,6 @@ def max_probability(logits: jax.Array) -> jax.Array:
   return jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
 
 
-def _array_like(images) -> np.ndarray | Rows:
-  return images if isinstance(images, (np.ndarray, Rows)) else np.asarray(images)
-
-
-def padded_chunks(images, chunk_size: int):
-  """Yields (chunk padded to chunk_size, number of real images) so one shape compiles; each
-  chunk is read when it is reached (a `Rows` view of a memory-mapped pool), ahead of its use
-  by `prefetched`."""
-  for start in range(0, len(images), chunk_size):
-    chunk = images[start : start + chunk_size]
-    if isinstance(chunk, np.memmap):  # read here, on the read-ahead thread
-      chunk = np.array(chunk)
-    real = len(chunk)
-    if real < chunk_size:
-      chunk = np.concatenate([chunk, np.zeros((chunk_size - real,) + chunk.shape[1:], chunk.dtype)])
-    yield chunk, real
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _outputs_batch(graphdef, params, rest, images_uint8, mean, std):
   learner = nnx.merge(graphdef, params, rest)
   logits, features = learner.classifier(normalize(images_uint8, mean, std))
@@ -96,46 +75,47 @@ def _outputs_batch(graphdef, params, rest, images_uint8, mean, std):
   return logits, embedding, predicted_loss
 
 
-def map_chunks(batch_fn, images, batch_size: int, progress: str = ""):
-  """`batch_fn(chunk)` (a tuple of per-image arrays) over `images` in padded chunks of
-  `batch_size`, read ahead (`prefetched`); the real rows of each output, concatenated.
-  `progress`: the description of a bar over the chunks ("": none)."""
-  images = _array_like(images)
-  parts = [
-    (jax.device_get(batch_fn(chunk)), real)
-    for chunk, real in tqdm(
-      prefetched(padded_chunks(images, batch_size)),
-      desc=progress,
-      total=ceil_div(len(images), batch_size),
-      disable=not progress,
-      leave=False,
-    )
-  ]
-  return tuple(
-    np.concatenate([out[i][:real] for out, real in parts]) for i in range(len(parts[0][0]))
+_outputs_on_host_chunks = jax.jit(_outputs_batch, static_argnames="graphdef")
+
+
+@functools.lru_cache(maxsize=16)
+def _outputs_on_split_chunks(mesh):
+  """`_outputs_batch` of a chunk split over `mesh`, its outputs on every device (and process)."""
+  return jax.jit(
+    _outputs_batch, static_argnames="graphdef", out_shardings=sharding.replicated(mesh)
   )
 
 
 def model_outputs(
-  learner: nnx.Module, images: np.ndarray, normalization, batch_size: int
+  learner: nnx.Module, images: np.ndarray | SplitRows, normalization, batch_size: int
 ) -> dict[str, np.ndarray]:
-  """Inference-mode logits, penultimate `embedding` and `predicted_loss` of uint8 images."""
+  """Inference-mode logits, penultimate `embedding` and `predicted_loss` of uint8 images.
+
+  A host array (or `Rows`) goes to the devices whole, a chunk at a time; `SplitRows`, split
+  over their mesh, each process reading its own rows."""
   graphdef, params, rest = _split_for_inference(learner)
   mean, std = (np.asarray(a, np.float32) for a in normalization)
+  if isinstance(images, SplitRows):
+    params, rest = sharding.replicate((params, rest), images.mesh)
+    outputs_of = _outputs_on_split_chunks(images.mesh)
+  else:
+    outputs_of = _outputs_on_host_chunks
   outputs = map_chunks(
-    lambda chunk: _outputs_batch(graphdef, params, rest, chunk, mean, std), images, batch_size
+    lambda chunk: outputs_of(graphdef, params, rest, chunk, mean, std), images, batch_size
   )
   return dict(zip(("logits", "embedding", "predicted_loss"), outputs))
 
 
-def evaluate(learner: nnx.Module, dataset, normalization, batch_size: int) -> dict:
+def evaluate(learner: nnx.Module, dataset, normalization, batch_size: int, mesh=None) -> dict:
   """Test accuracy and per-class accuracy (0 for a class without test images).
 
-  Both are None without a test split (a human-labeled folder without test/).
+  Both are None without a test split (a human-labeled folder without test/). `mesh`: the
+  test set is split over its devices, each process reading only its share (data.shard_pool).
   """
   if not len(dataset.y_test):
     return {"accuracy": None, "per_class_accuracy": None}
-  logits = model_outputs(learner, dataset.x_test, normalization, batch_size)["logits"]
+  images = dataset.x_test if mesh is None else SplitRows.of_whole(dataset.x_test, mesh)
+  logits = model_outputs(learner, images, normalization, batch_size)["logits"]
   correct = np.argmax(logits, -1) == dataset.y_test
   per_class = [
     float(correct[dataset.y_test == c].mean()) if np.any(dataset.y_test == c) else 0.0
@@ -296,7 +276,8 @@ def entropy_grad_norms(
 
   Args:
     model: the main model (`logits, features = model(x)`); it is not changed.
-    images: (N, H, W, 3) float32 inputs, or uint8 with `normalization`.
+    images: (N, H, W, 3) float32 inputs, or uint8 with `normalization` (also as `Rows` of a
+      memory-mapped pool, or `SplitRows` of a pool split over processes, scored on their mesh).
     reduction: "layer_sum" or "frobenius" (see module docstring).
     method: "fast" (per-layer norms from one batched backward pass, see
       `_fast_scores`) or "vmap" (`jax.vmap(jax.grad)`: the reference). Both are exact.
@@ -310,30 +291,29 @@ def entropy_grad_norms(
   """
   check_choice(reduction, REDUCTIONS, "gradient-norm reduction")
   check_choice(method, METHODS, "gradient-norm method")
-  mesh = mesh if mesh is not None else sharding.data_mesh()
-  chunk_size = round_up(chunk_size, mesh.size)
-  images = _array_like(images)
+  if not isinstance(images, (np.ndarray, SplitRows, Rows)):
+    images = np.asarray(images)
   if images.dtype == np.uint8 and normalization is None:
     raise ValueError("uint8 images need normalization=(mean, std)")
+  if not len(images):
+    return np.zeros((0,), np.float32)
   mean, std = (
     (np.zeros(3, np.float32), np.ones(3, np.float32))
     if normalization is None
     else (np.asarray(normalization[0], np.float32), np.asarray(normalization[1], np.float32))
   )
+  if isinstance(images, SplitRows):
+    mesh = images.mesh
+  elif mesh is None:
+    mesh = sharding.data_mesh()
   graphdef, params, rest = _split_for_inference(model, compute_dtype)
   params, rest = sharding.replicate((params, rest), mesh)
   score = _chunk_scorer(graphdef, reduction, method, mesh)
-  pending = []
-  for chunk, real in tqdm(
-    prefetched(padded_chunks(images, chunk_size)),
-    desc="query",
-    unit="chunk",
-    total=ceil_div(len(images), chunk_size),
-    disable=not progress,
-    leave=False,
-  ):
-    pending.append((score(params, rest, sharding.split_batch(chunk, mesh), mean, std), real))
-    if len(pending) > 2:  # two chunks in flight: the device never waits for the host
-      pending[-3][0].block_until_ready()
-  scores = [np.asarray(s)[:real] for s, real in pending]
-  return np.concatenate(scores) if scores else np.zeros((0,), np.float32)
+  (scores,) = map_chunks(
+    lambda chunk: (score(params, rest, chunk, mean, std),),
+    images,
+    chunk_size,
+    mesh,
+    "query" if progress else "",
+  )
+  return scores

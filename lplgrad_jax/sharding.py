@@ -66,15 +66,15 @@ def _padded_rows(num_rows: int, mesh: Mesh) -> int:
   return round_up(num_rows, mesh.size)
 
 
-def process_rows(mesh: Mesh):
-  """The pool rows this process's devices hold when the pool is split by rows: a
-  function of the pool's size N giving (first row, end row), end clipped to N."""
-
-  def rows(num_rows: int) -> tuple[int, int]:
-    shape = (_padded_rows(num_rows, mesh),)
-    held = [
-      index[0] for index in batch_sharded(mesh).addressable_devices_indices_map(shape).values()
-    ]
+def process_blocks(mesh: Mesh, num_rows: int) -> dict[int, tuple[int, int]]:
+  """Every process's rows (first, end) of an array of `num_rows` (a multiple of the devices)
+  split by rows over "data": one block per process, which every process can compute."""
+  blocks: dict[int, list[slice]] = {}
+  for device, index in batch_sharded(mesh).devices_indices_map((num_rows,)).items():
+    start, stop, _ = index[0].indices(num_rows)  # a single device's slice is (None, None)
+    blocks.setdefault(device.process_index, []).append(slice(start, stop))
+  spans = {}
+  for process, held in blocks.items():
     start, end = min(s.start for s in held), max(s.stop for s in held)
     if sum(s.stop - s.start for s in held) != end - start:
       raise ConfigError(
@@ -82,9 +82,23 @@ def process_rows(mesh: Mesh):
         "rows, but the device mesh interleaves processes (e.g. a TPU topology "
         "order): expected data.shard_pool=False here"
       )
-    return min(start, num_rows), min(end, num_rows)
+    spans[process] = (start, end)
+  return spans
 
-  return rows
+
+def pool_blocks(mesh: Mesh, num_rows: int) -> dict[int, tuple[int, int]]:
+  """Every process's rows (first, end) of a pool of `num_rows` split by rows over "data"
+  (`shard_rows`), ends clipped to the pool."""
+  return {
+    process: (min(start, num_rows), min(end, num_rows))
+    for process, (start, end) in process_blocks(mesh, _padded_rows(num_rows, mesh)).items()
+  }
+
+
+def process_rows(mesh: Mesh):
+  """The pool rows this process's devices hold when the pool is split by rows: a
+  function of the pool's size N giving (first row, end row), end clipped to N."""
+  return lambda num_rows: pool_blocks(mesh, num_rows)[jax.process_index()]
 
 
 def shard_rows(tree, num_rows: int, mesh: Mesh):

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from lplgrad_jax import query
-from lplgrad_jax import sharding
+from lplgrad_jax.chunks import SplitRows
 from lplgrad_jax.data import Dataset
 from lplgrad_jax.data.rows import Rows
 from lplgrad_jax.data.rows import lazy_rows
@@ -42,24 +42,22 @@ class QueryContext:
   query_config: object  # config.query
   labeled_ids: np.ndarray | None = None  # the labeled set (Coreset's initial centers)
   progress: bool = False
-  sharded_pool: tuple | None = None  # (images, labels) split by rows over `mesh`, if so
-  mesh: object = None
+  pool_split: bool = False  # each process holds its rows of the pool alone (data.shard_pool)
+  mesh: object = None  # the devices the pool is split over
 
-  def images(self, ids: np.ndarray) -> np.ndarray | Rows:
+  def images(self, ids: np.ndarray) -> np.ndarray | Rows | SplitRows:
     """uint8 pool images by id: from host memory (from disk as they are used, for a
-    memory-mapped pool), or gathered from the devices' shards when each process loaded only
-    its part of the pool (data.shard_pool)."""
-    if self.sharded_pool is None:
-      return lazy_rows(self.dataset.x_train, ids)
-    return np.asarray(_gather_rows(self.sharded_pool[0], np.asarray(ids, np.int32), self.mesh))
+    memory-mapped pool), or, where each process holds only its part of the pool
+    (data.shard_pool), each process's own ones for its own devices."""
+    if self.pool_split:
+      x = self.dataset
+      return SplitRows(x.x_train, x.first_row, x.num_train, ids, self.mesh)
+    return lazy_rows(self.dataset.x_train, ids)
 
   def outputs(self, ids: np.ndarray) -> dict[str, np.ndarray]:
     return query.model_outputs(
       self.learner, self.images(ids), self.normalization, self.query_config.chunk_size
     )
-
-
-_gather_rows = jax.jit(sharding.gather_rows, static_argnames="mesh")
 
 
 @dataclasses.dataclass

@@ -63,13 +63,14 @@ def gather_rows():
 
 
 def campaigns(workdir):
-  """The same 2-round campaign with the pool replicated ("False"), split by rows ("True"), and
-  streamed (the labeled images alone on the devices, "stream")."""
+  """The same 2-round campaign with the pool replicated ("False"), split by rows ("True"),
+  streamed (the labeled images alone on the devices, "stream"), and both ("split_stream")."""
   outcome = {}
   for name, data_config in (
     ("False", {}),
     ("True", {"data.shard_pool": True}),
     ("stream", {"data.stream": True}),
+    ("split_stream", {"data.stream": True, "data.shard_pool": True}),
   ):
     config = tiny_config(**{"al.num_rounds": 2, **data_config})
     results = campaign.run(config, os.path.join(workdir, name))

@@ -144,19 +144,42 @@ def one_process_four_devices(tmp_path_factory):
   return _rounds(workdir)
 
 
-# CI runs the split pool (the harder path: batches and query images gathered across the
-# processes); the replicated pool, kill -9 of both processes and SIGTERM to one (the
-# two-process variant of test_resume's SIGTERM test) with `-m slow`.
+@pytest.fixture(scope="module")
+def npy_pool(tmp_path_factory):
+  """The digits pool in the npy layout (lplgrad_jax.convert), for the streamed runs."""
+  from lplgrad_jax import convert
+  from lplgrad_jax.configs import digits
+
+  root = str(tmp_path_factory.mktemp("pool") / "npy")
+  convert.convert(digits.get_config().data, root, 500, progress=False)
+  return root
+
+
+# The pool: on every device ("replicated"); split by rows, each process loading only its part
+# ("split"; batches and query images gathered across the processes); split and streamed
+# ("split_streamed": each process reads its own rows from its memory-mapped part, for the
+# query and the training cache alike). CI runs the split ones; the replicated pool, kill -9
+# of both processes and SIGTERM to one (the two-process variant of test_resume's SIGTERM
+# test) run with `-m slow`.
+_POOLS = {
+  "replicated": [],
+  "split": ["--config.data.shard_pool=True"],
+  "split_streamed": ["--config.data.shard_pool=True", "--config.data.stream=True"],
+}
+
+
 @pytest.mark.numerics
-@pytest.mark.parametrize("shard_pool", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.parametrize(
+  "pool", [pytest.param("replicated", marks=pytest.mark.slow), "split", "split_streamed"]
+)
 def test_two_processes_equal_one_process_with_four_devices(
-  shard_pool, one_process_four_devices, tmp_path
+  pool, one_process_four_devices, request, tmp_path
 ):
-  # shard_pool: each process loads only its half of the pool, which stays split over the
-  # devices; the single process holds all of it on every device.
-  codes, outputs = _run_hosts(
-    tmp_path / "w", tmp_path, "run", extra_args=[f"--config.data.shard_pool={shard_pool}"]
-  )
+  extra_args = list(_POOLS[pool])
+  if pool == "split_streamed":
+    root = request.getfixturevalue("npy_pool")
+    extra_args += ["--config.data.source=npy", f"--config.data.root={root}"]
+  codes, outputs = _run_hosts(tmp_path / "w", tmp_path, "run", extra_args=extra_args)
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
   results, _ = run = _rounds(tmp_path / "w")
   single, _ = one_process_four_devices

@@ -18,10 +18,12 @@ from flax import nnx
 from PIL import Image
 
 from lplgrad_jax import campaign
+from lplgrad_jax import chunks
 from lplgrad_jax import convert
 from lplgrad_jax import data
 from lplgrad_jax import device_pool
 from lplgrad_jax import predict
+from lplgrad_jax import sharding
 from lplgrad_jax.configs import default
 from lplgrad_jax.data import dataset as dataset_module
 from lplgrad_jax.data import npy_folder
@@ -308,3 +310,32 @@ def test_a_streamed_campaign_runs_on_a_pool_four_times_its_memory_limit(tmp_path
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert report["completed"], report["error"]
   assert report["peak_rss_anon_mb"] < LIMIT_MB / 2, report  # bounded by the cache, not by N
+
+
+def test_each_process_takes_its_own_ids_in_its_block_of_every_chunk():
+  # Three processes hold pool rows [0, 10), [10, 20), [20, 25); their devices take rows
+  # [0, 4), [4, 6), [6, 8) of each chunk of 8.
+  ids = np.array([24, 3, 11, 12, 0, 13, 14, 15, 21, 1])
+  reads, positions, num_chunks = chunks.split_layout(
+    ids, {0: (0, 10), 1: (10, 20), 2: (20, 25)}, {0: (0, 4), 1: (4, 6), 2: (6, 8)}
+  )
+  assert {p: r.tolist() for p, r in reads.items()} == {0: [1, 4, 9], 1: [2, 3, 5, 6, 7], 2: [0, 8]}
+  # Process 1's five ids need three chunks of its two rows; the others fit in the first.
+  assert num_chunks == 3
+  assert positions.tolist() == [6, 0, 4, 5, 1, 12, 13, 20, 7, 2]
+  with pytest.raises(ValueError, match=r"\[30\]"):
+    chunks.split_layout(np.array([30]), {0: (0, 25)}, {0: (0, 8)})
+
+
+def test_split_rows_come_back_in_the_order_of_their_ids(tmp_path):
+  pool = np.arange(23 * 2 * 2 * 3, dtype=np.uint8).reshape(23, 2, 2, 3)
+  np.save(tmp_path / "pool.npy", pool)
+  memmapped = np.load(tmp_path / "pool.npy", mmap_mode="r")
+  ids = np.array([7, 22, 0, 5, 5, 13, 8])
+  mesh = sharding.data_mesh(jax.devices()[:1])
+  split = chunks.SplitRows(memmapped, 0, len(pool), ids, mesh)
+  sums = jax.jit(lambda x: (x.reshape(len(x), -1).astype(np.int32).sum(1), x[:, 0, 0, 0]))
+  for chunk_size in (1, 3, 8):
+    total, first = chunks.map_chunks(sums, split, chunk_size)
+    np.testing.assert_array_equal(total, pool[ids].reshape(len(ids), -1).sum(1))
+    np.testing.assert_array_equal(first, pool[ids, 0, 0, 0])

@@ -55,3 +55,11 @@ def test_a_streamed_campaign_on_four_devices_is_the_replicated_one(four_device_r
   # data.stream: the labeled images alone, replicated over the devices, appended each round.
   replicated, streamed = (four_device_run["campaigns"][k]["rounds"] for k in ("False", "stream"))
   assert streamed == replicated
+
+
+def test_a_streamed_pool_split_by_rows_runs_the_same_campaign(four_device_run):
+  # data.stream with data.shard_pool: newly labeled images are read by the process holding
+  # them and gathered into the replicated cache; the query and the test set are split
+  # over the devices as each process reads them.
+  replicated, split = (four_device_run["campaigns"][k]["rounds"] for k in ("False", "split_stream"))
+  assert split == replicated
