@@ -31,7 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 32
   config.data.class_names = ()  # npz only: names for labels 0..C-1
   # Multi-host: each process loads only its devices' rows of the pool, which stays split
-  # by rows over the devices (batches are gathered with one all-reduce of their rows).
+  # by rows over the devices (batches are gathered with one all-reduce of their rows; the
+  # query reads each process's own rows for its devices). With stream: each process maps
+  # its own rows, and the devices cache the labeled images.
   config.data.shard_pool = False
   # Stream: the pool stays where it is (the npy route: on disk, memory-mapped); the devices
   # hold the labeled images alone (at most the final labeled set), and the query and the

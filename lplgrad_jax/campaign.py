@@ -432,9 +432,8 @@ class Campaign:
     """The data as loaded and the weights the model starts from (the run's first line,
     `launch.first_line`, gave the rest)."""
     d = self.dataset
-    data = (
-      f"{d.name}: {d.num_train} training / {len(d.y_test)} test images, {d.num_classes} classes"
-    )
+    data = f"{d.name}: {d.num_train} training / {len(d.y_test)} test images, {d.num_classes} "
+    data += f"classes{self.pool.describe()}"
     weights = pretrained.describe(self.config.model, d.num_classes)
     return f"{data}\n{weights}" if weights else data
 

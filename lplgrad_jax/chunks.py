@@ -56,43 +56,61 @@ def split_layout(ids: np.ndarray, pool_blocks: dict, chunk_blocks: dict):
 
 
 class SplitRows:
-  """The pool rows `ids` where each process holds rows [first_row, first_row + len(local))
-  of a pool of `pool_size` rows split over `mesh` (`sharding.pool_blocks`); `local` may be
-  memory-mapped, and only the rows of this process's own ids are read from it."""
+  """The pool rows `ids` where this process holds rows [first_row, first_row + len(local)) of a
+  pool split over `mesh` by rows, `pool_blocks` (process -> its (first, end) pool rows; see
+  `sharding.pool_blocks`); `local` may be memory-mapped, and only the rows of this process's
+  own ids are read from it."""
 
-  def __init__(self, local, first_row: int, pool_size: int, ids, mesh):
+  def __init__(self, local, first_row: int, ids, mesh, pool_blocks: dict):
     self.local, self.first_row, self.mesh = local, first_row, mesh
     self.ids = np.asarray(ids, np.int64)
-    self.pool_blocks = sharding.pool_blocks(mesh, pool_size)
+    self.pool_blocks = pool_blocks
     self.shape = (len(self.ids), *local.shape[1:])
     self.dtype = local.dtype
 
   @classmethod
   def of_whole(cls, images, mesh) -> SplitRows:
     """All of `images`, which every process holds (a test set), each reading its share."""
-    return cls(images, 0, len(images), np.arange(len(images)), mesh)
+    blocks = sharding.pool_blocks(mesh, len(images))
+    return cls(images, 0, np.arange(len(images)), mesh, blocks)
 
   def __len__(self) -> int:
     return len(self.ids)
 
   def chunks(self, chunk_size: int):
-    """(this process's blocks of the chunks, padded, for a read-ahead thread; each id's row in
-    the chunks laid end to end)."""
+    """`local_chunks` of this process, for chunks of `chunk_size` split over the mesh."""
     chunk_blocks = sharding.process_blocks(self.mesh, chunk_size)
+    return self.local_chunks(chunk_blocks, jax.process_index())
+
+  def local_chunks(self, chunk_blocks: dict, process: int):
+    """(`process`'s blocks of the chunks, padded, read as they are taken (on a read-ahead
+    thread); each id's row in the chunks laid end to end; the number of chunks), where
+    `chunk_blocks` gives each process's (first, end) rows of a chunk."""
     reads, positions, num_chunks = split_layout(self.ids, self.pool_blocks, chunk_blocks)
-    first, end = chunk_blocks[jax.process_index()]
-    own = self.ids[reads[jax.process_index()]] - self.first_row
+    own = local_rows(self.ids[reads[process]], self.first_row, len(self.local))
+    first, end = chunk_blocks[process]
     width = end - first
 
     def blocks():
       for c in range(num_chunks):
-        rows = Rows(self.local, own[c * width : (c + 1) * width])[:]
-        yield _padded(rows, width)
+        yield padded(Rows(self.local, own[c * width : (c + 1) * width])[:], width)
 
     return blocks(), positions, num_chunks
 
 
-def _padded(rows: np.ndarray, size: int) -> np.ndarray:
+def local_rows(ids: np.ndarray, first_row: int, num_local: int) -> np.ndarray:
+  """Where pool rows `ids` are among a process's rows [first_row, first_row + num_local)."""
+  rows = np.asarray(ids, np.int64) - first_row
+  if len(rows) and (rows.min() < 0 or rows.max() >= num_local):
+    raise ValueError(
+      f"ids {ids[(rows < 0) | (rows >= num_local)][:5].tolist()} are not among this process's "
+      f"rows [{first_row}, {first_row + num_local})"
+    )
+  return rows
+
+
+def padded(rows: np.ndarray, size: int) -> np.ndarray:
+  """`rows` followed by zero rows up to `size` rows, read into memory."""
   if isinstance(rows, np.memmap):  # read here, on the read-ahead thread
     rows = np.array(rows)
   if len(rows) == size:
@@ -100,13 +118,14 @@ def _padded(rows: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([rows, np.zeros((size - len(rows),) + rows.shape[1:], rows.dtype)])
 
 
-def _array_like(images) -> np.ndarray | Rows | SplitRows:
+def array_like(images) -> np.ndarray | Rows | SplitRows:
+  """`images` as an array, unless it is already rows read as they are taken."""
   return images if isinstance(images, (np.ndarray, Rows, SplitRows)) else np.asarray(images)
 
 
 def _whole_chunks(images, chunk_size: int) -> Iterator[np.ndarray]:
   for start in range(0, len(images), chunk_size):
-    yield _padded(images[start : start + chunk_size], chunk_size)
+    yield padded(images[start : start + chunk_size], chunk_size)
 
 
 def map_chunks(
@@ -119,7 +138,7 @@ def map_chunks(
   (`chunk_size` rounded up to a multiple of them). `SplitRows` carry their own mesh.
   progress: the description of a bar over the chunks ("": none).
   """
-  images = _array_like(images)
+  images = array_like(images)
   if isinstance(images, SplitRows):
     mesh, chunk_size = images.mesh, round_up(chunk_size, images.mesh.size)
     blocks, positions, num_chunks = images.chunks(chunk_size)
@@ -133,9 +152,18 @@ def map_chunks(
     positions = np.arange(len(images))
     place = (lambda chunk: chunk) if mesh is None else (lambda c: sharding.split_batch(c, mesh))
   pending, done = collections.deque(), []
-  bar = tqdm(prefetched(blocks), desc=progress, total=num_chunks, disable=not progress, leave=False)
+  bar = tqdm(
+    prefetched(blocks),
+    desc=progress,
+    unit="chunk",
+    total=num_chunks,
+    disable=not progress,
+    leave=False,
+  )
   for block in bar:
     pending.append(fn(place(block)))
+    if not all(x.is_fully_replicated for x in pending[-1] if isinstance(x, jax.Array)):
+      raise ValueError("map_chunks: fn must return its outputs on every device (replicated)")
     if len(pending) > _IN_FLIGHT:
       done.append(jax.device_get(pending.popleft()))
   done.extend(jax.device_get(out) for out in pending)

@@ -20,6 +20,9 @@ import numpy as np
 
 from lplgrad_jax import sharding
 from lplgrad_jax import train
+from lplgrad_jax.chunks import local_rows
+from lplgrad_jax.chunks import padded
+from lplgrad_jax.chunks import split_layout
 from lplgrad_jax.errors import ConfigError
 
 _APPEND_ROWS = 256  # images written into the cache per call (one compiled shape)
@@ -30,6 +33,7 @@ class WholePool:
 
   def __init__(self, dataset, normalization, mesh, *, shard: bool):
     images_and_labels = (dataset.x_train, dataset.y_train)
+    self.mesh, self.shard = mesh, shard
     if shard:
       images_and_labels = sharding.shard_rows(images_and_labels, dataset.num_train, mesh)
     else:
@@ -38,6 +42,9 @@ class WholePool:
 
   def rows(self, labeled_ids) -> np.ndarray:
     return np.asarray(labeled_ids, np.int32)
+
+  def describe(self) -> str:
+    return f"; the pool split by rows over {self.mesh.size} devices" if self.shard else ""
 
 
 class LabeledCache:
@@ -87,33 +94,32 @@ class LabeledCache:
     """(images, labels) of `ids` in `_APPEND_ROWS` rows (zeros after them), on every device."""
     if self.pool_blocks is None:
       return sharding.replicate(_rows(self.images, self.labels, ids, _APPEND_ROWS), self.mesh)
-    # Each process puts the ids it holds at the start of its block of a row-split array; one
-    # gather of `positions` from it gives every device the rows in the order of `ids`.
-    blocks = sharding.process_blocks(self.mesh, self.mesh.size * _APPEND_ROWS)
-    positions = np.zeros(_APPEND_ROWS, np.int32)
-    for process, (pool_first, pool_end) in self.pool_blocks.items():
-      held = np.flatnonzero((ids >= pool_first) & (ids < pool_end))
-      positions[held] = blocks[process][0] + np.arange(len(held))
-    pool_first, pool_end = self.pool_blocks[jax.process_index()]
-    own = ids[(ids >= pool_first) & (ids < pool_end)] - self.first_row
-    first, end = blocks[jax.process_index()]
-    local = _rows(self.images, self.labels, own, end - first)
+    # Each process puts the ids it holds at the start of its block of a row-split array (one
+    # chunk of `split_layout`: every block has room for them all); one gather of `positions`
+    # from it gives every device the rows in the order of `ids`.
+    size = self.mesh.size * _APPEND_ROWS
+    blocks = sharding.process_blocks(self.mesh, size)
+    reads, positions, _ = split_layout(ids, self.pool_blocks, blocks)
+    process = jax.process_index()
+    own = local_rows(ids[reads[process]], self.first_row, len(self.images))
+    first, end = blocks[process]
     split = jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(
-        sharding.batch_sharded(self.mesh), x, (self.mesh.size * _APPEND_ROWS, *x.shape[1:])
+        sharding.batch_sharded(self.mesh), x, (size, *x.shape[1:])
       ),
-      local,
+      _rows(self.images, self.labels, own, end - first),
     )
+    positions = padded(positions.astype(np.int32), _APPEND_ROWS)  # rows past `ids`: dropped
     return _gather_rows(split, sharding.replicate(positions, self.mesh), self.mesh)
+
+  def describe(self) -> str:
+    split = ", each process reading its own rows" if self.pool_blocks is not None else ""
+    return f"; streamed from disk, the devices caching the {self.capacity} labeled images{split}"
 
 
 def _rows(images, labels, ids: np.ndarray, size: int):
   """Host (images, labels) of `ids`, in `size` rows, zeros after them."""
-  out_images = np.zeros((size, *images.shape[1:]), images.dtype)
-  out_images[: len(ids)] = images[ids]
-  out_labels = np.zeros(size, np.int32)
-  out_labels[: len(ids)] = labels[ids]
-  return out_images, out_labels
+  return padded(images[ids], size), padded(np.asarray(labels[ids], np.int32), size)
 
 
 _gather_rows = jax.jit(sharding.gather_rows, static_argnames="mesh")

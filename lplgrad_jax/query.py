@@ -32,6 +32,7 @@ from lplgrad_jax import models
 from lplgrad_jax import pergrad
 from lplgrad_jax import sharding
 from lplgrad_jax.chunks import SplitRows
+from lplgrad_jax.chunks import array_like
 from lplgrad_jax.chunks import map_chunks
 from lplgrad_jax.data.rows import Rows
 from lplgrad_jax.errors import check_choice
@@ -87,7 +88,7 @@ def _outputs_on_split_chunks(mesh):
 
 
 def model_outputs(
-  learner: nnx.Module, images: np.ndarray | SplitRows, normalization, batch_size: int
+  learner: nnx.Module, images: np.ndarray | Rows | SplitRows, normalization, batch_size: int
 ) -> dict[str, np.ndarray]:
   """Inference-mode logits, penultimate `embedding` and `predicted_loss` of uint8 images.
 
@@ -291,8 +292,7 @@ def entropy_grad_norms(
   """
   check_choice(reduction, REDUCTIONS, "gradient-norm reduction")
   check_choice(method, METHODS, "gradient-norm method")
-  if not isinstance(images, (np.ndarray, SplitRows, Rows)):
-    images = np.asarray(images)
+  images = array_like(images)
   if images.dtype == np.uint8 and normalization is None:
     raise ValueError("uint8 images need normalization=(mean, std)")
   if not len(images):

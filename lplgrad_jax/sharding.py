@@ -10,7 +10,9 @@ process holds the same host copy, so each fills its own devices' shards.
 
 With `config.data.shard_pool` the pool is not replicated but split by rows
 over "data" (`shard_rows`; each process loads only the rows of its devices,
-`process_rows`), and batches are gathered from it by `gather_rows`.
+`process_rows`; every process's rows: `pool_blocks`), and batches are gathered
+from it by `gather_rows`. The query reads each process's own rows for its own
+devices (`chunks.SplitRows`), and so does a streamed pool's labeled cache.
 """
 
 from __future__ import annotations

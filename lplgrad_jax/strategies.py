@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from lplgrad_jax import query
+from lplgrad_jax import sharding
 from lplgrad_jax.chunks import SplitRows
 from lplgrad_jax.data import Dataset
 from lplgrad_jax.data.rows import Rows
@@ -50,8 +51,8 @@ class QueryContext:
     memory-mapped pool), or, where each process holds only its part of the pool
     (data.shard_pool), each process's own ones for its own devices."""
     if self.pool_split:
-      x = self.dataset
-      return SplitRows(x.x_train, x.first_row, x.num_train, ids, self.mesh)
+      x, mesh = self.dataset, self.mesh
+      return SplitRows(x.x_train, x.first_row, ids, mesh, sharding.pool_blocks(mesh, x.num_train))
     return lazy_rows(self.dataset.x_train, ids)
 
   def outputs(self, ids: np.ndarray) -> dict[str, np.ndarray]:

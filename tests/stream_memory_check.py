@@ -1,9 +1,10 @@
 """Run by test_npy_route.py in a subprocess: one round and one query of a campaign on the npy
-pool `root`, streamed or in memory, under an RLIMIT_DATA of `limit_mb` (0: none), the peak
-anonymous memory (RssAnon: not the page cache of the memory-mapped files) polled throughout.
+pool `root`, streamed or in memory, or on the .npz file `root` (read into memory), under an
+RLIMIT_DATA of `limit_mb` (0: none), the peak anonymous memory (RssAnon: not the page cache of
+the memory-mapped files) polled throughout.
 Prints one JSON line: {"completed", "error", "peak_rss_anon_mb"}.
 
-  python tests/stream_memory_check.py ROOT WORKDIR stream|memory LIMIT_MB
+  python tests/stream_memory_check.py ROOT WORKDIR stream|memory|npz LIMIT_MB
 """
 
 import json
@@ -36,7 +37,7 @@ try:
 
   config = tiny_config(
     **{
-      "data.source": "npy",
+      "data.source": "npz" if mode == "npz" else "npy",
       "data.root": root,
       "data.stream": mode == "stream",
       "data.image_size": 32,

@@ -156,11 +156,13 @@ def npy_pool(tmp_path_factory):
 
 
 # The pool: on every device ("replicated"); split by rows, each process loading only its part
-# ("split"; batches and query images gathered across the processes); split and streamed
+# ("split"; batches gathered across the processes, query and test images read by the process
+# holding them); split and streamed
 # ("split_streamed": each process reads its own rows from its memory-mapped part, for the
-# query and the training cache alike). CI runs the split ones; the replicated pool, kill -9
-# of both processes and SIGTERM to one (the two-process variant of test_resume's SIGTERM
-# test) run with `-m slow`.
+# query and the training cache alike: the most that crosses processes, batches gathered by the
+# same all-reduce as "split"'s). CI runs "split_streamed" (test_sharding runs the others on
+# four devices in one process); the other two, kill -9 of both processes and SIGTERM to one
+# (the two-process variant of test_resume's SIGTERM test) run with `-m slow`.
 _POOLS = {
   "replicated": [],
   "split": ["--config.data.shard_pool=True"],
@@ -170,7 +172,12 @@ _POOLS = {
 
 @pytest.mark.numerics
 @pytest.mark.parametrize(
-  "pool", [pytest.param("replicated", marks=pytest.mark.slow), "split", "split_streamed"]
+  "pool",
+  [
+    pytest.param("replicated", marks=pytest.mark.slow),
+    pytest.param("split", marks=pytest.mark.slow),
+    "split_streamed",
+  ],
 )
 def test_two_processes_equal_one_process_with_four_devices(
   pool, one_process_four_devices, request, tmp_path
@@ -189,6 +196,9 @@ def test_two_processes_equal_one_process_with_four_devices(
   assert results["rounds"][0]["test_accuracy"] == pytest.approx(
     single["rounds"][0]["test_accuracy"], abs=0.01
   )
+  if pool != "replicated":
+    cache = "streamed from disk" if pool == "split_streamed" else "split by rows over 4 devices"
+    assert cache in outputs[0]
   # Process 0 reports; process 1 prints no progress of its own.
   assert "round 2/2" in outputs[0] and "in 2 processes" in outputs[0]
   assert not [line for line in outputs[1].splitlines() if line.startswith("round")]

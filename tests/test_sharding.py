@@ -19,7 +19,7 @@ def four_device_run(tmp_path_factory):
   script = os.path.join(REPO_ROOT, "tests", "sharded_checks.py")
   proc = run_cli(script, str(tmp_path_factory.mktemp("four")), env=env, timeout=900, module=None)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return dict(json.loads(proc.stdout.strip().splitlines()[-1]), log=proc.stdout)
 
 
 @pytest.mark.parametrize("method", ["fast", "vmap"])
@@ -45,8 +45,9 @@ def test_rows_gathered_from_a_pool_split_over_devices(four_device_run):
 
 
 def test_a_pool_split_by_rows_runs_the_same_campaign(four_device_run):
-  # data.shard_pool: each device holds a quarter of the pool; batches and query images
-  # are gathered from the shards, the channel statistics summed over them.
+  # data.shard_pool: each device holds a quarter of the pool; batches are gathered from the
+  # shards, the query and test images split over the devices as each process reads them, the
+  # channel statistics summed over the shards.
   replicated, split = (four_device_run["campaigns"][k]["rounds"] for k in ("False", "True"))
   assert split == replicated
 
@@ -63,3 +64,7 @@ def test_a_streamed_pool_split_by_rows_runs_the_same_campaign(four_device_run):
   # over the devices as each process reads them.
   replicated, split = (four_device_run["campaigns"][k]["rounds"] for k in ("False", "split_stream"))
   assert split == replicated
+  assert (
+    "streamed from disk, the devices caching the 30 labeled images, each process reading"
+    in (four_device_run["log"])
+  )

@@ -1,9 +1,9 @@
 """Rows of a pool by id, read from disk a chunk at a time, and reading ahead of their use.
 
 A memory-mapped pool (the npy route) is never read whole: `Rows(pool, ids)` is the images of
-`ids` as an array-like whose slices are read when taken (what the query's chunked scorers and
-`query.model_outputs` take), and `prefetched` reads the next chunks on a host thread while the
-devices compute on the current one.
+`ids` as an array-like whose slices are read when taken (what `chunks.map_chunks` takes for
+the query and the evaluation), and `prefetched` reads the next chunks on a host thread while
+the devices compute on the current one.
 """
 
 from __future__ import annotations
