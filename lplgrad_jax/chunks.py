@@ -100,7 +100,8 @@ class SplitRows:
 
 def local_rows(ids: np.ndarray, first_row: int, num_local: int) -> np.ndarray:
   """Where pool rows `ids` are among a process's rows [first_row, first_row + num_local)."""
-  rows = np.asarray(ids, np.int64) - first_row
+  ids = np.asarray(ids, np.int64)
+  rows = ids - first_row
   if len(rows) and (rows.min() < 0 or rows.max() >= num_local):
     raise ValueError(
       f"ids {ids[(rows < 0) | (rows >= num_local)][:5].tolist()} are not among this process's "
@@ -126,6 +127,11 @@ def array_like(images) -> np.ndarray | Rows | SplitRows:
 def _whole_chunks(images, chunk_size: int) -> Iterator[np.ndarray]:
   for start in range(0, len(images), chunk_size):
     yield padded(images[start : start + chunk_size], chunk_size)
+
+
+def _readable_here(x) -> bool:
+  """Whether this process can read all of `x` (a host array, or all of its shards here)."""
+  return not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated
 
 
 def map_chunks(
@@ -162,7 +168,7 @@ def map_chunks(
   )
   for block in bar:
     pending.append(fn(place(block)))
-    if not all(x.is_fully_replicated for x in pending[-1] if isinstance(x, jax.Array)):
+    if not all(_readable_here(x) for x in pending[-1]):
       raise ValueError("map_chunks: fn must return its outputs on every device (replicated)")
     if len(pending) > _IN_FLIGHT:
       done.append(jax.device_get(pending.popleft()))

@@ -17,6 +17,7 @@ from lplgrad_jax import query
 from lplgrad_jax import strategies
 from lplgrad_jax import train
 from lplgrad_jax.configs import default
+from lplgrad_jax.data.dataset import normalization_in_effect
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import check_choice
 from lplgrad_jax.linear_probe import TRAIN_MODES
@@ -198,10 +199,10 @@ def check_budgets(al_config, pool_size: int, initial_size: int | None = None) ->
 def _resolved(flat: dict) -> dict:
   """`flat` with the settings whose unset or automatic value depends on others resolved."""
   weights = bool(flat.get("model.pretrained"))
-  if flat.get("data.normalization") == "auto" and not weights:
-    flat["data.normalization"] = "fixed"
-  if flat.get("train.reinit_each_round") is None:
-    flat["train.reinit_each_round"] = weights
+  flat["data.normalization"] = normalization_in_effect(flat.get("data.normalization"), weights)
+  flat["train.reinit_each_round"] = optimizer.reinit_choice(
+    flat.get("train.reinit_each_round"), weights
+  )
   return flat
 
 

@@ -44,7 +44,8 @@ class WholePool:
     return np.asarray(labeled_ids, np.int32)
 
   def describe(self) -> str:
-    return f"; the pool split by rows over {self.mesh.size} devices" if self.shard else ""
+    devices = f"{self.mesh.size} device" + ("s" if self.mesh.size > 1 else "")
+    return f"; the pool split by rows over {devices}" if self.shard else ""
 
 
 class LabeledCache:
@@ -113,8 +114,10 @@ class LabeledCache:
     return _gather_rows(split, sharding.replicate(positions, self.mesh), self.mesh)
 
   def describe(self) -> str:
+    where = "on disk" if isinstance(self.images, np.memmap) else "in host memory"
     split = ", each process reading its own rows" if self.pool_blocks is not None else ""
-    return f"; streamed from disk, the devices caching the {self.capacity} labeled images{split}"
+    cache = f"the devices cache up to {self.capacity} labeled rows"
+    return f"; stream mode: the pool stays {where}, {cache}{split}"
 
 
 def _rows(images, labels, ids: np.ndarray, size: int):

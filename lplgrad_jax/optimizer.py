@@ -9,6 +9,7 @@ from typing import NamedTuple
 import jax
 import optax
 
+from lplgrad_jax.data.dataset import normalization_in_effect
 from lplgrad_jax.errors import check_choice
 
 
@@ -105,19 +106,23 @@ def reinit_each_round(config) -> bool:
   """`train.reinit_each_round`; unset, each round starts afresh from pretrained weights where
   there are such weights (model.pretrained: the convention of AL on pretrained backbones) and
   warm from the last round's weights otherwise (the authors' code)."""
-  choice = config.train.reinit_each_round
-  return bool(config.model.pretrained) if choice is None else bool(choice)
+  return reinit_choice(config.train.reinit_each_round, bool(config.model.pretrained))
+
+
+def reinit_choice(choice: bool | None, has_weights: bool) -> bool:
+  """What `train.reinit_each_round` = `choice` means for a model with or without pretrained
+  weights (see `reinit_each_round`)."""
+  return has_weights if choice is None else bool(choice)
 
 
 def recipe_summary(config) -> str:
   """One line naming the choices where the authors' code and the alternatives differ."""
   data, model, tc = config.data, config.model, config.train
-  if data.normalization == "pool":
-    norm = "pool statistics"
-  elif data.normalization == "auto" and model.get("pretrained"):
-    norm = "the pretrained weights' statistics"
-  else:
-    norm = f"fixed mean {tuple(data.mean)} std {tuple(data.std)}"
+  norm = {
+    "pool": "pool statistics",
+    "weights": "the pretrained weights' statistics",
+    "fixed": f"fixed mean {tuple(data.mean)} std {tuple(data.std)}",
+  }[normalization_in_effect(data.normalization, bool(model.get("pretrained")))]
   backbone = tc.get("backbone_learning_rate")
   lr = f"{tc.learning_rate}" + ("" if backbone is None else f" (backbone {backbone})")
   return (

@@ -197,7 +197,7 @@ def test_two_processes_equal_one_process_with_four_devices(
     single["rounds"][0]["test_accuracy"], abs=0.01
   )
   if pool != "replicated":
-    cache = "streamed from disk" if pool == "split_streamed" else "split by rows over 4 devices"
+    cache = "the pool stays on disk" if pool == "split_streamed" else "split by rows over 4 devices"
     assert cache in outputs[0]
   # Process 0 reports; process 1 prints no progress of its own.
   assert "round 2/2" in outputs[0] and "in 2 processes" in outputs[0]

@@ -64,7 +64,5 @@ def test_a_streamed_pool_split_by_rows_runs_the_same_campaign(four_device_run):
   # over the devices as each process reads them.
   replicated, split = (four_device_run["campaigns"][k]["rounds"] for k in ("False", "split_stream"))
   assert split == replicated
-  assert (
-    "streamed from disk, the devices caching the 30 labeled images, each process reading"
-    in (four_device_run["log"])
-  )
+  described = "the pool stays in host memory, the devices cache up to 30 labeled rows, each"
+  assert f"stream mode: {described} process reading its own rows" in four_device_run["log"]

@@ -138,6 +138,14 @@ def keep_rows(dataset: Dataset, rows: RowRange | None) -> Dataset:
   )
 
 
+def normalization_in_effect(choice: str, has_weights: bool) -> str:
+  """`data.normalization` = `choice` as it applies: "auto" is the pretrained weights' own
+  statistics ("weights") where there are weights, "fixed" otherwise."""
+  if choice == "auto":
+    return "weights" if has_weights else "fixed"
+  return choice
+
+
 def input_normalization(
   data_config, dataset: Dataset, weights_normalization: tuple | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -147,9 +155,10 @@ def input_normalization(
   "auto": `weights_normalization`, the (mean, std) of pretrained weights, where given.
   """
   choice = check_choice(data_config.normalization, NORMALIZATIONS, "data.normalization")
-  if choice == "auto" and weights_normalization is not None:
+  choice = normalization_in_effect(choice, weights_normalization is not None)
+  if choice == "weights":
     return tuple(np.asarray(v, np.float32) for v in weights_normalization)
-  if choice in ("auto", "fixed"):
+  if choice == "fixed":
     mean, std = (np.asarray(data_config[k], np.float32) for k in ("mean", "std"))
     if not valid_statistics(mean, std):
       raise ConfigError(
