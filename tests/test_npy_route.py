@@ -294,11 +294,14 @@ def _sparse_npy(path, shape, dtype=np.uint8):
     f.truncate(f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
 
 
+_IN_ZIP64_EXTRA = 2**32 - 1  # a size or offset that the entry's ZIP64 extra field holds
+
+
 def _sparse_npz(path, arrays: dict):
   """An uncompressed .npz (ZIP64) of `arrays`, where an entry given as a shape is uint8 zeros
   that take no disk: its .npy header, then a hole. What np.savez would write, byte for byte
-  in the members, without writing the zeros."""
-  entries, zeros = [], bytes(256 << 20)
+  in the members, without writing the zeros. (Zip format: PKWARE's APPNOTE, 4.3 and 4.5.3.)"""
+  entries, zeros, big = [], bytes(256 << 20), _IN_ZIP64_EXTRA
   with open(path, "wb") as f:
     for name, array in arrays.items():
       header = io.BytesIO()
@@ -313,78 +316,24 @@ def _sparse_npz(path, arrays: dict):
       for start in range(0, hole, len(zeros)):
         crc = zlib.crc32(zeros[: min(len(zeros), hole - start)], crc)
       size, offset, name = len(body) + hole, f.tell(), f"{name}.npy".encode()
-      extra = struct.pack("<HHQQ", 1, 16, size, size)  # ZIP64: sizes
-      f.write(
-        struct.pack(
-          "<IHHHHHIIIHH",
-          0x04034B50,
-          45,
-          0,
-          0,
-          0,
-          0x21,
-          crc,
-          2**32 - 1,
-          2**32 - 1,
-          len(name),
-          len(extra),
-        )
-        + name
-        + extra
-        + body
-      )
+      extra = struct.pack("<HHQQ", 1, 16, size, size)
+      # Local header: signature, version, flags, stored, time, date, CRC, sizes, name, extra.
+      local = (0x04034B50, 45, 0, 0, 0, 0x21, crc, big, big, len(name), len(extra))
+      f.write(struct.pack("<IHHHHHIIIHH", *local) + name + extra + body)
       f.truncate(f.tell() + hole)
       f.seek(0, os.SEEK_END)
       entries.append((name, crc, size, offset))
     directory = f.tell()
     for name, crc, size, offset in entries:
       extra = struct.pack("<HHQQQ", 1, 24, size, size, offset)
-      f.write(
-        struct.pack(
-          "<IHHHHHHIIIHHHHHII",
-          0x02014B50,
-          45,
-          45,
-          0,
-          0,
-          0,
-          0x21,
-          crc,
-          2**32 - 1,
-          2**32 - 1,
-          len(name),
-          len(extra),
-          0,
-          0,
-          0,
-          0,
-          2**32 - 1,
-        )
-        + name
-        + extra
-      )
-    end = f.tell()
-    f.write(
-      struct.pack(
-        "<IQHHIIQQQQ",
-        0x06064B50,
-        44,
-        45,
-        45,
-        0,
-        0,
-        len(entries),
-        len(entries),
-        end - directory,
-        directory,
-      )
-    )
-    f.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))
-    f.write(
-      struct.pack(
-        "<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), 2**32 - 1, 2**32 - 1, 0
-      )
-    )
+      # Central header: the local one's fields, then comment, disk, attributes, offset.
+      central = (0x02014B50, 45, 45, 0, 0, 0, 0x21, crc, big, big, len(name), len(extra))
+      f.write(struct.pack("<IHHHHHHIIIHHHHHII", *central, 0, 0, 0, 0, big) + name + extra)
+    end, count = f.tell(), len(entries)
+    zip64_end = (0x06064B50, 44, 45, 45, 0, 0, count, count, end - directory, directory)
+    f.write(struct.pack("<IQHHIIQQQQ", *zip64_end))
+    f.write(struct.pack("<IIQI", 0x07064B50, 0, end, 1))  # where the ZIP64 end record is
+    f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, big, big, 0))
 
 
 LIMIT_MB = 2048  # RLIMIT_DATA of the streamed run: a quarter of the pool
