@@ -41,6 +41,7 @@ from lplgrad_jax.checkpoint import Checkpointer
 from lplgrad_jax.data import Dataset
 from lplgrad_jax.data import input_normalization
 from lplgrad_jax.data import load_dataset
+from lplgrad_jax.data.rows import padded
 from lplgrad_jax.distributed import say
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.errors import Diverged
@@ -234,8 +235,8 @@ class Campaign:
     """
     s, cfg, tc = self.state, self.step_config, self.config.train
     labeled = s.labeled
-    padded_ids = np.zeros(cfg.steps_per_epoch * cfg.batch_size, np.int32)
-    padded_ids[: len(labeled)] = self.pool.rows(labeled)  # stream mode: new images cached
+    # Stream mode: the newly labeled images are cached here.
+    padded_ids = padded(self.pool.rows(labeled), cfg.steps_per_epoch * cfg.batch_size)
     padded_ids = sharding.replicate(padded_ids, self.mesh)
     epochs = tqdm(
       range(s.epoch, tc.epochs),

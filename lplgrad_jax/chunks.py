@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from lplgrad_jax import sharding
 from lplgrad_jax.data.rows import Rows
+from lplgrad_jax.data.rows import padded
 from lplgrad_jax.data.rows import prefetched
 from lplgrad_jax.utils import ceil_div
 from lplgrad_jax.utils import round_up
@@ -108,15 +109,6 @@ def local_rows(ids: np.ndarray, first_row: int, num_local: int) -> np.ndarray:
       f"rows [{first_row}, {first_row + num_local})"
     )
   return rows
-
-
-def padded(rows: np.ndarray, size: int) -> np.ndarray:
-  """`rows` followed by zero rows up to `size` rows, read into memory."""
-  if isinstance(rows, np.memmap):  # read here, on the read-ahead thread
-    rows = np.array(rows)
-  if len(rows) == size:
-    return rows
-  return np.concatenate([rows, np.zeros((size - len(rows),) + rows.shape[1:], rows.dtype)])
 
 
 def array_like(images) -> np.ndarray | Rows | SplitRows:

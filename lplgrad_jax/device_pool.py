@@ -21,8 +21,8 @@ import numpy as np
 from lplgrad_jax import sharding
 from lplgrad_jax import train
 from lplgrad_jax.chunks import local_rows
-from lplgrad_jax.chunks import padded
 from lplgrad_jax.chunks import split_layout
+from lplgrad_jax.data.rows import padded
 from lplgrad_jax.errors import ConfigError
 
 _APPEND_ROWS = 256  # images written into the cache per call (one compiled shape)

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from lplgrad_jax.data import rows
 from lplgrad_jax.errors import ConfigError
 from lplgrad_jax.utils import round_up
 
@@ -106,14 +107,13 @@ def process_rows(mesh: Mesh):
 def shard_rows(tree, num_rows: int, mesh: Mesh):
   """Global arrays of `num_rows` (padded to a multiple of the devices) split by rows over
   "data", from each process's own rows (`process_rows(mesh)`) of every array of `tree`."""
-  padded = _padded_rows(num_rows, mesh)
-  start, end = process_rows(mesh)(padded)
+  num_padded = _padded_rows(num_rows, mesh)
+  start, end = process_rows(mesh)(num_padded)
 
   def put(local):
     local = np.asarray(local)
-    filler = np.zeros((end - start - len(local),) + local.shape[1:], local.dtype)
     return jax.make_array_from_process_local_data(
-      batch_sharded(mesh), np.concatenate([local, filler]), (padded,) + local.shape[1:]
+      batch_sharded(mesh), rows.padded(local, end - start), (num_padded,) + local.shape[1:]
     )
 
   return jax.tree.map(put, tree)

@@ -3,7 +3,8 @@
 A memory-mapped pool (the npy route) is never read whole: `Rows(pool, ids)` is the images of
 `ids` as an array-like whose slices are read when taken (what `chunks.map_chunks` takes for
 the query and the evaluation), and `prefetched` reads the next chunks on a host thread while
-the devices compute on the current one.
+the devices compute on the current one; `padded` fills a block of rows with zeros up to its
+compiled size.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ class Rows:
     rows = np.empty((len(ids), *self.shape[1:]), self.dtype)
     rows[ascending] = self.array[ids[ascending]]
     return rows
+
+
+def padded(rows: np.ndarray, size: int) -> np.ndarray:
+  """`rows` followed by zero rows up to `size` rows, read into memory (a memory-mapped slice
+  is read here: on the read-ahead thread, where chunks are made)."""
+  if isinstance(rows, np.memmap):
+    rows = np.array(rows)
+  if len(rows) == size:
+    return rows
+  return np.concatenate([rows, np.zeros((size - len(rows),) + rows.shape[1:], rows.dtype)])
 
 
 def lazy_rows(array: np.ndarray, ids) -> np.ndarray | Rows:
