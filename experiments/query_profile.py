@@ -1,21 +1,28 @@
 """Where the fast query's time goes, layer by layer, against what a plain backward pays.
 
-  python experiments/query_profile.py --width=16 --batch=128 \
-      --out=experiments/results/query_profile_w16_b128.json
+  python experiments/query_profile.py --width=64 --batch=64 \
+      --out=experiments/results/query_profile_w64_b64_loop.json
+  python experiments/query_profile.py --width=16,32,64 --batch=32,64,128 --nolayers \
+      --out=experiments/results/query_grid.json
 
 The query ("fast", pergrad) costs a forward pass, a backward pass to every layer's output,
 and per layer and example the squared norm of that example's kernel gradient. A plain
 forward+backward (bench.py's floor) pays the same passes and, instead of the per-example
-norms, one weight gradient per layer summed over the batch. This script times, for every
-convolution shape of a CIFAR ResNet-18 of --width at --batch images, both of those last
+norms, one weight gradient per layer summed over the batch. For every convolution shape of a
+CIFAR ResNet-18 of each width at each batch (--layers), this script times both of those last
 parts in isolation on random inputs: `pergrad`'s per-example squared norm (the route it
-chooses: per-offset products or the Gram form) and the batch weight gradient, and also the
-whole model: floor, the query's passes without the norms, and the whole query.
+chooses: per-offset products or the Gram form), over the whole batch at once and in the CPU's
+steps of `pergrad.CPU_EXAMPLES_PER_STEP` examples, and the batch weight gradient; where the
+route is the products, both do the same multiply-adds, so their rates compare the two ways of
+running them. For the whole model it times the floor, the query's passes without the norms,
+and the whole query with its norms taken both ways (the whole batch at once is what pergrad
+did on every platform before 2026-12-07).
 """
 
 import json
 import os
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +43,9 @@ from lplgrad_jax.pergrad import ghost_norm  # noqa: E402
 from lplgrad_jax.pergrad import layer_rules  # noqa: E402
 from lplgrad_jax.pergrad import passes  # noqa: E402
 
-_WIDTH = flags.DEFINE_integer("width", 16, "ResNet-18 width.")
-_BATCH = flags.DEFINE_integer("batch", 128, "Images per call.")
+_WIDTHS = flags.DEFINE_list("width", ["16"], "ResNet-18 width, or widths (a grid with --batch).")
+_BATCHES = flags.DEFINE_list("batch", ["128"], "Images per call, or several.")
+_LAYERS = flags.DEFINE_bool("layers", True, "Also time every convolution shape on its own.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per measurement (median).")
 _OUT = flags.DEFINE_string("out", None, "JSON path (a .md table is written beside it).")
 
@@ -52,18 +60,29 @@ def _conv_shapes(width):
   return shapes
 
 
+def _whole_batch_at_once():
+  """While tracing, pergrad takes its norms over the whole batch at once on the CPU too (its
+  branch for accelerators): the query as it was before the CPU's loop."""
+  return mock.patch.object(jax.lax, "platform_dependent", lambda *a, default, **_: default(*a))
+
+
 def _layer_row(side, c_in, c_out, kernel, stride, count, n):
   conv = nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, use_bias=False, rngs=nnx.Rngs(0))
   key = jax.random.key(side * c_in + kernel)
   x = jax.random.normal(key, (n, side, side, c_in))
   g = jax.random.normal(key, (n, side // stride, side // stride, c_out))
 
+  def norm(xi, gi):
+    rule = layer_rules.closed_form(conv, nnx.Conv.__call__, (xi[None],), {}, gi[None])
+    return ghost_norm.squared_norm([rule["kernel"]])
+
   @jax.jit
-  def per_example(x, g):
-    norm = lambda xi, gi: ghost_norm.squared_norm(
-      [layer_rules.closed_form(conv, nnx.Conv.__call__, (xi[None],), {}, gi[None])["kernel"]]
-    )
+  def whole_batch(x, g):
     return jax.vmap(norm)(x, g)
+
+  @jax.jit
+  def cpu_steps(x, g):
+    return jax.lax.map(lambda a: norm(*a), (x, g), batch_size=pergrad.CPU_EXAMPLES_PER_STEP)
 
   @jax.jit
   def batch_weight_gradient(x, g):
@@ -74,15 +93,20 @@ def _layer_row(side, c_in, c_out, kernel, stride, count, n):
       conv.kernel[...],
     )[1](g)[0]
 
-  gram = pergrad.gram_is_cheaper((side // stride) ** 2, kernel * kernel * c_in, c_out)
+  tokens = (side // stride) ** 2
+  gram = pergrad.gram_is_cheaper(tokens, kernel * kernel * c_in, c_out)
+  calls = {
+    "per_example_whole_batch_ms": (whole_batch, (x, g)),
+    "per_example_cpu_steps_ms": (cpu_steps, (x, g)),
+    "batch_weight_gradient_ms": (batch_weight_gradient, (x, g)),
+  }
   return {
     "layer": f"{side}x{side} {c_in}->{c_out} k{kernel} s{stride}",
     "count": count,
     "route": "Gram" if gram else "per-offset products",
-    "per_example_norms_ms": measure.median_ms(per_example, x, g, rounds=_REPEATS.value),
-    "batch_weight_gradient_ms": measure.median_ms(
-      batch_weight_gradient, x, g, rounds=_REPEATS.value
-    ),
+    # The products' and the batch weight gradient's multiply-adds, x2 for flops.
+    "gflop": 2 * n * tokens * kernel * kernel * c_in * c_out / 1e9,
+    **measure.interleaved_median_ms(calls, _REPEATS.value),
   }
 
 
@@ -105,50 +129,83 @@ def _model_row(width, n):
     model = nnx.merge(graphdef, params, rest)
     return passes.batched_pass(model, plan, x, entropy)[:2]
 
-  @jax.jit
   def scores(params, rest, x):
     return pergrad.squared_norms(graphdef, params, rest, x, entropy)
 
+  args = (params, rest, x)
+  with _whole_batch_at_once():  # its own function: jit must not reuse this trace for "query"
+    whole_batch = jax.jit(lambda *a: scores(*a)).lower(*args).compile()
+  assert "while" not in whole_batch.as_text()
   # Interleaved, one call of each per round: this machine's speed drifts between minutes.
-  programs = {"floor": floor, "query_passes": capture_pass, "query": scores}
-  calls = {name: (fn, (params, rest, x)) for name, fn in programs.items()}
-  return measure.interleaved_median_ms(calls, _REPEATS.value)
+  programs = {
+    "floor": floor,
+    "query_passes": capture_pass,
+    "query": jax.jit(scores),
+    "query_whole_batch": whole_batch,
+  }
+  calls = {name: (fn, args) for name, fn in programs.items()}
+  return {"width": width, "batch": n, **measure.interleaved_median_ms(calls, _REPEATS.value)}
+
+
+def _layer_lines(layers) -> list[str]:
+  lines = [
+    "| convolution | count | route | per-example norms, whole batch | in steps of "
+    f"{pergrad.CPU_EXAMPLES_PER_STEP} | batch weight gradient | steps / weight gradient | "
+    "GFLOP/s: steps, weight gradient |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in layers:
+    steps, wgrad = r["per_example_cpu_steps_ms"], r["batch_weight_gradient_ms"]
+    rates = f"{r['gflop'] / steps * 1e3:.0f}, " if r["route"] != "Gram" else "(Gram), "
+    lines.append(
+      f"| {r['layer']} | {r['count']} | {r['route']} | {r['per_example_whole_batch_ms']:.2f} | "
+      f"{steps:.2f} | {wgrad:.2f} | {steps / wgrad:.1f}x | {rates}{r['gflop'] / wgrad * 1e3:.0f} |"
+    )
+  return lines
+
+
+def _model_lines(models_ms) -> list[str]:
+  lines = [
+    "| width | batch | floor | query passes | query, norms in steps (now on the CPU) | "
+    "query, norms over the whole batch (before) | floor / query: now, before |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for m in models_ms:
+    lines.append(
+      f"| {m['width']} | {m['batch']} | {m['floor']:.1f} | {m['query_passes']:.1f} | "
+      f"{m['query']:.1f} | {m['query_whole_batch']:.1f} | {m['floor'] / m['query']:.2f}x, "
+      f"{m['floor'] / m['query_whole_batch']:.2f}x |"
+    )
+  return lines
 
 
 def _markdown(result) -> str:
-  model = result["model_ms"]
   lines = [
-    f"Machine: {result['machine']}. ResNet-18 width {result['width']}, batch {result['batch']}, "
-    f"median of {result['repeats']} calls (the whole-model ones interleaved), milliseconds.",
+    f"Machine: {result['machine']}. Median of {result['repeats']} calls, interleaved, "
+    "milliseconds. Whole model: the floor is a forward+backward with weight gradients; the "
+    "query's passes are its forward+backward to every layer's output, without weight gradients.",
     "",
-    f"Whole model: floor (forward+backward with weight gradients) {model['floor']:.1f}; query "
-    f"passes (forward+backward to every layer's output, no weight gradients) "
-    f"{model['query_passes']:.1f}; whole query {model['query']:.1f}. So the per-example norms "
-    f"cost {model['query'] - model['query_passes']:.1f} where the floor's weight gradients cost "
-    f"{model['floor'] - model['query_passes']:.1f}.",
-    "",
-    "| convolution | count | route | per-example norms | batch weight gradient | ratio |",
-    "|---|---|---|---|---|---|",
+    *_model_lines(result["models"]),
   ]
-  for r in result["layers"]:
-    lines.append(
-      f"| {r['layer']} | {r['count']} | {r['route']} | {r['per_example_norms_ms']:.2f} | "
-      f"{r['batch_weight_gradient_ms']:.2f} | "
-      f"{r['per_example_norms_ms'] / r['batch_weight_gradient_ms']:.1f}x |"
-    )
+  for shape in result["layers"]:
+    lines += ["", f"Width {shape['width']}, batch {shape['batch']}, each convolution:", ""]
+    lines += _layer_lines(shape["rows"])
   return "\n".join(lines) + "\n"
 
 
 def main(_):
-  n, width = _BATCH.value, _WIDTH.value
+  shapes = [(int(w), int(n)) for w in _WIDTHS.value for n in _BATCHES.value]
+  layers = []
+  if _LAYERS.value:
+    for width, n in shapes:
+      rows = [_layer_row(*shape, n) for shape in _conv_shapes(width)]
+      layers.append({"width": width, "batch": n, "rows": rows})
   result = {
     "machine": f"{reporting.cpu_description()}, jax {jax.__version__}",
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    "width": width,
-    "batch": n,
     "repeats": _REPEATS.value,
-    "layers": [_layer_row(*shape, n) for shape in _conv_shapes(width)],
-    "model_ms": _model_row(width, n),
+    "models": [_model_row(width, n) for width, n in shapes],
+    "layers": layers,
   }
   text = _markdown(result)
   print(text)
