@@ -41,6 +41,24 @@ def interleaved_median_ms(calls: dict, rounds: int) -> dict:
   return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
+def in_steps(fn, k: int):
+  """(x, g) -> fn over the examples k at a time (`jax.lax.map`), as pergrad runs on the CPU."""
+  import jax
+
+  return lambda x, g: jax.lax.map(lambda pair: fn(*pair), (x, g), batch_size=k)
+
+
+def write_result(out: str, result: dict, text: str) -> None:
+  """`result` as strict JSON at `out`, `text` (its markdown) beside it."""
+  import json
+  import os
+
+  with open(out, "w") as f:
+    json.dump(result, f, indent=1, allow_nan=False)
+  with open(os.path.splitext(out)[0] + ".md", "w") as f:
+    f.write(text)
+
+
 def median_ms(fn, *args, rounds: int) -> float:
   """The median milliseconds of `rounds` calls of `fn(*args)`, after one call."""
   return interleaved_median_ms({"": (fn, args)}, rounds)[""]

@@ -12,7 +12,6 @@ is the rate to match. Interleaved rounds, medians, milliseconds.
 """
 
 import functools
-import json
 import os
 import sys
 
@@ -44,7 +43,7 @@ def _shifted(x):
   return [padded[i : i + side, j : j + side].reshape(side * side, -1) for i, j in offsets]
 
 
-def _per_offset(x, g):  # pergrad's route: nine (C, O) products
+def _per_offset(x, g):  # the products of pergrad's layer rule, written out: nine (C, O)
   g = g.reshape(-1, g.shape[-1])
   return sum(jnp.sum(jnp.square(_dot("tp,to->po", a, g))) for a in _shifted(x))
 
@@ -70,7 +69,7 @@ def _grouped(x, g):
 
 
 def _forms():
-  steps = lambda form, k: lambda x, g: jax.lax.map(lambda a: form(*a), (x, g), batch_size=k)
+  steps = measure.in_steps
   forms = {"per-offset, whole batch (vmap)": jax.vmap(_per_offset)}
   forms |= {f"per-offset, steps of {k}": steps(_per_offset, k) for k in (1, 2, 4, 8)}
   forms |= {f"concatenated, steps of {k}": steps(_concatenated, k) for k in (2, 4)}
@@ -122,10 +121,7 @@ def main(_):
   text = "\n".join(lines) + "\n"
   print(text)
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=1, allow_nan=False)
-    with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
-      f.write(text)
+    measure.write_result(_OUT.value, result, text)
 
 
 if __name__ == "__main__":

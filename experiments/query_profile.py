@@ -1,9 +1,11 @@
 """Where the fast query's time goes, layer by layer, against what a plain backward pays.
 
   python experiments/query_profile.py --width=64 --batch=64 \
-      --out=experiments/results/query_profile_w64_b64_loop.json
+      --out=experiments/results/query_profile_w64_b64_loop_intel.json
   python experiments/query_profile.py --width=16,32,64 --batch=32,64,128 --nolayers \
-      --out=experiments/results/query_grid.json
+      --out=experiments/results/query_grid_intel.json
+  python experiments/query_profile.py --width=16,64 --batch=32,128 --nolayers --steps=1,2,4,8 \
+      --out=experiments/results/query_steps_intel.json
 
 The query ("fast", pergrad) costs a forward pass, a backward pass to every layer's output,
 and per layer and example the squared norm of that example's kernel gradient. A plain
@@ -16,10 +18,9 @@ steps of `pergrad.CPU_EXAMPLES_PER_STEP` examples, and the batch weight gradient
 route is the products, both do the same multiply-adds, so their rates compare the two ways of
 running them. For the whole model it times the floor, the query's passes without the norms,
 and the whole query with its norms taken both ways (the whole batch at once is what pergrad
-did on every platform before 2026-12-07).
+did on every platform before 2026-12-07), and with --steps at other numbers of images per step.
 """
 
-import json
 import os
 import sys
 from unittest import mock
@@ -45,6 +46,7 @@ from lplgrad_jax.pergrad import passes  # noqa: E402
 
 _WIDTHS = flags.DEFINE_list("width", ["16"], "ResNet-18 width, or widths (a grid with --batch).")
 _BATCHES = flags.DEFINE_list("batch", ["128"], "Images per call, or several.")
+_STEPS = flags.DEFINE_list("steps", [], "Also time the whole query at these images per CPU step.")
 _LAYERS = flags.DEFINE_bool("layers", True, "Also time every convolution shape on its own.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per measurement (median).")
 _OUT = flags.DEFINE_string("out", None, "JSON path (a .md table is written beside it).")
@@ -80,9 +82,7 @@ def _layer_row(side, c_in, c_out, kernel, stride, count, n):
   def whole_batch(x, g):
     return jax.vmap(norm)(x, g)
 
-  @jax.jit
-  def cpu_steps(x, g):
-    return jax.lax.map(lambda a: norm(*a), (x, g), batch_size=pergrad.CPU_EXAMPLES_PER_STEP)
+  cpu_steps = jax.jit(measure.in_steps(norm, pergrad.CPU_EXAMPLES_PER_STEP))
 
   @jax.jit
   def batch_weight_gradient(x, g):
@@ -133,16 +133,21 @@ def _model_row(width, n):
     return pergrad.squared_norms(graphdef, params, rest, x, entropy)
 
   args = (params, rest, x)
+  now = jax.jit(scores).lower(*args).compile()
   with _whole_batch_at_once():  # its own function: jit must not reuse this trace for "query"
     whole_batch = jax.jit(lambda *a: scores(*a)).lower(*args).compile()
-  assert "while" not in whole_batch.as_text()
+  if "while" not in now.as_text() or "while" in whole_batch.as_text():
+    raise RuntimeError("expected the CPU's loop in the query and none in the whole-batch one")
   # Interleaved, one call of each per round: this machine's speed drifts between minutes.
   programs = {
     "floor": floor,
     "query_passes": capture_pass,
-    "query": jax.jit(scores),
+    "query": now,
     "query_whole_batch": whole_batch,
   }
+  for k in _STEPS.value:
+    with mock.patch.object(pergrad, "CPU_EXAMPLES_PER_STEP", int(k)):
+      programs[f"query_steps_{k}"] = jax.jit(lambda *a: scores(*a)).lower(*args).compile()
   calls = {name: (fn, args) for name, fn in programs.items()}
   return {"width": width, "batch": n, **measure.interleaved_median_ms(calls, _REPEATS.value)}
 
@@ -179,6 +184,18 @@ def _model_lines(models_ms) -> list[str]:
   return lines
 
 
+def _steps_lines(models_ms) -> list[str]:
+  steps = [k for k in models_ms[0] if k.startswith("query_steps_")]
+  if not steps:
+    return []
+  head = " | ".join(f"{k.removeprefix('query_steps_')} per step" for k in steps)
+  lines = ["", f"| width | batch | {head} |", "|---|---|" + "---|" * len(steps)]
+  for m in models_ms:
+    cells = " | ".join(f"{m[k]:.1f}" for k in steps)
+    lines.append(f"| {m['width']} | {m['batch']} | {cells} |")
+  return lines
+
+
 def _markdown(result) -> str:
   lines = [
     f"Machine: {result['machine']}. Median of {result['repeats']} calls, interleaved, "
@@ -186,6 +203,7 @@ def _markdown(result) -> str:
     "query's passes are its forward+backward to every layer's output, without weight gradients.",
     "",
     *_model_lines(result["models"]),
+    *_steps_lines(result["models"]),
   ]
   for shape in result["layers"]:
     lines += ["", f"Width {shape['width']}, batch {shape['batch']}, each convolution:", ""]
@@ -210,10 +228,7 @@ def main(_):
   text = _markdown(result)
   print(text)
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=1, allow_nan=False)
-    with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
-      f.write(text)
+    measure.write_result(_OUT.value, result, text)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 not cooperate: convolutions of every kind, attention, norms, tied layers, raw and custom params."""
 
 import logging
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -240,6 +241,29 @@ def test_fast_norms_equal_vmap_grad(name):
   for got, want in zip(fast, ref):
     np.testing.assert_allclose(got, want, rtol=1e-4)
   assert np.all(fast[1] < fast[0])
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_the_whole_batch_route_of_accelerators_equals_the_cpus_steps(n):
+  # CI has only CPUs, which take the norms a few images at a time (a loop); accelerators take
+  # the whole batch in one vmap, lax.platform_dependent's default branch, forced here.
+  model = _trained_like(ShallowResNet18(5, width=2, rngs=nnx.Rngs(0)), _images())
+  x = _images(n=n)
+  graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
+
+  def loops():  # a new function each time: make_jaxpr reuses the traces of a function
+    norms = lambda p, r, x: pergrad.squared_norms(graphdef, p, r, x, _entropy)
+    return "scan" in str(jax.make_jaxpr(norms)(params, rest, x))
+
+  whole_batch = lambda *a, default, **_: default(*a)
+  with mock.patch.object(jax.lax, "platform_dependent", whole_batch):
+    assert not loops()
+    whole = _fast(model, x)
+  assert loops() == (n > 1)
+  steps, ref = _fast(model, x), _reference(model, x)
+  for got_whole, got_steps, want in zip(whole, steps, ref):
+    np.testing.assert_allclose(got_whole, want, rtol=1e-4)
+    np.testing.assert_allclose(got_steps, want, rtol=1e-4)
 
 
 def _plan(model, x):

@@ -57,7 +57,9 @@ __all__ = [
 ]
 
 REDUCTIONS = ("layer_sum", "frobenius")
-CPU_EXAMPLES_PER_STEP = 2  # examples per step of the CPU's loop in `norms_from_captured`
+# Examples per step of the CPU's loop in `norms_from_captured`: of 1, 2, 4 and 8, two gave the
+# fastest whole query (experiments/results/query_steps_intel.md).
+CPU_EXAMPLES_PER_STEP = 2
 
 
 def inference_view(model: nnx.Module) -> nnx.Module:
@@ -117,9 +119,9 @@ def norms_from_captured(model: nnx.Module, plan: Plan, captured: passes.Captured
   def in_small_steps(arrays):
     return jax.lax.map(lambda a: example_norms(*a), arrays, batch_size=CPU_EXAMPLES_PER_STEP)
 
-  # XLA:CPU runs the per-example products and Grams faster a few examples at a time than as
-  # batched dots over the whole batch: the query at 0.82-0.96x a forward+backward instead of
-  # 0.73-0.83x (experiments/results/query_grid_intel.md). Accelerators take the whole batch.
+  # XLA:CPU runs these small per-example products and Grams faster a few examples at a time
+  # than as batched dots over the whole batch (experiments/results/query_grid_intel.md);
+  # accelerators take the whole batch. Both branches are traced, one is compiled.
   return jax.lax.platform_dependent(tuple(captured), cpu=in_small_steps, default=batch_norms)
 
 
