@@ -11,6 +11,9 @@
    rule of `lax.conv_general_dilated`, which XLA:CPU runs as a convolution whose operands it
    first copies into a transposed layout) and nine per-offset matrix products over the NHWC
    activations, which need no such copy. Medians of interleaved calls, and their difference.
+3. With --remat: the first forward+backward with the loss under `jax.checkpoint` and each of
+   these policies (`jax.checkpoint_policies`), which decide what the backward pass recomputes
+   and so what XLA's copies for the kernel gradients are built from.
 A .md table is written beside the JSON.
 """
 
@@ -39,9 +42,10 @@ _WIDTH = flags.DEFINE_integer("width", 64, "ResNet-18 width.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Images per call.")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timed rounds (median).")
 _OUT = flags.DEFINE_string("out", None, "JSON path (a .md table is written beside it).")
+_REMAT = flags.DEFINE_list("remat", [], "jax.checkpoint_policies to time the step under.")
 
 
-def _jax_step(images, labels, with_batch_norm: bool):
+def _jax_step(images, labels, with_batch_norm: bool, remat: str | None = None):
   model = models.ResNet18(10, width=_WIDTH.value, rngs=nnx.Rngs(0))
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -59,6 +63,8 @@ def _jax_step(images, labels, with_batch_norm: bool):
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return ce, nnx.state(learner, nnx.BatchStat)
 
+    if remat:
+      loss = jax.checkpoint(loss, policy=getattr(jax.checkpoint_policies, remat))
     return jax.value_and_grad(loss, has_aux=True)(params)
 
   return grads, (params, rest, jnp.asarray(images), jnp.asarray(labels))
@@ -146,6 +152,7 @@ def main(_):
     {
       "jax": _jax_step(images, labels, True),
       "jax_no_batch_norm": _jax_step(images, labels, False),
+      **{f"jax_remat_{p}": _jax_step(images, labels, True, p) for p in _REMAT.value},
     },
     _ROUNDS.value,
   )
@@ -184,6 +191,15 @@ def main(_):
       "| layer | XLA (transposed copies + convolution) | nine per-offset products | "
       "relative difference |\n|---|---|---|---|\n" + "\n".join(kernel_rows) + "\n"
     )
+    if _REMAT.value:
+      f.write(
+        "\nThe first forward+backward with the loss under jax.checkpoint:\n\n"
+        "| policy | ms | / without |\n|---|---|---|\n"
+        + "".join(
+          f"| {p} | {s['jax_remat_' + p]:.1f} | {s['jax_remat_' + p] / s['jax']:.2f}x |\n"
+          for p in _REMAT.value
+        )
+      )
 
 
 if __name__ == "__main__":
