@@ -5,7 +5,9 @@
 build the thunks: the query's floor (a batched forward+backward), the query as a campaign
 calls it, a training step, an epoch, a checkpoint save. `TorchReference` builds the PyTorch
 reference's (torch_reference.py) on the same images; `score_error` compares bf16 query scores
-with fp32 ones.
+with fp32 ones. `kernel_gradient` and `kernel_rule` give one convolution's batch weight gradient
+and pergrad's per-example factored one, which query_profile.py, norm_forms.py and train_gap.py
+time; `write_result` writes a result's JSON and markdown.
 """
 
 import time
@@ -39,6 +41,27 @@ def interleaved_median_ms(calls: dict, rounds: int) -> dict:
       jax.block_until_ready(fn(*args))
       times[name].append(time.perf_counter() - start)
   return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def kernel_gradient(x, kernel, g, stride: int = 1, padding="SAME"):
+  """XLA's gradient of an NHWC convolution's HWIO `kernel`, from its input `x` and output
+  gradient `g`, summed over the batch: what a plain backward pass forms per layer."""
+  import jax
+
+  conv = lambda k: jax.lax.conv_general_dilated(
+    x, k, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  return jax.vjp(conv, kernel)[1](g)[0]
+
+
+def kernel_rule(conv, x, g):
+  """pergrad's layer rule for the nnx.Conv `conv` on one example (`x`, `g` without a batch
+  axis): its kernel's factored per-example gradient (`ghost_norm.Outer`)."""
+  from flax import nnx
+
+  from lplgrad_jax.pergrad import layer_rules
+
+  return layer_rules.closed_form(conv, nnx.Conv.__call__, (x[None],), {}, g[None])["kernel"]
 
 
 def in_steps(fn, k: int):

@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 from absl import app
 from absl import flags
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import measure  # noqa: E402 - the timing, shared with bench.py and query_profile.py
 
 from lplgrad_jax import reporting  # noqa: E402 - also its XLA:CPU setting (xla_flags.py)
+from lplgrad_jax.pergrad import ghost_norm  # noqa: E402
 
 _SHAPES = flags.DEFINE_list("shapes", ["32x64x64", "16x128x128"], "Side x inputs x outputs.")
 _BATCH = flags.DEFINE_integer("batch", 64, "Examples per call.")
@@ -35,26 +37,22 @@ _NUMBERS = ("NHWC", "HWIO", "NHWC")
 _dot = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
 
-def _shifted(x):
-  """One example's (T, C) input under each of the nine kernel offsets (pergrad's layer rule)."""
-  side = x.shape[0]
-  padded = jnp.pad(x, [(1, 1), (1, 1), (0, 0)])
-  offsets = [(i, j) for i in range(3) for j in range(3)]
-  return [padded[i : i + side, j : j + side].reshape(side * side, -1) for i, j in offsets]
+def _example_forms(conv) -> dict:
+  """(x, g) of one example -> its squared kernel-gradient norm, three ways."""
+  rule = functools.partial(measure.kernel_rule, conv)
 
+  def per_offset(x, g):  # pergrad's own route: nine (C, O) products
+    return ghost_norm.squared_norm([rule(x, g)])
 
-def _per_offset(x, g):  # the products of pergrad's layer rule, written out: nine (C, O)
-  g = g.reshape(-1, g.shape[-1])
-  return sum(jnp.sum(jnp.square(_dot("tp,to->po", a, g))) for a in _shifted(x))
+  def concatenated(x, g):  # one (9C, O) product over the patch matrix
+    part = rule(x, g)
+    patches = jnp.concatenate(part.shifted, axis=-1)[:, 0]
+    return jnp.sum(jnp.square(_dot("tp,to->po", patches, part.grads[:, 0])))
 
+  def conv_gradient(x, g):  # XLA's kernel-gradient convolution on a batch of one
+    return jnp.sum(jnp.square(measure.kernel_gradient(x[None], conv.kernel[...], g[None])))
 
-def _concatenated(x, g):  # one (9C, O) product over the patch matrix
-  patches = jnp.concatenate(_shifted(x), axis=-1)
-  return jnp.sum(jnp.square(_dot("tp,to->po", patches, g.reshape(-1, g.shape[-1]))))
-
-
-def _conv_gradient(x, g):  # XLA's kernel-gradient convolution on a batch of one
-  return jnp.sum(jnp.square(_batch_weight_gradient(x[None], g[None])))
+  return {"per-offset": per_offset, "concatenated": concatenated, "conv": conv_gradient}
 
 
 def _grouped(x, g):
@@ -68,32 +66,28 @@ def _grouped(x, g):
   return jnp.sum(jnp.square(out.reshape(c, 3, 3, n, -1)), axis=(0, 1, 2, 4))
 
 
-def _forms():
-  steps = measure.in_steps
-  forms = {"per-offset, whole batch (vmap)": jax.vmap(_per_offset)}
-  forms |= {f"per-offset, steps of {k}": steps(_per_offset, k) for k in (1, 2, 4, 8)}
-  forms |= {f"concatenated, steps of {k}": steps(_concatenated, k) for k in (2, 4)}
+def _forms(conv):
+  example, steps = _example_forms(conv), measure.in_steps
+  forms = {"per-offset, whole batch (vmap)": jax.vmap(example["per-offset"])}
+  forms |= {f"per-offset, steps of {k}": steps(example["per-offset"], k) for k in (1, 2, 4, 8)}
+  forms |= {f"concatenated, steps of {k}": steps(example["concatenated"], k) for k in (2, 4)}
   forms["grouped convolution"] = _grouped
-  forms["kernel-gradient convolution, steps of 2"] = steps(_conv_gradient, 2)
+  forms["kernel-gradient convolution, steps of 2"] = steps(example["conv"], 2)
   return {name: jax.jit(fn) for name, fn in forms.items()}
-
-
-def _batch_weight_gradient(x, g):
-  kernel = jnp.zeros((3, 3, x.shape[-1], g.shape[-1]))
-  conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=_NUMBERS)
-  return jax.vjp(conv, kernel)[1](g)[0]
 
 
 def _row(shape, n):
   side, c, o = (int(v) for v in shape.split("x"))
   x = jax.random.normal(jax.random.key(0), (n, side, side, c))
   g = jax.random.normal(jax.random.key(1), (n, side, side, o))
-  calls = {name: (fn, (x, g)) for name, fn in _forms().items()}
+  conv = nnx.Conv(c, o, (3, 3), use_bias=False, rngs=nnx.Rngs(0))
+  calls = {name: (fn, (x, g)) for name, fn in _forms(conv).items()}
   reference = next(iter(calls.values()))[0](x, g)
   for name, (fn, args) in calls.items():
     error = float(jnp.max(jnp.abs(fn(*args) - reference) / reference))
     assert error < 1e-5, (name, error)
-  calls["batch weight gradient"] = (jax.jit(_batch_weight_gradient), (x, g))
+  weight_gradient = jax.jit(lambda x, g: measure.kernel_gradient(x, conv.kernel[...], g))
+  calls["batch weight gradient"] = (weight_gradient, (x, g))
   gflop = 2 * n * side * side * 9 * c * o / 1e9
   return {"shape": shape, "gflop": gflop, "ms": measure.interleaved_median_ms(calls, _ROUNDS.value)}
 

@@ -41,7 +41,6 @@ from lplgrad_jax import query  # noqa: E402
 from lplgrad_jax import reporting  # noqa: E402
 from lplgrad_jax.configs import default  # noqa: E402
 from lplgrad_jax.pergrad import ghost_norm  # noqa: E402
-from lplgrad_jax.pergrad import layer_rules  # noqa: E402
 from lplgrad_jax.pergrad import passes  # noqa: E402
 
 _WIDTHS = flags.DEFINE_list("width", ["16"], "ResNet-18 width, or widths (a grid with --batch).")
@@ -75,8 +74,7 @@ def _layer_row(side, c_in, c_out, kernel, stride, count, n):
   g = jax.random.normal(key, (n, side // stride, side // stride, c_out))
 
   def norm(xi, gi):
-    rule = layer_rules.closed_form(conv, nnx.Conv.__call__, (xi[None],), {}, gi[None])
-    return ghost_norm.squared_norm([rule["kernel"]])
+    return ghost_norm.squared_norm([measure.kernel_rule(conv, xi, gi)])
 
   @jax.jit
   def whole_batch(x, g):
@@ -86,12 +84,7 @@ def _layer_row(side, c_in, c_out, kernel, stride, count, n):
 
   @jax.jit
   def batch_weight_gradient(x, g):
-    return jax.vjp(
-      lambda k: jax.lax.conv_general_dilated(
-        x, k, (stride, stride), conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
-      ),
-      conv.kernel[...],
-    )[1](g)[0]
+    return measure.kernel_gradient(x, conv.kernel[...], g, stride, conv.padding)
 
   tokens = (side // stride) ** 2
   gram = pergrad.gram_is_cheaper(tokens, kernel * kernel * c_in, c_out)

@@ -103,13 +103,7 @@ def _torch_steps(images, labels, rounds: int) -> dict:
   return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
-_DN = ("NHWC", "HWIO", "NHWC")
-
-
-@jax.jit
-def _xla_kernel_gradient(x, w, g):
-  conv = lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN)
-  return jax.vjp(conv, w)[1](g)[0]
+_xla_kernel_gradient = jax.jit(measure.kernel_gradient)
 
 
 @jax.jit
