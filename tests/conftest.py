@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 from lplgrad_jax import launch
+from lplgrad_jax import models
 from lplgrad_jax import optimizer
 from lplgrad_jax import train
 
@@ -83,6 +84,19 @@ def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: i for i, name in enumerate(_LONG_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order
+
+
+def built(module_type, *args, seed: int = 0, **kwargs):
+  """`module_type(*args, **kwargs, rngs=nnx.Rngs(seed))`, its weights drawn by one compiled
+  program (models.initialised): eagerly, each initialiser compiles once per shape."""
+  return models.initialised(
+    lambda key: module_type(*args, **kwargs, rngs=nnx.Rngs(key)), jax.random.key(seed)
+  )
+
+
+# A module's forward pass as one compiled program: op by op, every operation compiles once per
+# shape, seconds for a ResNet. In training mode it updates the module's BatchNorm statistics.
+forward = nnx.jit(lambda module, x, *args: module(x, *args))
 
 
 def train_state_in(learner, cfg, dtype):

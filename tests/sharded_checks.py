@@ -6,8 +6,9 @@ import sys
 
 import jax
 import numpy as np
+from conftest import built
+from conftest import forward
 from conftest import tiny_config
-from flax import nnx
 
 from lplgrad_jax import campaign
 from lplgrad_jax import models
@@ -17,8 +18,8 @@ from lplgrad_jax import train
 
 
 def query_scores():
-  model = models.ResNet18(10, width=4, rngs=nnx.Rngs(0))
-  model(jax.random.normal(jax.random.key(5), (32, 16, 16, 3)))
+  model = built(models.ResNet18, 10, width=4)
+  forward(model, jax.random.normal(jax.random.key(5), (32, 16, 16, 3)))
   images = np.asarray(jax.random.normal(jax.random.key(7), (10, 16, 16, 3)), np.float32)
   one = sharding.data_mesh(jax.devices()[:1])
   return {

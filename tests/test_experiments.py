@@ -240,3 +240,46 @@ def test_image_folder_from_an_npz_holds_its_images(tmp_path):
       for i in ids:
         png = Image.open(tmp_path / "folder" / split / name / f"{i:05d}.png")
         np.testing.assert_array_equal(np.asarray(png), images[i])
+
+
+_TINY_SUITE = """
+import subprocess, sys
+import jax, jax.numpy as jnp
+
+def test_compiles_here_and_in_a_subprocess():
+  jax.jit(lambda x: x * 2)(jnp.ones(3))
+  code = "import jax, jax.numpy as jnp; jax.jit(lambda x: x + 1)(jnp.ones(2))"
+  subprocess.run([sys.executable, "-c", code], check=True)
+"""
+
+
+def test_suite_profile_counts_the_programs_of_the_tests_and_their_subprocesses(tmp_path):
+  (tmp_path / "test_tiny.py").write_text(_TINY_SUITE)
+  out = tmp_path / "profile.json"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO_ROOT, "experiments", "suite_profile.py"),
+      f"--out={out}",
+      "--",
+      "-q",
+      "-p",
+      "no:cacheprovider",
+      str(tmp_path / "test_tiny.py"),
+    ],
+    cwd=tmp_path,
+    env=cli_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Finished XLA compilation" not in proc.stdout + proc.stderr  # the log is caught
+  result = json.loads(out.read_text())
+  assert result["processes"] == 2  # pytest and its subprocess
+  programs = {name: count for name, count, _ in result["programs"]}
+  assert programs["jit(<lambda>)"] == 2  # one jitted lambda in each
+  assert result["compiles"] >= 2 and result["compile_s"] > 0
+  [(name, row)] = result["files"]
+  assert name.endswith("test_tiny.py") and row["tests"] == 1 and row["subprocess_cpu_s"] > 0
+  assert (tmp_path / "profile.md").read_text().startswith("# Test suite profile")

@@ -2,6 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import built
+from conftest import forward
 from flax import nnx
 
 from lplgrad_jax.errors import ConfigError
@@ -12,11 +14,11 @@ from lplgrad_jax.models import ResNet18
 
 @pytest.fixture(scope="module")
 def model():
-  return ResNet18(7, width=4, rngs=nnx.Rngs(0))
+  return built(ResNet18, 7, width=4)
 
 
 def test_cifar_stem_shapes(model):
-  logits, features = model(jnp.ones((3, 32, 32, 3)))
+  logits, features = forward(model, jnp.ones((3, 32, 32, 3)))
   assert logits.shape == (3, 7)
   assert [f.shape for f in features] == [
     (3, 32, 32, 4),
@@ -27,8 +29,8 @@ def test_cifar_stem_shapes(model):
 
 
 def test_imagenet_stem_shapes():
-  model = ResNet18(5, width=4, stem="imagenet", rngs=nnx.Rngs(0))
-  logits, features = model(jnp.ones((2, 64, 64, 3)))
+  model = built(ResNet18, 5, width=4, stem="imagenet")
+  logits, features = forward(model, jnp.ones((2, 64, 64, 3)))
   assert logits.shape == (2, 5)
   assert [f.shape[1:3] for f in features] == [(16, 16), (8, 8), (4, 4), (2, 2)]
 
@@ -38,41 +40,41 @@ def test_parameter_tensors_match_pytorch_resnet18(model):
   params = nnx.state(model, nnx.Param)
   assert len(jax.tree.leaves(params)) == 62
   width = 64
-  full = ResNet18(10, width=width, rngs=nnx.Rngs(0))
+  full = nnx.eval_shape(lambda: ResNet18(10, width=width, rngs=nnx.Rngs(0)))
   count = sum(x.size for x in jax.tree.leaves(nnx.state(full, nnx.Param)))
   assert count == 11_173_962  # the PyTorch CIFAR ResNet-18's parameter count
 
 
 def test_eval_switches_batchnorm_to_inference():
-  model = ResNet18(3, width=4, rngs=nnx.Rngs(0))
+  model = built(ResNet18, 3, width=4)
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   stats_before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
-  model(x)  # training mode updates the running statistics
+  forward(model, x)  # training mode updates the running statistics
   assert not np.allclose(
     jax.tree.leaves(stats_before)[0], jax.tree.leaves(nnx.state(model, nnx.BatchStat))[0]
   )
   model.eval()
   stats = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
-  single, _ = model(x[:1])
-  batch, _ = model(x)
+  single, _ = forward(model, x[:1])
+  batch, _ = forward(model, x)
   np.testing.assert_allclose(single[0], batch[0], rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(nnx.state(model, nnx.BatchStat))):
     np.testing.assert_array_equal(a, b)
 
 
 def test_masked_batchnorm_ignores_padding():
-  model = ResNet18(3, width=4, rngs=nnx.Rngs(0))
+  model = built(ResNet18, 3, width=4)
   x = jax.random.normal(jax.random.key(2), (5, 16, 16, 3))
   padded = jnp.concatenate([x, 100.0 * jnp.ones((3, 16, 16, 3))])
   mask = jnp.array([1.0] * 5 + [0.0] * 3)
-  reference, _ = ResNet18(3, width=4, rngs=nnx.Rngs(0))(x)
-  masked, _ = model(padded, mask=mask)
+  reference, _ = forward(built(ResNet18, 3, width=4), x)
+  masked, _ = forward(model, padded, mask)
   np.testing.assert_allclose(masked[:5], reference, rtol=1e-4, atol=1e-5)
 
 
 def test_loss_head_outputs_one_scalar_per_example(model):
   head = LossPredictionModule(model.stage_channels, hidden=16, rngs=nnx.Rngs(1))
-  _, features = model(jnp.ones((6, 32, 32, 3)))
+  _, features = forward(model, jnp.ones((6, 32, 32, 3)))
   assert head(features).shape == (6,)
   assert [d.out_features for d in head.stage_dense] == [16] * 4
   assert head.out.in_features == 64
@@ -87,7 +89,7 @@ def test_pytorch_and_he_initialisation():
   # PyTorch's default (the authors' code): kaiming_uniform(a=sqrt(5)) weights and uniform
   # biases, both within +-1/sqrt(fan_in); BatchNorm scale 1, bias 0.
   def weights(init):
-    model = ResNet18(10, width=16, layers=Layers(init), rngs=nnx.Rngs(0))
+    model = built(ResNet18, 10, width=16, layers=Layers(init))
     return model, np.asarray(model.stages[2][0].conv1.kernel[...]), model.head
 
   model, kernel, head = weights("pytorch")

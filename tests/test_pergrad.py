@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import built
+from conftest import forward
 from flax import nnx
 
 from lplgrad_jax import pergrad
@@ -164,18 +166,18 @@ def _trained_like(model, x, scale=0.3):
   """Random non-trivial parameters (biases, norm scales) and BatchNorm statistics."""
   graphdef, state = nnx.split(model)
   leaves, tree = jax.tree.flatten(state)
-  # NumPy draws: a jax.random call per tensor shape compiles once per shape (13 s for ResNet-18).
+  # NumPy draws and sums: JAX's eager operations compile once per tensor shape (seconds).
   rng = np.random.default_rng(11)
   leaves = [
-    a + (scale * rng.standard_normal(a.shape)).astype(a.dtype)
+    jnp.asarray(np.asarray(a) + (scale * rng.standard_normal(a.shape)).astype(a.dtype))
     if jnp.issubdtype(a.dtype, jnp.floating)
     else a
     for a in leaves
   ]
   model = nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
   if any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_graph(model)):
-    # Training mode moves the running statistics (jitted: op by op it takes many seconds).
-    nnx.jit(lambda m, x: m(x))(model, x)
+    # Training mode moves the running statistics.
+    forward(model, x)
   return model
 
 
@@ -186,9 +188,8 @@ def _entropy(outputs):
 def _reference(model, x):
   """(layer_sum, frobenius) from per-example jax.grad under vmap, norms in float64."""
   graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
-  grads = jax.vmap(
-    jax.grad(lambda p, xi: _entropy(nnx.merge(graphdef, p, rest)(xi[None]))[0]), in_axes=(None, 0)
-  )(params, x)
+  per_example = jax.grad(lambda p, xi: _entropy(nnx.merge(graphdef, p, rest)(xi[None]))[0])
+  grads = jax.jit(jax.vmap(per_example, in_axes=(None, 0)))(params, x)
   squared = np.stack(
     [
       np.sum(np.square(np.asarray(g, np.float64).reshape(len(x), -1)), axis=1)
@@ -218,15 +219,15 @@ class ShallowResNet18(ResNet18):
 
 
 CASES = {
-  "resnet18": (lambda: ShallowResNet18(5, width=2, rngs=nnx.Rngs(0)), _images),
-  "vit": (lambda: TinyViT(5, rngs=nnx.Rngs(1)), _images),
-  "groupnorm_depthwise": (lambda: GroupNormCNN(5, rngs=nnx.Rngs(2)), _images),
-  "tied_mlp": (lambda: TiedMLP(5, rngs=nnx.Rngs(3)), lambda: _images(size=2)),
-  "custom_layer": (lambda: CustomLayerNet(5, rngs=nnx.Rngs(4)), lambda: _images(size=2)),
-  "affine_twice": (lambda: AffineNet(5, rngs=nnx.Rngs(10)), lambda: _images(size=2)),
-  "time_major": (lambda: TimeMajorNet(5, rngs=nnx.Rngs(11)), lambda: _images(size=2)),
+  "resnet18": (lambda: built(ShallowResNet18, 5, width=2, seed=0), _images),
+  "vit": (lambda: built(TinyViT, 5, seed=1), _images),
+  "groupnorm_depthwise": (lambda: built(GroupNormCNN, 5, seed=2), _images),
+  "tied_mlp": (lambda: built(TiedMLP, 5, seed=3), lambda: _images(size=2)),
+  "custom_layer": (lambda: built(CustomLayerNet, 5, seed=4), lambda: _images(size=2)),
+  "affine_twice": (lambda: built(AffineNet, 5, seed=10), lambda: _images(size=2)),
+  "time_major": (lambda: built(TimeMajorNet, 5, seed=11), lambda: _images(size=2)),
   "tokens": (
-    lambda: TokenNet(5, rngs=nnx.Rngs(5)),
+    lambda: built(TokenNet, 5, seed=5),
     lambda: jnp.array([[1, 3, 1, 6], [0, 0, 0, 2], [5, 4, 3, 2]]),
   ),
 }
@@ -247,7 +248,7 @@ def test_fast_norms_equal_vmap_grad(name):
 def test_the_whole_batch_route_of_accelerators_equals_the_cpus_steps(n):
   # CI has only CPUs, which take the norms a few images at a time (a loop); accelerators take
   # the whole batch in one vmap, lax.platform_dependent's default branch, forced here.
-  model = _trained_like(ShallowResNet18(5, width=2, rngs=nnx.Rngs(0)), _images())
+  model = _trained_like(built(ShallowResNet18, 5, width=2, seed=0), _images())
   x = _images(n=n)
   graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
 
@@ -273,15 +274,15 @@ def _plan(model, x):
 
 def test_plan_names_each_leftover_and_why():
   x = _images()
-  vit = _plan(TinyViT(5, rngs=nnx.Rngs(1)), x)
+  vit = _plan(built(TinyViT, 5, seed=1), x)
   assert dict(vit.leftovers) == {("cls_token",): "raw nnx.Param", ("pos",): "raw nnx.Param"}
   # Attention's four projections and both LayerNorms have closed forms or layer rules.
   assert ("attn", "query", "kernel") in vit.tapped and ("ln2", "scale") in vit.tapped
-  custom = _plan(CustomLayerNet(5, rngs=nnx.Rngs(4)), _images(size=2))
+  custom = _plan(built(CustomLayerNet, 5, seed=4), _images(size=2))
   assert dict(custom.leftovers) == {("mix", "w"): "unsupported layer Mix"}
-  tokens = _plan(TokenNet(5, rngs=nnx.Rngs(5)), jnp.zeros((1, 4), jnp.int32))
+  tokens = _plan(built(TokenNet, 5, seed=5), jnp.zeros((1, 4), jnp.int32))
   assert dict(tokens.leftovers) == {("embed", "embedding"): "also read outside its Embed call"}
-  tied = _plan(TiedMLP(5, rngs=nnx.Rngs(3)), _images(size=2))
+  tied = _plan(built(TiedMLP, 5, seed=3), _images(size=2))
   assert not tied.leftovers
   assert [c.module_path for c in tied.calls] == [("inp",), ("hidden",), ("hidden",), ("out",)]
 
@@ -291,7 +292,7 @@ def test_leftovers_are_reported_once_with_the_pass_they_took(caplog):
   with caplog.at_level(logging.WARNING, logger="lplgrad_jax.pergrad"):
     for n in (2, 3):  # two compilations, one report per model
       for build in (CustomLayerNet, AffineNet):
-        pergrad.per_example_grad_norms(build(5, rngs=nnx.Rngs(6)), _entropy, _images(n, 2))
+        pergrad.per_example_grad_norms(built(build, 5, seed=6), _entropy, _images(n, 2))
   messages = [r.getMessage() for r in caplog.records if "taken directly" in r.getMessage()]
   assert len(messages) == 2, messages
   assert "mix/w (unsupported layer Mix)" in messages[0] and "per example" in messages[0]
@@ -335,7 +336,7 @@ def test_leftovers_take_the_batched_pass_where_they_meet_the_batch_by_broadcasti
 
 def test_batched_and_vmapped_passes_agree():
   # No leftovers: one batched pass; forcing the per-example pass gives the same norms.
-  batched, vmapped = _passes(_trained_like(GroupNormCNN(5, rngs=nnx.Rngs(2)), _images()), _images())
+  batched, vmapped = _passes(_trained_like(built(GroupNormCNN, 5, seed=2), _images()), _images())
   np.testing.assert_allclose(batched, vmapped, rtol=1e-5)
 
 
@@ -346,11 +347,11 @@ class ShallowResNet50(ResNet50):
 
 
 BACKBONES = {
-  "resnet50_bottleneck": (lambda: ShallowResNet50(5, width=1, rngs=nnx.Rngs(7)), _images),
+  "resnet50_bottleneck": (lambda: built(ShallowResNet50, 5, width=1, seed=7), _images),
   # Smaller perturbations: at 0.3 this stack saturates the softmax (entropy and gradient ~0).
-  "wide_resnet": (lambda: WideResNet(5, depth=10, widen=1, rngs=nnx.Rngs(8)), _images, 0.05),
+  "wide_resnet": (lambda: built(WideResNet, 5, depth=10, widen=1, seed=8), _images, 0.05),
   "vit_backbone": (
-    lambda: ViT(5, width=8, depth=1, heads=2, image_size=8, rngs=nnx.Rngs(9)),
+    lambda: built(ViT, 5, width=8, depth=1, heads=2, image_size=8, seed=9),
     _images,
   ),
 }

@@ -16,6 +16,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from conftest import built
+from conftest import forward
 from conftest import tiny_config
 from flax import nnx
 from PIL import Image
@@ -54,7 +56,8 @@ def _resnet_config(name="resnet18", width=4, weights=RESNET18):
 
 
 def _tiny_vit(image_size=32):
-  vit = models.ViT(
+  vit = built(
+    models.ViT,
     NUM_CLASSES,
     width=24,
     depth=2,
@@ -63,7 +66,6 @@ def _tiny_vit(image_size=32):
     mlp_ratio=4.0,
     exact_gelu=True,
     image_size=image_size,
-    rngs=nnx.Rngs(0),
   )
   return models.Backbone(vit, image_size)
 
@@ -71,7 +73,7 @@ def _tiny_vit(image_size=32):
 def _eval_outputs(classifier, images):
   model = nnx.clone(classifier)
   model.eval()
-  return model(jnp.asarray(images))
+  return forward(model, jnp.asarray(images))
 
 
 def _relative_error(actual, reference):

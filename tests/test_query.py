@@ -2,6 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import built
+from conftest import forward
 from flax import nnx
 
 from lplgrad_jax import query
@@ -11,13 +13,13 @@ from lplgrad_jax.models import ResNet18
 
 def _trained_like(model):
   """Moves BatchNorm statistics and weights off their initial values, as training does."""
-  model(jax.random.normal(jax.random.key(5), (32, 16, 16, 3)) * 2.0 + 0.5)
+  forward(model, jax.random.normal(jax.random.key(5), (32, 16, 16, 3)) * 2.0 + 0.5)
   return model
 
 
 @pytest.fixture(scope="module")
 def model():
-  return _trained_like(ResNet18(10, width=4, rngs=nnx.Rngs(0)))
+  return _trained_like(built(ResNet18, 10, width=4))
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +36,10 @@ def _reference_scores(model, images):
     logits, _ = nnx.merge(graphdef, p, rest)(image[None])
     return query.entropy(logits)[0]
 
+  image_grads = jax.jit(jax.grad(image_entropy))
   layer_sum, frobenius = [], []
   for image in images:
-    grads = [
-      np.asarray(g, np.float64) for g in jax.tree.leaves(jax.grad(image_entropy)(params, image))
-    ]
+    grads = [np.asarray(g, np.float64) for g in jax.tree.leaves(image_grads(params, image))]
     layer_sum.append(sum(np.linalg.norm(g) for g in grads))
     frobenius.append(np.sqrt(sum(np.sum(g * g) for g in grads)))
   return np.array(layer_sum), np.array(frobenius)
@@ -64,21 +65,22 @@ def test_scores_match_per_sample_grad_loop(method, model, images):
   assert np.all(got_frob < got_sum)  # triangle inequality over the 62 tensors
 
 
+@pytest.fixture(scope="module")
+def imagenet_model():
+  model = built(ResNet18, 6, width=4, stem="imagenet", seed=3)
+  forward(model, jax.random.normal(jax.random.key(4), (16, 32, 32, 3)) * 1.5 - 0.2)
+  return model
+
+
 @pytest.mark.parametrize("reduction", query.REDUCTIONS)
-def test_fast_equals_vmap_for_the_imagenet_stem(reduction):
+def test_fast_equals_vmap_for_the_imagenet_stem(reduction, imagenet_model):
   # 7x7/stride-2 stem and max-pool; a 32x32 input leaves 1x1 maps in the last stage, where
   # the Gram form is used (and the direct form in the first layers).
-  model = _trained_like_imagenet()
+  model = imagenet_model
   images = np.asarray(jax.random.normal(jax.random.key(9), (5, 32, 32, 3)), np.float32)
   fast = query.entropy_grad_norms(model, images, reduction=reduction, method="fast", chunk_size=5)
   vmap = query.entropy_grad_norms(model, images, reduction=reduction, method="vmap", chunk_size=5)
   np.testing.assert_allclose(fast, vmap, rtol=1e-5)
-
-
-def _trained_like_imagenet():
-  model = ResNet18(6, width=4, stem="imagenet", rngs=nnx.Rngs(3))
-  model(jax.random.normal(jax.random.key(4), (16, 32, 32, 3)) * 1.5 - 0.2)
-  return model
 
 
 def test_scores_do_not_depend_on_the_batch(model, images):

@@ -113,6 +113,12 @@ def test_augment_crop_and_flip():
   assert len(shifts) > 1
 
 
+# Compiled once for this file's tests: op by op, a ResNet's forward and backward compile
+# hundreds of small programs.
+_loss = jax.jit(train._loss_fn, static_argnums=(1, 5))
+_loss_grads = jax.jit(jax.grad(train._loss_fn, has_aux=True), static_argnums=(1, 5))
+
+
 @pytest.fixture(scope="module")
 def learner_and_batch():
   config = tiny_config()
@@ -156,11 +162,11 @@ def test_sgd_matches_pytorch_update_rule(learner_and_batch):
   learner, cfg, images, labels = learner_and_batch
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   mask = jnp.ones(16)
-  grads, _ = jax.grad(train._loss_fn, has_aux=True)(
+  grads, _ = _loss_grads(
     state.params, graphdef, state.batch_stats, train.Batch(images, labels, mask), False, cfg
   )
   lr = 0.1
-  new_state, _ = train.train_step(
+  new_state, _ = jax.jit(train.train_step, static_argnums=(0, 1))(
     graphdef, cfg, state, train.Batch(images, labels, mask), lr, False
   )
   # First step of torch.optim.SGD(momentum=0.9, weight_decay=wd): p - lr * (g + wd * p).
@@ -180,7 +186,7 @@ def test_loss_head_steps_with_its_own_learning_rate(learner_and_batch):
       optax.add_decayed_weights(cfg.weight_decay), optax.sgd(0.1, momentum=cfg.momentum)
     ).init(state.params)
   )
-  grads, _ = jax.grad(train._loss_fn, has_aux=True)(
+  grads, _ = _loss_grads(
     state.params, graphdef, state.batch_stats, train.Batch(images, labels, jnp.ones(16)), False, cfg
   )
   one, _ = optimizer.make_optimizer(0.1, cfg).update(grads, state.opt_state, state.params)
@@ -215,7 +221,7 @@ def test_detached_features_stop_aux_gradients_reaching_the_classifier(learner_an
   mask = jnp.ones(16)
 
   def classifier_grads(detach, step_cfg):
-    grads, _ = jax.grad(train._loss_fn, has_aux=True)(
+    grads, _ = _loss_grads(
       state.params, graphdef, state.batch_stats, train.Batch(images, labels, mask), detach, step_cfg
     )
     return jax.tree.leaves(grads["classifier"])
@@ -233,12 +239,12 @@ def test_padded_batch_equals_the_unpadded_one(learner_and_batch):
   graphdef, state = train.create_train_state(nnx.clone(learner), cfg)
   args = (state.params, graphdef, state.batch_stats)
   real = 11
-  full, (stats_full, m_full) = train._loss_fn(
+  full, (stats_full, m_full) = _loss(
     *args, train.Batch(images[:real], labels[:real], jnp.ones(real)), False, cfg
   )
   padded = jnp.concatenate([images[:real], jnp.zeros((5, 16, 16, 3))])
   padded_labels = jnp.concatenate([labels[:real], jnp.zeros(5, labels.dtype)])
-  part, (stats_part, m_part) = train._loss_fn(
+  part, (stats_part, m_part) = _loss(
     *args,
     train.Batch(padded, padded_labels, (jnp.arange(16) < real).astype(jnp.float32)),
     False,

@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 from conftest import REPO_ROOT
+from conftest import built
 from conftest import cli_env
 from flax import nnx
 
@@ -55,7 +56,7 @@ def _library_ops(hlo: str) -> set:
 
 def resnet_gradient_library_ops() -> list:
   """YNNPACK's share of a width-8 ResNet-18's gradient program, as this process compiles it."""
-  model = models.ResNet18(10, width=8, rngs=nnx.Rngs(0))
+  model = built(models.ResNet18, 10, width=8)
   graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
   loss = lambda p, x: jnp.mean(jax.nn.logsumexp(nnx.merge(graphdef, p, rest)(x)[0], -1))
   hlo = jax.jit(jax.grad(loss)).lower(params, jnp.ones((4, 32, 32, 3))).compile().as_text()

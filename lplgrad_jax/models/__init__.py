@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 from flax import nnx
@@ -51,6 +52,7 @@ __all__ = [
   "WideResNet",
   "at_least_float32",
   "create_learner",
+  "initialised",
   "pool_feature",
   "register_model",
   "with_compute_dtype",
@@ -59,6 +61,7 @@ __all__ = [
 
 # (model_config, num_classes, image_size, layers, rngs) -> the main model
 ModelBuilder = Callable[..., nnx.Module]
+M = TypeVar("M", bound=nnx.Module)
 _MODELS: dict[str, ModelBuilder] = {}
 
 
@@ -182,8 +185,20 @@ def create_learner(
     )
     return ActiveLearner(classifier, loss_head)
 
-  # One compiled program draws every initial weight. Built eagerly, each initialiser
-  # compiles once per parameter shape: ~70 small programs, seconds of every start-up.
+  learner = initialised(build, key)
+  weights = model_config.get("pretrained", "")
+  if weights:
+    pretrained.load_pretrained(learner.classifier, weights)
+  return learner
+
+
+def initialised(build: Callable[[jax.Array], M], key: jax.Array) -> M:
+  """`build(key)`, every initial weight drawn by one compiled program.
+
+  Built eagerly, each initialiser compiles once per parameter shape: ~70 small programs
+  and seconds for a ResNet-18. A builder that computes with its weights' values, which
+  tracing cannot give, runs eagerly.
+  """
   graphdef = None
 
   def initial_state(key: jax.Array) -> nnx.State:
@@ -194,13 +209,9 @@ def create_learner(
   options = _RUN_ONCE_OPTIONS if jax.default_backend() == "cpu" else None
   try:
     state = jax.jit(initial_state, compiler_options=options)(key)
-    learner = nnx.merge(graphdef, state)
-  except _NEEDS_CONCRETE_VALUES:  # a user's factory that computes with its weights' values
-    learner = build(key)
-  weights = model_config.get("pretrained", "")
-  if weights:
-    pretrained.load_pretrained(learner.classifier, weights)
-  return learner
+  except _NEEDS_CONCRETE_VALUES:  # e.g. a user's factory
+    return build(key)
+  return nnx.merge(graphdef, state)
 
 
 # XLA:CPU's LLVM optimisations cost seconds on the initialisers' random draws and save

@@ -1,0 +1,129 @@
+"""Where the test suite's CPU time goes: compiling, and which programs.
+
+  python experiments/suite_profile.py --out=experiments/results/suite_profile_intel.json \
+      -- -n 2 --dist loadfile --no-loadscope-reorder
+
+runs pytest (the arguments after `--`) with every Python process it starts, the CLI
+subprocesses included, recording JAX's compile events and the names of the programs it
+compiled (experiments/suite_profile/: a sitecustomize hook, a pytest plugin for per-test
+figures). Processes killed with SIGKILL, and those given a PYTHONPATH of their own, are
+not counted. Tests that read the compile log themselves (test_startup) may fail under it.
+A .md table is written beside the JSON.
+"""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import measure  # noqa: E402 - write_result
+
+from lplgrad_jax import reporting  # noqa: E402
+
+_OUT = flags.DEFINE_string("out", None, "JSON path (a .md table is written beside it).")
+_TOP = flags.DEFINE_integer("top", 25, "Rows of each table.")
+
+HOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite_profile")
+
+
+def _records(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def summarize(processes, tests, pytest_args, seconds):
+  programs = collections.defaultdict(lambda: [0, 0.0])
+  for process in processes:
+    for name, (count, spent) in process["programs"].items():
+      programs[name][0] += count
+      programs[name][1] += spent
+  files = collections.defaultdict(collections.Counter)
+  for test in tests:
+    row = files[test["nodeid"].split("::")[0]]
+    row.update({k: test[k] for k in ("cpu_s", "subprocess_cpu_s", "compile_s", "small_s")})
+    row["tests"] += 1
+  total = lambda key: sum(p[key] for p in processes)  # noqa: E731
+  return {
+    "machine": reporting.cpu_description(),
+    "pytest_args": pytest_args,
+    "wall_s": seconds,
+    "processes": len(processes),
+    "cpu_s": total("cpu_s"),
+    "compile_s": total("compile_s"),
+    "compiles": total("compiles"),
+    "small_compile_s": total("small_s"),
+    "small_compiles": total("small"),
+    "trace_s": total("trace_s"),
+    "lower_s": total("lower_s"),
+    "programs": sorted(([n, c, s] for n, (c, s) in programs.items()), key=lambda r: -r[2]),
+    "files": sorted(
+      ([f, dict(c)] for f, c in files.items()),
+      key=lambda r: -(r[1]["cpu_s"] + r[1]["subprocess_cpu_s"]),
+    ),
+  }
+
+
+def markdown(result, top):
+  r = result
+  lines = [
+    f"# Test suite profile ({r['machine']})",
+    "",
+    f"`pytest {' '.join(r['pytest_args'])}`: {r['wall_s'] / 60:.1f} min wall, "
+    f"{r['processes']} Python processes recorded, {r['cpu_s']:.0f} CPU-s in them; compiling "
+    f"{r['compile_s']:.0f} s ({r['compiles']} programs, cache loads included; "
+    f"{r['small_compiles']} under 0.2 s took {r['small_compile_s']:.0f} s), tracing "
+    f"{r['trace_s']:.0f} s, lowering {r['lower_s']:.0f} s.",
+    "",
+    "| program | compiles | seconds |",
+    "|---|---|---|",
+    *(f"| `{n}` | {c} | {s:.1f} |" for n, c, s in r["programs"][:top]),
+    "",
+    "| file | tests | CPU-s in pytest | CPU-s in subprocesses | compile s | under 0.2 s |",
+    "|---|---|---|---|---|---|",
+    *(
+      f"| {f} | {c['tests']} | {c['cpu_s']:.0f} | {c['subprocess_cpu_s']:.0f} | "
+      f"{c['compile_s']:.0f} | {c['small_s']:.0f} |"
+      for f, c in r["files"][:top]
+    ),
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  import time
+
+  pytest_args = argv[1:]
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "processes.jsonl")
+    path = os.environ.get("PYTHONPATH", "")
+    env = dict(
+      os.environ,
+      SUITE_PROFILE_OUT=out,
+      PYTHONPATH=os.pathsep.join(p for p in (HOOKS, path) if p),
+    )
+    start = time.perf_counter()
+    subprocess.run(
+      [sys.executable, "-m", "pytest", "-p", "pytest_plugin", *pytest_args],
+      env=env,
+      check=False,
+    )
+    result = summarize(
+      _records(out), _records(out + ".tests"), pytest_args, time.perf_counter() - start
+    )
+  text = markdown(result, _TOP.value)
+  print(text)
+  if _OUT.value:
+    measure.write_result(_OUT.value, result, text)
+
+
+if __name__ == "__main__":
+  app.run(main)
