@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 from absl import app
 from absl import flags
@@ -31,16 +32,25 @@ _OUT = flags.DEFINE_string("out", None, "JSON path (a .md table is written besid
 _TOP = flags.DEFINE_integer("top", 25, "Rows of each table.")
 
 HOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite_profile")
+sys.path.insert(0, HOOKS)
+import recorder  # noqa: E402 - its TOTALS name what every process records
 
 
 def _records(path):
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f]
+  """The JSON lines at `path`, and how many were unreadable (a process killed mid-write)."""
+  records, unreadable = [], 0
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          unreadable += 1
+  return records, unreadable
 
 
-def summarize(processes, tests, pytest_args, seconds):
+def summarize(processes, tests):
+  """Totals over the processes, programs by compile seconds, files by CPU seconds."""
   programs = collections.defaultdict(lambda: [0, 0.0])
   for process in processes:
     for name, (count, spent) in process["programs"].items():
@@ -51,19 +61,16 @@ def summarize(processes, tests, pytest_args, seconds):
     row = files[test["nodeid"].split("::")[0]]
     row.update({k: test[k] for k in ("cpu_s", "subprocess_cpu_s", "compile_s", "small_s")})
     row["tests"] += 1
-  total = lambda key: sum(p[key] for p in processes)  # noqa: E731
+  totals = {key: sum(p[key] for p in processes) for key in recorder.TOTALS | {"cpu_s": 0}}
   return {
-    "machine": reporting.cpu_description(),
-    "pytest_args": pytest_args,
-    "wall_s": seconds,
     "processes": len(processes),
-    "cpu_s": total("cpu_s"),
-    "compile_s": total("compile_s"),
-    "compiles": total("compiles"),
-    "small_compile_s": total("small_s"),
-    "small_compiles": total("small"),
-    "trace_s": total("trace_s"),
-    "lower_s": total("lower_s"),
+    "cpu_s": totals["cpu_s"],
+    "compile_s": totals["compile_s"],
+    "compiles": totals["compiles"],
+    "small_compile_s": totals["small_s"],
+    "small_compiles": totals["small"],
+    "trace_s": totals["trace_s"],
+    "lower_s": totals["lower_s"],
     "programs": sorted(([n, c, s] for n, (c, s) in programs.items()), key=lambda r: -r[2]),
     "files": sorted(
       ([f, dict(c)] for f, c in files.items()),
@@ -72,13 +79,13 @@ def summarize(processes, tests, pytest_args, seconds):
   }
 
 
-def markdown(result, top):
-  r = result
+def markdown(r, top):
   lines = [
     f"# Test suite profile ({r['machine']})",
     "",
-    f"`pytest {' '.join(r['pytest_args'])}`: {r['wall_s'] / 60:.1f} min wall, "
-    f"{r['processes']} Python processes recorded, {r['cpu_s']:.0f} CPU-s in them; compiling "
+    f"`pytest {' '.join(r['pytest_args'])}`: exit status {r['pytest_exit']}, "
+    f"{r['wall_s'] / 60:.1f} min wall, {r['processes']} Python processes recorded, "
+    f"{r['cpu_s']:.0f} CPU-s in them; compiling "
     f"{r['compile_s']:.0f} s ({r['compiles']} programs, cache loads included; "
     f"{r['small_compiles']} under 0.2 s took {r['small_compile_s']:.0f} s), tracing "
     f"{r['trace_s']:.0f} s, lowering {r['lower_s']:.0f} s.",
@@ -99,8 +106,6 @@ def markdown(result, top):
 
 
 def main(argv):
-  import time
-
   pytest_args = argv[1:]
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "processes.jsonl")
@@ -111,14 +116,19 @@ def main(argv):
       PYTHONPATH=os.pathsep.join(p for p in (HOOKS, path) if p),
     )
     start = time.perf_counter()
-    subprocess.run(
-      [sys.executable, "-m", "pytest", "-p", "pytest_plugin", *pytest_args],
-      env=env,
-      check=False,
+    run = subprocess.run(
+      [sys.executable, "-m", "pytest", "-p", "pytest_plugin", *pytest_args], env=env, check=False
     )
-    result = summarize(
-      _records(out), _records(out + ".tests"), pytest_args, time.perf_counter() - start
-    )
+    seconds = time.perf_counter() - start
+    (processes, bad), (tests, bad_tests) = _records(out), _records(out + ".tests")
+  result = {
+    "machine": reporting.cpu_description(),
+    "pytest_args": pytest_args,
+    "pytest_exit": run.returncode,
+    "wall_s": seconds,
+    "unreadable_lines": bad + bad_tests,
+    **summarize(processes, tests),
+  }
   text = markdown(result, _TOP.value)
   print(text)
   if _OUT.value:

@@ -263,6 +263,7 @@ def test_suite_profile_counts_the_programs_of_the_tests_and_their_subprocesses(t
       f"--out={out}",
       "--",
       "-q",
+      "-s",  # the tests' output and their subprocesses' stderr reach this process
       "-p",
       "no:cacheprovider",
       str(tmp_path / "test_tiny.py"),
@@ -274,8 +275,9 @@ def test_suite_profile_counts_the_programs_of_the_tests_and_their_subprocesses(t
     timeout=300,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "Finished XLA compilation" not in proc.stdout + proc.stderr  # the log is caught
+  assert "Finished XLA compilation" not in proc.stdout + proc.stderr  # the compile log is caught
   result = json.loads(out.read_text())
+  assert result["pytest_exit"] == 0 and result["unreadable_lines"] == 0
   assert result["processes"] == 2  # pytest and its subprocess
   programs = {name: count for name, count, _ in result["programs"]}
   assert programs["jit(<lambda>)"] == 2  # one jitted lambda in each

@@ -89,7 +89,7 @@ def _normalized(images, normalization, dtype):
 
 def run_recipe(
   learner, config, images, labels, normalization, dtype, forward=True
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], nnx.Module]:
   """The fixture's quantities from lplgrad_jax: train-mode outputs on the first batch
   ("forward/...", unless not `forward`), then all parameters and statistics after one SGD
   step per batch, in epochs 0, 1, 2... ("after/..."). Images are normalised in float32, as
@@ -211,6 +211,6 @@ def test_full_width_step_agrees_with_float64_as_pytorchs_float32_does(parity):
   runs = {}
   for dtype in (jnp.float32, jnp.float64):
     with jax.enable_x64(dtype == jnp.float64):
-      runs[dtype], _ = run_recipe(learner, config, images, labels, parity[3], dtype, False)
+      runs[dtype], _ = run_recipe(learner, config, images, labels, parity[3], dtype, forward=False)
   error = torch_parity.update_error(runs[jnp.float32], runs[jnp.float64], init)
   assert error < _bound(fixture, "w64/update"), (error, float(fixture["drift/w64/update"]))

@@ -1,6 +1,7 @@
 """What one process compiled: JAX's compile-time events and the names of the programs
-(jax_log_compiles, caught here so that nothing reaches stderr), appended as one JSON line to
-SUITE_PROFILE_OUT when the process exits. A process killed with SIGKILL writes nothing."""
+(jax_log_compiles, whose lines are caught here and reach no handler), appended as one JSON
+line to SUITE_PROFILE_OUT when the process exits. A process killed with SIGKILL writes
+nothing."""
 
 import atexit
 import json
@@ -38,13 +39,26 @@ def _on_duration(event, seconds, **_):
     TOTALS[_EVENTS[event]] += seconds
 
 
-class _ProgramNames(logging.Handler):
-  def emit(self, record):
-    found = _FINISHED.match(record.getMessage())
+# What jax_log_compiles adds to JAX's log: caught and dropped, so that a profiled process
+# logs what it would have logged without it.
+_COMPILE_LOG = (
+  "Finished tracing",
+  "Compiling ",
+  "Finished jaxpr to MLIR",
+  "Finished XLA compilation",
+  "Persistent compilation cache",
+)
+
+
+class _CompileLog(logging.Filter):
+  def filter(self, record):
+    message = record.getMessage()
+    found = _FINISHED.match(message)
     if found:
       entry = PROGRAMS.setdefault(found.group(1), [0, 0.0])
       entry[0] += 1
       entry[1] += float(found.group(2))
+    return not message.startswith(_COMPILE_LOG)
 
 
 def install():
@@ -53,9 +67,10 @@ def install():
 
   jax.monitoring.register_event_duration_secs_listener(_on_duration)
   jax.config.update("jax_log_compiles", True)
-  jax_logger = logging.getLogger("jax")
-  jax_logger.addHandler(_ProgramNames())
-  jax_logger.propagate = False  # the compile log stays out of stderr
+  # A logger's filters see the records logged on it, not on its children: each of JAX's.
+  for name, logger in list(logging.Logger.manager.loggerDict.items()):
+    if name.split(".")[0] == "jax" and isinstance(logger, logging.Logger):
+      logger.addFilter(_CompileLog())
   atexit.register(_write)
 
 
