@@ -8,7 +8,10 @@ subprocesses included, recording JAX's compile events and the names of the progr
 compiled (experiments/suite_profile/: a sitecustomize hook, a pytest plugin for per-test
 figures). Processes killed with SIGKILL, and those given a PYTHONPATH of their own, are
 not counted. Tests that read the compile log themselves (test_startup) may fail under it.
-A .md table is written beside the JSON.
+A .md table is written beside the JSON, with the compiles of 0.5 s or more by test: a
+subprocess counts for the test named in the environment it was given, so one started with
+a module fixture's saved environment (test_faults' `cached_env`) counts for the test that
+set up the fixture.
 """
 
 import collections
@@ -61,6 +64,11 @@ def summarize(processes, tests):
     row = files[test["nodeid"].split("::")[0]]
     row.update({k: test[k] for k in ("cpu_s", "subprocess_cpu_s", "compile_s", "small_s")})
     row["tests"] += 1
+  large = collections.defaultdict(lambda: [0, 0.0])
+  for process in processes:
+    for test, name, spent in process.get("large", ()):
+      large[test, name][0] += 1
+      large[test, name][1] += spent
   totals = {key: sum(p[key] for p in processes) for key in recorder.TOTALS | {"cpu_s": 0}}
   return {
     "processes": len(processes),
@@ -72,6 +80,9 @@ def summarize(processes, tests):
     "trace_s": totals["trace_s"],
     "lower_s": totals["lower_s"],
     "programs": sorted(([n, c, s] for n, (c, s) in programs.items()), key=lambda r: -r[2]),
+    "large_by_test": sorted(
+      ([t, n, c, s] for (t, n), (c, s) in large.items()), key=lambda r: -r[3]
+    ),
     "files": sorted(
       ([f, dict(c)] for f, c in files.items()),
       key=lambda r: -(r[1]["cpu_s"] + r[1]["subprocess_cpu_s"]),
@@ -101,6 +112,12 @@ def markdown(r, top):
       f"{c['compile_s']:.0f} | {c['small_s']:.0f} |"
       for f, c in r["files"][:top]
     ),
+    "",
+    f"Compiles of {recorder.LARGE_S} s or more, by test (the test a subprocess ran under):",
+    "",
+    "| test | program | compiles | seconds |",
+    "|---|---|---|---|",
+    *(f"| {t} | `{n}` | {c} | {s:.1f} |" for t, n, c, s in r["large_by_test"][: 4 * top]),
   ]
   return "\n".join(lines) + "\n"
 

@@ -14,8 +14,10 @@ depends on that image alone). Two exact reductions over the parameter tensors
 dense bias, as in the PyTorch model):
   "layer_sum"  sum over tensors of each tensor's L2 norm (the authors' code)
   "frobenius"  the global L2 norm over all parameters (the paper's eq. 8)
-and two exact methods: "fast" (`_fast_scores`: per-layer norms from one
-batched backward pass) and "vmap" (`_vmap_grad_scores`: the reference).
+and two exact methods: "fast" (`_fast_squared_norms`: per-layer norms from one
+batched backward pass) and "vmap" (`_vmap_squared_norms`: the reference). The compiled
+scorer returns each image's squared tensor norms; the reduction is host arithmetic
+(`reduce_tensor_norms`), so one compiled scorer serves both.
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ def entropy(logits: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
-def reduce_tensor_norms(squared_norms: list[jax.Array], reduction: str) -> jax.Array:
-  """Combines per-tensor squared L2 norms (each of shape (N,)) into one score per image."""
-  stacked = jnp.stack(squared_norms)
+def reduce_tensor_norms(squared_norms: np.ndarray, reduction: str) -> np.ndarray:
+  """(N, K) per-tensor squared L2 norms -> one float32 score per image, summed in float64."""
+  squared = np.asarray(squared_norms, np.float64)
   if reduction == "layer_sum":
-    return jnp.sum(jnp.sqrt(stacked), axis=0)
-  return jnp.sqrt(jnp.sum(stacked, axis=0))
+    scores = np.sum(np.sqrt(squared), axis=1)
+  else:
+    scores = np.sqrt(np.sum(squared, axis=1))
+  return scores.astype(np.float32)
 
 
 def margin(logits: jax.Array) -> jax.Array:
@@ -203,12 +207,10 @@ def output_entropy(outputs) -> jax.Array:
   return entropy(logits_of(outputs).astype(jnp.float32))
 
 
-def _fast_scores(graphdef, params, rest, images, mean, std, reduction):
-  """Exact per-example gradient norms from one batched backward pass (`pergrad`)."""
+def _fast_squared_norms(graphdef, params, rest, images, mean, std):
+  """(N, K) exact per-example squared tensor norms from one batched backward pass (`pergrad`)."""
   images = normalize(images, mean, std)
-  return pergrad.reduce(
-    pergrad.squared_norms(graphdef, params, rest, images, output_entropy), reduction
-  )
+  return pergrad.squared_norms(graphdef, params, rest, images, output_entropy)
 
 
 def _image_entropy(params, graphdef, rest, image):
@@ -216,28 +218,28 @@ def _image_entropy(params, graphdef, rest, image):
   return output_entropy(model(image[None]))[0]
 
 
-def _vmap_grad_scores(graphdef, params, rest, images, mean, std, reduction):
+def _vmap_squared_norms(graphdef, params, rest, images, mean, std):
   images = normalize(images, mean, std)
   grads = jax.vmap(jax.grad(_image_entropy), in_axes=(None, None, None, 0))(
     params, graphdef, rest, images
   )
   squared = [jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in jax.tree.leaves(grads)]
-  return reduce_tensor_norms(squared, reduction)
+  return jnp.stack(squared, axis=1)
 
 
-_SCORERS = {"fast": _fast_scores, "vmap": _vmap_grad_scores}
+_SCORERS = {"fast": _fast_squared_norms, "vmap": _vmap_squared_norms}
 
 
 @functools.lru_cache(maxsize=16)
-def _chunk_scorer(graphdef, reduction: str, method: str, mesh):
-  """The compiled scorer of one chunk, split evenly over the mesh's devices.
+def _chunk_scorer(graphdef, method: str, mesh):
+  """The compiled (N, K) squared tensor norms of one chunk, split evenly over the mesh's devices.
 
   Cached per model structure: the jitted function then takes arrays alone, so
   a chunk's dispatch does not hash the graphdef (milliseconds for a ResNet).
   """
 
   def score_shard(params, rest, images, mean, std):
-    return _SCORERS[method](graphdef, params, rest, images, mean, std, reduction)
+    return _SCORERS[method](graphdef, params, rest, images, mean, std)
 
   replicated, split = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
   # check_vma=False: differentiating w.r.t. the replicated parameters must give each
@@ -281,7 +283,7 @@ def entropy_grad_norms(
       memory-mapped pool, or `SplitRows` of a pool split over processes, scored on their mesh).
     reduction: "layer_sum" or "frobenius" (see module docstring).
     method: "fast" (per-layer norms from one batched backward pass, see
-      `_fast_scores`) or "vmap" (`jax.vmap(jax.grad)`: the reference). Both are exact.
+      `_fast_squared_norms`) or "vmap" (`jax.vmap(jax.grad)`: the reference). Both are exact.
     chunk_size: images per compiled call, over all devices (rounded up to a
       multiple of their number); bounds memory.
     normalization: (mean, std) per channel for uint8 images.
@@ -308,12 +310,12 @@ def entropy_grad_norms(
     mesh = sharding.data_mesh()
   graphdef, params, rest = _split_for_inference(model, compute_dtype)
   params, rest = sharding.replicate((params, rest), mesh)
-  score = _chunk_scorer(graphdef, reduction, method, mesh)
-  (scores,) = map_chunks(
-    lambda chunk: (score(params, rest, chunk, mean, std),),
+  squared_norms = _chunk_scorer(graphdef, method, mesh)
+  (squared,) = map_chunks(
+    lambda chunk: (squared_norms(params, rest, chunk, mean, std),),
     images,
     chunk_size,
     mesh,
     "query" if progress else "",
   )
-  return scores
+  return reduce_tensor_norms(squared, reduction)

@@ -260,11 +260,25 @@ def test_the_whole_batch_route_of_accelerators_equals_the_cpus_steps(n):
   with mock.patch.object(jax.lax, "platform_dependent", whole_batch):
     assert not loops()
     whole = _fast(model, x)
-  assert loops() == (n > 1)
+  assert loops()  # n = 1 too: padded to a whole step of the loop
   steps, ref = _fast(model, x), _reference(model, x)
   for got_whole, got_steps, want in zip(whole, steps, ref):
     np.testing.assert_allclose(got_whole, want, rtol=1e-4)
     np.testing.assert_allclose(got_steps, want, rtol=1e-4)
+
+
+def test_the_cpus_loop_holds_one_copy_of_the_layer_rules_whatever_the_batch():
+  # lax.map over steps of CPU_EXAMPLES_PER_STEP examples would add a second copy of the rules
+  # for a remainder: a batch of 5 is padded to whole steps instead.
+  model = built(ShallowResNet18, 5, width=2, seed=0)
+  graphdef, params, rest = nnx.split(pergrad.inference_view(model), nnx.Param, ...)
+
+  def products(n):  # a new function each time: make_jaxpr reuses the traces of a function
+    norms = lambda p, r, x: pergrad.squared_norms(graphdef, p, r, x, _entropy)
+    return str(jax.make_jaxpr(norms)(params, rest, _images(n=n))).count("dot_general")
+
+  assert pergrad.CPU_EXAMPLES_PER_STEP == 2
+  assert products(5) == products(4) > 0
 
 
 def _plan(model, x):

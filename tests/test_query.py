@@ -83,8 +83,11 @@ def test_fast_equals_vmap_for_the_imagenet_stem(reduction, imagenet_model):
   np.testing.assert_allclose(fast, vmap, rtol=1e-5)
 
 
+# The tests below score in chunks of 3, as above: one compiled scorer serves them all.
+
+
 def test_scores_do_not_depend_on_the_batch(model, images):
-  together = query.entropy_grad_norms(model, images, chunk_size=7)
+  together = query.entropy_grad_norms(model, images, chunk_size=3)
   alone = np.concatenate(
     [query.entropy_grad_norms(model, images[i : i + 1], chunk_size=1) for i in range(len(images))]
   )
@@ -96,8 +99,8 @@ def test_uint8_images_are_normalised_inside(model):
   mean, std = np.array([0.5, 0.4, 0.3], np.float32), np.array([0.2, 0.25, 0.3], np.float32)
   normalised = ((raw / 255.0 - mean) / std).astype(np.float32)
   np.testing.assert_allclose(
-    query.entropy_grad_norms(model, raw, normalization=(mean, std), chunk_size=4),
-    query.entropy_grad_norms(model, normalised, chunk_size=4),
+    query.entropy_grad_norms(model, raw, normalization=(mean, std), chunk_size=3),
+    query.entropy_grad_norms(model, normalised, chunk_size=3),
     rtol=1e-5,
   )
 
@@ -105,7 +108,7 @@ def test_uint8_images_are_normalised_inside(model):
 def test_query_leaves_the_model_unchanged(model, images):
   before = jax.tree.map(np.asarray, nnx.state(model))
   training = model.stem_bn.use_running_average
-  query.entropy_grad_norms(model, images, chunk_size=7)
+  query.entropy_grad_norms(model, images, chunk_size=3)
   assert model.stem_bn.use_running_average == training
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(nnx.state(model))):
     np.testing.assert_array_equal(a, b)
@@ -122,9 +125,9 @@ def test_bfloat16_scores_track_float32(model, images):
   # bf16 activations with fp32 sums: the fast and vmap methods see the same bf16 model and
   # agree closely; both stay within a few percent of fp32 (at width 4, with few channels
   # to average rounding over; docs/devices.md gives the error measured at width 64).
-  fp32 = query.entropy_grad_norms(model, images, chunk_size=7)
+  fp32 = query.entropy_grad_norms(model, images, chunk_size=3)
   fast, vmap = (
-    query.entropy_grad_norms(model, images, chunk_size=7, method=method, compute_dtype="bfloat16")
+    query.entropy_grad_norms(model, images, chunk_size=3, method=method, compute_dtype="bfloat16")
     for method in query.METHODS
   )
   assert fast.dtype == np.float32

@@ -21,6 +21,10 @@ TOTALS = {
   "lower_s": 0.0,
 }
 PROGRAMS: dict[str, list] = {}  # name -> [count, seconds]; cache loads included
+# Each compile of LARGE_S or more: [test (pytest's PYTEST_CURRENT_TEST, which subprocesses
+# inherit), program, seconds], to tell which tests pay for the large programs.
+LARGE: list[list] = []
+LARGE_S = 0.5
 _EVENTS = {
   "/jax/core/compile/jaxpr_trace_duration": "trace_s",
   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
@@ -58,6 +62,9 @@ class _CompileLog(logging.Filter):
       entry = PROGRAMS.setdefault(found.group(1), [0, 0.0])
       entry[0] += 1
       entry[1] += float(found.group(2))
+      if float(found.group(2)) >= LARGE_S:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+        LARGE.append([test, found.group(1), float(found.group(2))])
     return not message.startswith(_COMPILE_LOG)
 
 
@@ -82,6 +89,7 @@ def _write():
     argv=" ".join(sys.argv)[:200],
     test=os.environ.get("PYTEST_CURRENT_TEST", ""),
     programs=PROGRAMS,
+    large=LARGE,
   )
   with open(os.environ["SUITE_PROFILE_OUT"], "a") as out:
     out.write(json.dumps(record) + "\n")

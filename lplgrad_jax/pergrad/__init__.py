@@ -117,7 +117,13 @@ def norms_from_captured(model: nnx.Module, plan: Plan, captured: passes.Captured
     return jax.vmap(example_norms)(*arrays)
 
   def in_small_steps(arrays):
-    return jax.lax.map(lambda a: example_norms(*a), arrays, batch_size=CPU_EXAMPLES_PER_STEP)
+    # Padded with copies of the last example to whole steps: lax.map would compile a second
+    # copy of the body for a remainder (1.7x the scorer's compile time at 3 examples).
+    n = jax.tree.leaves(arrays)[0].shape[0]
+    pad = -n % CPU_EXAMPLES_PER_STEP
+    arrays = jax.tree.map(lambda a: jnp.concatenate([a] + [a[-1:]] * pad), arrays)
+    norms = jax.lax.map(lambda a: example_norms(*a), arrays, batch_size=CPU_EXAMPLES_PER_STEP)
+    return norms[:n]
 
   # XLA:CPU runs these small per-example products and Grams faster a few examples at a time
   # than as batched dots over the whole batch (experiments/results/query_grid_intel.md);
