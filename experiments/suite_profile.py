@@ -87,6 +87,10 @@ def summarize(processes, tests):
       ([f, dict(c)] for f, c in files.items()),
       key=lambda r: -(r[1]["cpu_s"] + r[1]["subprocess_cpu_s"]),
     ),
+    "tests": sorted(
+      ([t["nodeid"], t["cpu_s"], t["subprocess_cpu_s"], t["compile_s"]] for t in tests),
+      key=lambda r: -(r[1] + r[2]),
+    ),
   }
 
 
@@ -112,6 +116,10 @@ def markdown(r, top):
       f"{c['compile_s']:.0f} | {c['small_s']:.0f} |"
       for f, c in r["files"][:top]
     ),
+    "",
+    "| test | CPU-s in pytest | CPU-s in subprocesses | compile s |",
+    "|---|---|---|---|",
+    *(f"| {t} | {c:.0f} | {sub:.0f} | {comp:.0f} |" for t, c, sub, comp in r["tests"][: 2 * top]),
     "",
     f"Compiles of {recorder.LARGE_S} s or more, by test (the test a subprocess ran under):",
     "",
