@@ -65,10 +65,10 @@ def kernel_rule(conv, x, g):
 
 
 def in_steps(fn, k: int):
-  """(x, g) -> fn over the examples k at a time (`jax.lax.map`), as pergrad runs on the CPU."""
-  import jax
+  """(x, g) -> fn over the examples k at a time, as pergrad runs on the CPU."""
+  from lplgrad_jax import pergrad
 
-  return lambda x, g: jax.lax.map(lambda pair: fn(*pair), (x, g), batch_size=k)
+  return lambda x, g: pergrad.map_in_steps(lambda pair: fn(*pair), (x, g), k)
 
 
 def write_result(out: str, result: dict, text: str) -> None:

@@ -284,4 +284,11 @@ def test_suite_profile_counts_the_programs_of_the_tests_and_their_subprocesses(t
   assert result["compiles"] >= 2 and result["compile_s"] > 0
   [(name, row)] = result["files"]
   assert name.endswith("test_tiny.py") and row["tests"] == 1 and row["subprocess_cpu_s"] > 0
+  [(nodeid, cpu_s, subprocess_cpu_s, _)] = result["tests"]
+  assert (
+    nodeid.endswith("test_tiny.py::test_compiles_here_and_in_a_subprocess")
+    and cpu_s > 0
+    and subprocess_cpu_s > 0
+  )
+  assert isinstance(result["large_by_test"], list)  # compiles of 0.5 s or more: likely none
   assert (tmp_path / "profile.md").read_text().startswith("# Test suite profile")

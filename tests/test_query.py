@@ -83,7 +83,8 @@ def test_fast_equals_vmap_for_the_imagenet_stem(reduction, imagenet_model):
   np.testing.assert_allclose(fast, vmap, rtol=1e-5)
 
 
-# The tests below score in chunks of 3, as above: one compiled scorer serves them all.
+# Chunks of 3 below, as in test_scores_match_per_sample_grad_loop: the float32 calls reuse
+# its compiled scorer.
 
 
 def test_scores_do_not_depend_on_the_batch(model, images):

@@ -49,6 +49,7 @@ __all__ = [
   "gram_is_cheaper",
   "inference_view",
   "make_plan",
+  "map_in_steps",
   "norms_from_captured",
   "per_example_grad_norms",
   "reduce",
@@ -117,18 +118,23 @@ def norms_from_captured(model: nnx.Module, plan: Plan, captured: passes.Captured
     return jax.vmap(example_norms)(*arrays)
 
   def in_small_steps(arrays):
-    # Padded with copies of the last example to whole steps: lax.map would compile a second
-    # copy of the body for a remainder (1.7x the scorer's compile time at 3 examples).
-    n = jax.tree.leaves(arrays)[0].shape[0]
-    pad = -n % CPU_EXAMPLES_PER_STEP
-    arrays = jax.tree.map(lambda a: jnp.concatenate([a] + [a[-1:]] * pad), arrays)
-    norms = jax.lax.map(lambda a: example_norms(*a), arrays, batch_size=CPU_EXAMPLES_PER_STEP)
-    return norms[:n]
+    return map_in_steps(lambda a: example_norms(*a), arrays, CPU_EXAMPLES_PER_STEP)
 
   # XLA:CPU runs these small per-example products and Grams faster a few examples at a time
   # than as batched dots over the whole batch (experiments/results/query_grid_intel.md);
   # accelerators take the whole batch. Both branches are traced, one is compiled.
   return jax.lax.platform_dependent(tuple(captured), cpu=in_small_steps, default=batch_norms)
+
+
+def map_in_steps(fn: Callable, arrays, steps: int) -> jax.Array:
+  """`fn` over the examples of `arrays` (a pytree, examples on the leading axis), `steps`
+  at a time (`jax.lax.map`). The last step is padded with copies of the last example: for a
+  remainder lax.map would compile a second copy of `fn` (1.5x the query's compile time at 3
+  examples a chunk)."""
+  n = jax.tree.leaves(arrays)[0].shape[0]
+  pad = -n % steps
+  arrays = jax.tree.map(lambda a: jnp.concatenate([a] + [a[-1:]] * pad), arrays)
+  return jax.lax.map(fn, arrays, batch_size=steps)[:n]
 
 
 def reduce(squared: jax.Array, reduction: str) -> jax.Array:
