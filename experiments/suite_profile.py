@@ -55,20 +55,19 @@ def _records(path):
 def summarize(processes, tests):
   """Totals over the processes, programs by compile seconds, files by CPU seconds."""
   programs = collections.defaultdict(lambda: [0, 0.0])
+  large = collections.defaultdict(lambda: [0, 0.0])
   for process in processes:
     for name, (count, spent) in process["programs"].items():
       programs[name][0] += count
       programs[name][1] += spent
+    for test, name, spent in process.get("large", ()):
+      large[test, name][0] += 1
+      large[test, name][1] += spent
   files = collections.defaultdict(collections.Counter)
   for test in tests:
     row = files[test["nodeid"].split("::")[0]]
     row.update({k: test[k] for k in ("cpu_s", "subprocess_cpu_s", "compile_s", "small_s")})
     row["tests"] += 1
-  large = collections.defaultdict(lambda: [0, 0.0])
-  for process in processes:
-    for test, name, spent in process.get("large", ()):
-      large[test, name][0] += 1
-      large[test, name][1] += spent
   totals = {key: sum(p[key] for p in processes) for key in recorder.TOTALS | {"cpu_s": 0}}
   return {
     "processes": len(processes),

@@ -17,7 +17,7 @@ dense bias, as in the PyTorch model):
 and two exact methods: "fast" (`_fast_squared_norms`: per-layer norms from one
 batched backward pass) and "vmap" (`_vmap_squared_norms`: the reference). The compiled
 scorer returns each image's squared tensor norms; the reduction is host arithmetic
-(`reduce_tensor_norms`), so one compiled scorer serves both.
+(`pergrad.reduce` in float64), so one compiled scorer serves both.
 """
 
 from __future__ import annotations
@@ -48,16 +48,6 @@ def entropy(logits: jax.Array) -> jax.Array:
   """Predictive entropy of softmax(logits) along the last axis."""
   log_p = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
-
-
-def reduce_tensor_norms(squared_norms: np.ndarray, reduction: str) -> np.ndarray:
-  """(N, K) per-tensor squared L2 norms -> one float32 score per image, summed in float64."""
-  squared = np.asarray(squared_norms, np.float64)
-  if reduction == "layer_sum":
-    scores = np.sum(np.sqrt(squared), axis=1)
-  else:
-    scores = np.sqrt(np.sum(squared, axis=1))
-  return scores.astype(np.float32)
 
 
 def margin(logits: jax.Array) -> jax.Array:
@@ -318,4 +308,5 @@ def entropy_grad_norms(
     mesh,
     "query" if progress else "",
   )
-  return reduce_tensor_norms(squared, reduction)
+  # One compiled scorer for both reductions: they are host arithmetic, summed in float64.
+  return pergrad.reduce(squared.astype(np.float64), reduction).astype(np.float32)

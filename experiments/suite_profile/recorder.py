@@ -59,12 +59,13 @@ class _CompileLog(logging.Filter):
     message = record.getMessage()
     found = _FINISHED.match(message)
     if found:
-      entry = PROGRAMS.setdefault(found.group(1), [0, 0.0])
+      name, seconds = found.group(1), float(found.group(2))
+      entry = PROGRAMS.setdefault(name, [0, 0.0])
       entry[0] += 1
-      entry[1] += float(found.group(2))
-      if float(found.group(2)) >= LARGE_S:
+      entry[1] += seconds
+      if seconds >= LARGE_S:
         test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
-        LARGE.append([test, found.group(1), float(found.group(2))])
+        LARGE.append([test, name, seconds])
     return not message.startswith(_COMPILE_LOG)
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lplgrad_jax.pergrad import capture
@@ -137,11 +138,13 @@ def map_in_steps(fn: Callable, arrays, steps: int) -> jax.Array:
   return jax.lax.map(fn, arrays, batch_size=steps)[:n]
 
 
-def reduce(squared: jax.Array, reduction: str) -> jax.Array:
-  """(N, K) squared tensor norms -> (N,): "layer_sum" (sum of norms) or "frobenius"."""
+def reduce(squared, reduction: str):
+  """(N, K) squared tensor norms -> (N,): "layer_sum" (sum of norms) or "frobenius".
+  A NumPy array is reduced by NumPy, in its own dtype (the query's, on the host)."""
+  xp = np if isinstance(squared, np.ndarray) else jnp
   if reduction == "layer_sum":
-    return jnp.sum(jnp.sqrt(squared), axis=1)
-  return jnp.sqrt(jnp.sum(squared, axis=1))
+    return xp.sum(xp.sqrt(squared), axis=1)
+  return xp.sqrt(xp.sum(squared, axis=1))
 
 
 def per_example_grad_norms(
