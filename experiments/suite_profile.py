@@ -8,10 +8,9 @@ subprocesses included, recording JAX's compile events and the names of the progr
 compiled (experiments/suite_profile/: a sitecustomize hook, a pytest plugin for per-test
 figures). Processes killed with SIGKILL, and those given a PYTHONPATH of their own, are
 not counted. Tests that read the compile log themselves (test_startup) may fail under it.
-A .md table is written beside the JSON, with the compiles of 0.5 s or more by test: a
-subprocess counts for the test named in the environment it was given, so one started with
-a module fixture's saved environment (test_faults' `cached_env`) counts for the test that
-set up the fixture.
+A .md table is written beside the JSON, with the compiles of 0.5 s or more by test (a
+subprocess counts for the test named in the environment it was given) and the programs
+compiled more than once: the same module compiled again, where no cache was shared.
 """
 
 import collections
@@ -56,13 +55,24 @@ def summarize(processes, tests):
   """Totals over the processes, programs by compile seconds, files by CPU seconds."""
   programs = collections.defaultdict(lambda: [0, 0.0])
   large = collections.defaultdict(lambda: [0, 0.0])
+  by_module = collections.defaultdict(list)  # module hash -> [(test, program, seconds)]
   for process in processes:
     for name, (count, spent) in process["programs"].items():
       programs[name][0] += count
       programs[name][1] += spent
-    for test, name, spent in process.get("large", ()):
+    for test, name, spent, *key in process.get("large", ()):
       large[test, name][0] += 1
       large[test, name][1] += spent
+      if key and key[0]:
+        by_module[key[0]].append((test, name, spent))
+  # A module compiled more than once: in a cache of its own (test_startup's cold one), by each
+  # process of a multi-host run (the process's index is part of the cache key), or by two
+  # processes at the same time.
+  again = [
+    (c[0][1], len(c), sum(s for _, _, s in c[1:]), sorted({t for t, _, _ in c}))
+    for c in by_module.values()
+    if len(c) > 1
+  ]
   files = collections.defaultdict(collections.Counter)
   for test in tests:
     row = files[test["nodeid"].split("::")[0]]
@@ -86,6 +96,8 @@ def summarize(processes, tests):
       ([f, dict(c)] for f, c in files.items()),
       key=lambda r: -(r[1]["cpu_s"] + r[1]["subprocess_cpu_s"]),
     ),
+    "distinct_programs": len(by_module),
+    "compiled_again": sorted(again, key=lambda r: -r[2]),
     "tests": sorted(
       ([t["nodeid"], t["cpu_s"], t["subprocess_cpu_s"], t["compile_s"]] for t in tests),
       key=lambda r: -(r[1] + r[2]),
@@ -125,6 +137,15 @@ def markdown(r, top):
     "| test | program | compiles | seconds |",
     "|---|---|---|---|",
     *(f"| {t} | `{n}` | {c} | {s:.1f} |" for t, n, c, s in r["large_by_test"][: 4 * top]),
+    "",
+    f"{r['distinct_programs']} distinct programs of {recorder.LARGE_S} s or more compiled (not "
+    "loaded from the cache); those "
+    f"compiled more than once ({sum(s for _, _, s, _ in r['compiled_again']):.0f} s on the "
+    "repeats):",
+    "",
+    "| program | compiles | seconds on repeats | tests |",
+    "|---|---|---|---|",
+    *(f"| `{n}` | {c} | {s:.1f} | {'; '.join(t)} |" for n, c, s, t in r["compiled_again"][:top]),
   ]
   return "\n".join(lines) + "\n"
 

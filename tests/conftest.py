@@ -143,11 +143,11 @@ def cli_env(**extra) -> dict:
   )
 
 
-@pytest.fixture(scope="module")
-def cached_env(tmp_path_factory) -> dict:
-  """cli_env() with the module's own compilation cache, for runs that are killed: one killed
-  while it writes an entry leaves a truncated one, which later runs would warn about."""
-  return cli_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")))
+def killable_env(**extra) -> dict:
+  """cli_env() for a run that may be killed: it loads programs from the session's compilation
+  cache but writes none (one killed while it writes an entry would leave a truncated one,
+  which later runs warn about). Uninterrupted runs of its configuration compile them."""
+  return cli_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1e9", **extra)
 
 
 def run_cli(*args, env=None, cwd=REPO_ROOT, timeout=600, module="lplgrad_jax.main"):

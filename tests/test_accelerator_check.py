@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
+from conftest import cli_env
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 import accelerator_report  # noqa: E402
@@ -27,7 +28,7 @@ def _run(*args, timeout=900):
   return subprocess.run(
     [sys.executable, "-c", WITHOUT_TF, SCRIPT, *args],
     cwd=REPO_ROOT,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    env=cli_env(),  # the session's compilation cache: its programs are compiled once
     capture_output=True,
     text=True,
     timeout=timeout,

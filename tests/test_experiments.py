@@ -242,14 +242,17 @@ def test_image_folder_from_an_npz_holds_its_images(tmp_path):
         np.testing.assert_array_equal(np.asarray(png), images[i])
 
 
+# The subprocess compiles the pytest process's program again, in a cache of its own.
 _TINY_SUITE = """
-import subprocess, sys
+import os, subprocess, sys
 import jax, jax.numpy as jnp
 
-def test_compiles_here_and_in_a_subprocess():
+def test_compiles_here_and_in_a_subprocess(tmp_path):
   jax.jit(lambda x: x * 2)(jnp.ones(3))
-  code = "import jax, jax.numpy as jnp; jax.jit(lambda x: x + 1)(jnp.ones(2))"
-  subprocess.run([sys.executable, "-c", code], check=True)
+  code = ("import jax, jax.numpy as jnp; jax.jit(lambda x: x * 2)(jnp.ones(3)); "
+          "jax.jit(lambda x: x + 1)(jnp.ones(2))")
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path))
+  subprocess.run([sys.executable, "-c", code], check=True, env=env)
 """
 
 
@@ -269,7 +272,7 @@ def test_suite_profile_counts_the_programs_of_the_tests_and_their_subprocesses(t
       str(tmp_path / "test_tiny.py"),
     ],
     cwd=tmp_path,
-    env=cli_env(),
+    env=cli_env(SUITE_PROFILE_LARGE_S="0"),  # every compile is recorded by test
     capture_output=True,
     text=True,
     timeout=300,
@@ -280,7 +283,10 @@ def test_suite_profile_counts_the_programs_of_the_tests_and_their_subprocesses(t
   assert result["pytest_exit"] == 0 and result["unreadable_lines"] == 0
   assert result["processes"] == 2  # pytest and its subprocess
   programs = {name: count for name, count, _ in result["programs"]}
-  assert programs["jit(<lambda>)"] == 2  # one jitted lambda in each
+  assert programs["jit(<lambda>)"] == 3  # x * 2 in each, x + 1 in the subprocess
+  again = {name: (count, tests) for name, count, _, tests in result["compiled_again"]}
+  assert again["jit(<lambda>)"][0] == 2  # x * 2, not x + 1
+  assert again["jit(<lambda>)"][1] == ["test_tiny.py::test_compiles_here_and_in_a_subprocess"]
   assert result["compiles"] >= 2 and result["compile_s"] > 0
   [(name, row)] = result["files"]
   assert name.endswith("test_tiny.py") and row["tests"] == 1 and row["subprocess_cpu_s"] > 0
@@ -290,5 +296,6 @@ def test_suite_profile_counts_the_programs_of_the_tests_and_their_subprocesses(t
     and cpu_s > 0
     and subprocess_cpu_s > 0
   )
-  assert isinstance(result["large_by_test"], list)  # compiles of 0.5 s or more: likely none
+  by_test = {(test, name): count for test, name, count, _ in result["large_by_test"]}
+  assert by_test["test_tiny.py::test_compiles_here_and_in_a_subprocess", "jit(<lambda>)"] == 3
   assert (tmp_path / "profile.md").read_text().startswith("# Test suite profile")

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 from conftest import campaign_outcome
+from conftest import killable_env
 from conftest import run_cli
 from conftest import tiny_config
 
@@ -57,8 +58,8 @@ ARGS = [
 KILLS = [2, pytest.param(10, marks=pytest.mark.slow)]
 
 
-def _cli(cached_env, workdir, *extra, args=ARGS):
-  return run_cli(*args, *extra, f"--workdir={workdir}", env=cached_env)
+def _cli(workdir, *extra, args=ARGS):
+  return run_cli(*args, *extra, f"--workdir={workdir}")
 
 
 def _stderr_lines(proc):
@@ -86,10 +87,10 @@ def _snapshot(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(cached_env, tmp_path_factory):
+def reference(tmp_path_factory):
   """(workdir, outcome) of the uninterrupted campaign."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  proc = _cli(cached_env, workdir)
+  proc = _cli(workdir)
   assert proc.returncode == 0 and not _stderr_lines(proc), proc.stderr[-3000:]
   return workdir, campaign_outcome(workdir)
 
@@ -165,7 +166,7 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
-def test_bad_input_is_one_error_line(case, cached_env, tmp_path):
+def test_bad_input_is_one_error_line(case, tmp_path):
   extra, fragments = BAD_INPUT[case]
   extra = extra(tmp_path)
   args = [
@@ -174,7 +175,7 @@ def test_bad_input_is_one_error_line(case, cached_env, tmp_path):
     if not (a.startswith("--config=") and any(e.startswith("--config=") for e in extra))
   ]
   workdir = tmp_path / "w"
-  _one_error(_cli(cached_env, workdir, *extra, args=args), 2, *fragments)
+  _one_error(_cli(workdir, *extra, args=args), 2, *fragments)
   assert not os.path.exists(workdir / "results.json")
   assert not os.path.exists(workdir / "checkpoints")
 
@@ -183,11 +184,11 @@ def test_bad_input_is_one_error_line(case, cached_env, tmp_path):
   "where, fragment",
   [("file", "is a file, not a directory"), ("/proc/lplgrad_w", "is not a writable directory")],
 )
-def test_unusable_workdir_is_one_error_line(where, fragment, cached_env, tmp_path):
+def test_unusable_workdir_is_one_error_line(where, fragment, tmp_path):
   workdir = where if where.startswith("/") else tmp_path / "a_file"
   if where == "file":
     workdir.write_text("keep me")
-  _one_error(_cli(cached_env, workdir), 2, fragment)
+  _one_error(_cli(workdir), 2, fragment)
   if where == "file":
     assert workdir.read_text() == "keep me"
 
@@ -274,7 +275,7 @@ def test_non_finite_query_scores_never_reach_a_query(monkeypatch):
 
 
 # One live campaign per workdir.
-def test_locked_workdir_is_refused_and_untouched(reference, cached_env, tmp_path):
+def test_locked_workdir_is_refused_and_untouched(reference, tmp_path):
   workdir = _copy(reference, tmp_path)
   before = _snapshot(workdir)
   with open(workdir / workdirs.LOCK_FILE, "r+") as lock:
@@ -285,7 +286,7 @@ def test_locked_workdir_is_refused_and_untouched(reference, cached_env, tmp_path
     held = _snapshot(workdir)
     for extra in ([], ["--restart"]):  # --restart must not delete a live campaign either
       _one_error(
-        _cli(cached_env, workdir, *extra),
+        _cli(workdir, *extra),
         2,
         "is in use by a running campaign",
         "host testhost, pid 4242, started 2026-01-01",
@@ -296,7 +297,7 @@ def test_locked_workdir_is_refused_and_untouched(reference, cached_env, tmp_path
   }
 
 
-def test_every_checkpoint_corrupt_is_reported_in_a_few_lines(reference, cached_env, tmp_path):
+def test_every_checkpoint_corrupt_is_reported_in_a_few_lines(reference, tmp_path):
   workdir = _copy(reference, tmp_path)
   root = workdir / "checkpoints"
   rng = np.random.default_rng(0)
@@ -307,7 +308,7 @@ def test_every_checkpoint_corrupt_is_reported_in_a_few_lines(reference, cached_e
         with open(path, "r+b") as f:
           f.write(rng.bytes(max(os.path.getsize(path), 1)))
   steps = sorted(os.listdir(root))
-  proc = _cli(cached_env, workdir)
+  proc = _cli(workdir)
   lines = _stderr_lines(proc)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert lines[-1].startswith("error: no checkpoint in") and "--restart" in lines[-1]
@@ -317,18 +318,14 @@ def test_every_checkpoint_corrupt_is_reported_in_a_few_lines(reference, cached_e
 
 
 # Divergence: exit 3, nothing non-finite saved, and the workdir resumes.
-def test_divergence_stops_with_exit_3_and_resumes_with_a_lower_rate(
-  reference, cached_env, tmp_path
-):
+def test_divergence_stops_with_exit_3_and_resumes_with_a_lower_rate(reference, tmp_path):
   workdir = tmp_path / "w"
-  first = _cli(cached_env, workdir, "--config.al.num_rounds=1")
+  first = _cli(workdir, "--config.al.num_rounds=1")
   assert first.returncode == 0, first.stderr[-3000:]
   # Extended with a learning rate that diverges (both keys may change on resume), and no
   # checkpoint inside the round: the last good checkpoint is then the one after round 1's query.
   before = [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
-  diverged = _cli(
-    cached_env, workdir, "--config.train.learning_rate=1e6", "--config.checkpoint.every_epochs=0"
-  )
+  diverged = _cli(workdir, "--config.train.learning_rate=1e6", "--config.checkpoint.every_epochs=0")
   _one_error(
     diverged,
     3,
@@ -342,17 +339,17 @@ def test_divergence_stops_with_exit_3_and_resumes_with_a_lower_rate(
   assert after[-1] == int(max(before, key=int)) + 1  # round 1's query, nothing of round 2
   results = json.loads((workdir / "results.json").read_text())
   assert len(results["rounds"]) == 1  # round 1 only: nothing of round 2 was published
-  resumed = _cli(cached_env, workdir)  # the newest checkpoint is good: it resumes and finishes
+  resumed = _cli(workdir)  # the newest checkpoint is good: it resumes and finishes
   assert resumed.returncode == 0 and not _stderr_lines(resumed), resumed.stderr[-3000:]
   assert campaign_outcome(workdir) == reference[1]
 
 
 # Signals.
-def _start(cached_env, workdir):
+def _start(workdir):
   return subprocess.Popen(
     [sys.executable, "-m", "lplgrad_jax.main", *ARGS, f"--workdir={workdir}"],
     cwd=REPO_ROOT,
-    env=cached_env,
+    env=killable_env(),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
@@ -373,13 +370,13 @@ def _wait_for(proc, text):
     "checkpoint saved: round 1, epoch 1",  # a save being written, the next one follows
   ],
 )
-def test_fast_double_sigint_exits_at_once_and_resumes(trigger, reference, cached_env, tmp_path):
+def test_fast_double_sigint_exits_at_once_and_resumes(trigger, reference, tmp_path):
   # The second signal must land while the campaign is still stopping; a loaded machine can
   # delay it past the end of a short graceful stop (the stop then completed, exit 0, or the
   # signal met the exit path, exit 130). Such an attempt says nothing here: another one runs.
   for attempt in range(3):
     workdir = tmp_path / f"attempt{attempt}"
-    proc = _start(cached_env, workdir)
+    proc = _start(workdir)
     _wait_for(proc, trigger)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.04)
@@ -390,26 +387,24 @@ def test_fast_double_sigint_exits_at_once_and_resumes(trigger, reference, cached
   lines = [line for line in stderr.splitlines() if line.strip()]
   assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
   assert len(lines) == 1 and lines[0].startswith("stopped at once by a second SIGINT"), lines
-  resumed = _cli(cached_env, workdir)
+  resumed = _cli(workdir)
   assert resumed.returncode == 0 and not _stderr_lines(resumed), resumed.stderr[-3000:]
   assert campaign_outcome(workdir) == reference[1]
 
 
 @pytest.mark.parametrize("kills", KILLS)
-def test_random_kill_9_then_resume_gives_the_uninterrupted_result(
-  kills, reference, cached_env, tmp_path
-):
+def test_random_kill_9_then_resume_gives_the_uninterrupted_result(kills, reference, tmp_path):
   """`kills` runs killed at random times over the campaign's span, each resumed by the next."""
   seed = int(os.environ.get("LPLGRAD_KILL_SEED", "0"))
   rng = random.Random(seed)
   timed = tmp_path / "timed"  # how long a campaign takes once compiled (the cache is warm)
   start = time.monotonic()
-  assert _cli(cached_env, timed).returncode == 0
+  assert _cli(timed).returncode == 0
   span = time.monotonic() - start
   assert campaign_outcome(timed) == reference[1]
   tmp_path = tmp_path / "killed"
   for k in range(kills):
-    proc = _start(cached_env, tmp_path)
+    proc = _start(tmp_path)
     try:
       proc.wait(timeout=rng.uniform(0.5, span))
     except subprocess.TimeoutExpired:
@@ -420,6 +415,6 @@ def test_random_kill_9_then_resume_gives_the_uninterrupted_result(
     if proc.returncode == 0:
       break  # the campaign finished before its kill time
     assert proc.returncode == -signal.SIGKILL, (seed, k, proc.returncode)
-  final = _cli(cached_env, tmp_path)
+  final = _cli(tmp_path)
   assert final.returncode == 0 and not _stderr_lines(final), (seed, final.stderr[-3000:])
   assert campaign_outcome(tmp_path) == reference[1], f"kill seed {seed}"

@@ -15,6 +15,7 @@ import time
 import pytest
 from conftest import REPO_ROOT
 from conftest import cli_env
+from conftest import killable_env
 from conftest import run_cli
 from test_resume import CLI_ARGS as RESUME_ARGS
 
@@ -38,8 +39,8 @@ CLI_ARGS = [a for a in RESUME_ARGS if a.split("=")[0] not in _CHANGED] + [
 TIMEOUT_S = 600
 
 
-def _env(num_devices: int) -> dict:
-  env = cli_env(JAX_NUM_CPU_DEVICES=str(num_devices))
+def _env(num_devices: int, killed: bool = False) -> dict:
+  env = (killable_env if killed else cli_env)(JAX_NUM_CPU_DEVICES=str(num_devices))
   # The device count comes from JAX_NUM_CPU_DEVICES alone; other XLA flags (CI's AVX2 rerun)
   # stay.
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
@@ -53,7 +54,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_hosts(workdir, logs, extra_args):
+def _start_hosts(workdir, logs, extra_args, env):
   """Starts the two processes of one campaign; their output goes to `logs`[i]."""
   port = _free_port()
   procs = []
@@ -75,7 +76,7 @@ def _start_hosts(workdir, logs, extra_args):
     ]
     with open(log, "w") as out:
       procs.append(
-        subprocess.Popen(args, cwd=REPO_ROOT, env=_env(2), stdout=out, stderr=subprocess.STDOUT)
+        subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
       )
   return procs
 
@@ -109,7 +110,8 @@ def _wait(procs, logs, when=None, signal_to=(), sig=signal.SIGKILL):
 
 def _run_hosts(workdir, tmp_path, name, extra_args=(), **signal_args):
   logs = [str(tmp_path / f"{name}_process{i}.log") for i in range(2)]
-  codes = _wait(_start_hosts(workdir, logs, extra_args), logs, **signal_args)
+  env = _env(2, killed=bool(signal_args.get("signal_to")))
+  codes = _wait(_start_hosts(workdir, logs, extra_args, env), logs, **signal_args)
   return codes, [_output(log) for log in logs]
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT
 from conftest import campaign_outcome
+from conftest import killable_env
 from conftest import run_cli
 from conftest import tiny_config
 
@@ -37,18 +38,18 @@ CLI_ARGS = [
 ]
 
 
-def _run(workdir, cached_env):
-  proc = run_cli(*CLI_ARGS, f"--workdir={workdir}", env=cached_env)
+def _run(workdir):
+  proc = run_cli(*CLI_ARGS, f"--workdir={workdir}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
-def _run_until(workdir, cached_env, trigger: str, sig: int, delay: float = 0.0):
+def _run_until(workdir, trigger: str, sig: int, delay: float = 0.0):
   """Starts the CLI and sends `sig` once a stdout line contains `trigger`."""
   proc = subprocess.Popen(
     [sys.executable, "-m", "lplgrad_jax.main", *CLI_ARGS, f"--workdir={workdir}"],
     cwd=REPO_ROOT,
-    env=cached_env,
+    env=killable_env(),
     stdout=subprocess.PIPE,
     stderr=subprocess.DEVNULL,
     text=True,
@@ -66,9 +67,9 @@ def _run_until(workdir, cached_env, trigger: str, sig: int, delay: float = 0.0):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cached_env):
+def reference(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  _run(workdir, cached_env)
+  _run(workdir)
   return campaign_outcome(workdir)
 
 
@@ -82,22 +83,20 @@ def reference(tmp_path_factory, cached_env):
     pytest.param("checkpoint saved: round 1, epoch 4", 0.0, marks=pytest.mark.slow),
   ],
 )
-def test_kill_9_then_rerun_gives_the_same_results(trigger, delay, reference, cached_env, tmp_path):
-  returncode, _ = _run_until(tmp_path, cached_env, trigger, signal.SIGKILL, delay)
+def test_kill_9_then_rerun_gives_the_same_results(trigger, delay, reference, tmp_path):
+  returncode, _ = _run_until(tmp_path, trigger, signal.SIGKILL, delay)
   assert returncode == -signal.SIGKILL
-  resumed = _run(tmp_path, cached_env)
+  resumed = _run(tmp_path)
   assert "resuming from" in resumed.stdout
   assert campaign_outcome(tmp_path) == reference
 
 
-def test_sigterm_saves_and_exits_cleanly(reference, cached_env, tmp_path):
-  returncode, output = _run_until(
-    tmp_path, cached_env, "checkpoint saved: round 2, epoch 4", signal.SIGTERM
-  )
+def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
+  returncode, output = _run_until(tmp_path, "checkpoint saved: round 2, epoch 4", signal.SIGTERM)
   assert returncode == 0
   assert "stopped by SIGTERM" in output and "rerun the same command to resume" in output
   assert os.listdir(tmp_path / "checkpoints")
-  resumed = _run(tmp_path, cached_env)
+  resumed = _run(tmp_path)
   assert "resuming from" in resumed.stdout
   assert campaign_outcome(tmp_path) == reference
 

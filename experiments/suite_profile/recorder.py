@@ -22,14 +22,18 @@ TOTALS = {
 }
 PROGRAMS: dict[str, list] = {}  # name -> [count, seconds]; cache loads included
 # Each compile of LARGE_S or more: [test (pytest's PYTEST_CURRENT_TEST, which subprocesses
-# inherit), program, seconds], to tell which tests pay for the large programs.
+# inherit), program, seconds, the hash of the compiled module or None (a cache load)], to
+# tell which tests pay for the large programs and which programs were compiled more than
+# once. The module's hash, not the cache key: the key also holds the cache's directory.
 LARGE: list[list] = []
-LARGE_S = 0.5
+LARGE_S = float(os.environ.get("SUITE_PROFILE_LARGE_S", 0.5))
 _EVENTS = {
   "/jax/core/compile/jaxpr_trace_duration": "trace_s",
   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
 }
 _FINISHED = re.compile(r"Finished XLA compilation of (.*) in ([0-9.e-]+) sec")
+_MODULE_HASH = re.compile(r"get_cache_key hash of serialized computation: (\w+)")
+_module = {"hash": None, "missed": None}  # the last cache lookup's; the next compile is its
 
 
 def _on_duration(event, seconds, **_):
@@ -57,6 +61,11 @@ _COMPILE_LOG = (
 class _CompileLog(logging.Filter):
   def filter(self, record):
     message = record.getMessage()
+    hashed = _MODULE_HASH.match(message)
+    if hashed:
+      _module["hash"] = hashed.group(1)
+    elif message.startswith("PERSISTENT COMPILATION CACHE MISS"):
+      _module["missed"] = _module["hash"]
     found = _FINISHED.match(message)
     if found:
       name, seconds = found.group(1), float(found.group(2))
@@ -65,8 +74,10 @@ class _CompileLog(logging.Filter):
       entry[1] += seconds
       if seconds >= LARGE_S:
         test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
-        LARGE.append([test, name, seconds])
-    return not message.startswith(_COMPILE_LOG)
+        LARGE.append([test, name, seconds, _module["missed"]])
+      _module["missed"] = None
+    # The cache's DEBUG records are let through only to be read here.
+    return record.levelno >= logging.WARNING and not message.startswith(_COMPILE_LOG)
 
 
 def install():
@@ -79,6 +90,8 @@ def install():
   for name, logger in list(logging.Logger.manager.loggerDict.items()):
     if name.split(".")[0] == "jax" and isinstance(logger, logging.Logger):
       logger.addFilter(_CompileLog())
+  for name in ("jax._src.compiler", "jax._src.cache_key"):
+    logging.getLogger(name).setLevel(logging.DEBUG)
   atexit.register(_write)
 
 
