@@ -10,7 +10,9 @@ figures). Processes killed with SIGKILL, and those given a PYTHONPATH of their o
 not counted. Tests that read the compile log themselves (test_startup) may fail under it.
 A .md table is written beside the JSON, with the compiles of 0.5 s or more by test (a
 subprocess counts for the test named in the environment it was given) and the programs
-compiled more than once: the same module compiled again, where no cache was shared.
+compiled more than once: the same module compiled again, where no cache was shared. A
+process without a persistent compilation cache names no module: its compiles count in the
+totals only.
 """
 
 import collections
@@ -65,9 +67,9 @@ def summarize(processes, tests):
       large[test, name][1] += spent
       if key and key[0]:
         by_module[key[0]].append((test, name, spent))
-  # A module compiled more than once: in a cache of its own (test_startup's cold one), by each
-  # process of a multi-host run (the process's index is part of the cache key), or by two
-  # processes at the same time.
+  # A module compiled more than once: in a cache of its own (test_startup's cold one), for
+  # another device count, or by two processes at the same time (those of a multi-host run,
+  # of which only the first writes to the cache).
   again = [
     (c[0][1], len(c), sum(s for _, _, s in c[1:]), sorted({t for t, _, _ in c}))
     for c in by_module.values()

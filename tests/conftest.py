@@ -146,7 +146,9 @@ def cli_env(**extra) -> dict:
 def killable_env(**extra) -> dict:
   """cli_env() for a run that may be killed: it loads programs from the session's compilation
   cache but writes none (one killed while it writes an entry would leave a truncated one,
-  which later runs warn about). Uninterrupted runs of its configuration compile them."""
+  which later runs warn about). An uninterrupted run of the same configuration before it (a
+  module's reference run) has written its programs; what it compiles beyond them, the next
+  run compiles again."""
   return cli_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1e9", **extra)
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 from conftest import cli_env
+from conftest import killable_env
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 import accelerator_report  # noqa: E402
@@ -24,11 +25,12 @@ WITHOUT_TF = (
 TARGETS = {"query_R25k", "train_bf16", "train_vs_torch", "fast_vs_vmap", "campaign_cifar10_high"}
 
 
-def _run(*args, timeout=900):
+def _run(*args, timeout=900, env=None):
+  """The check as a subprocess, with the session's compilation cache (`env`: cli_env())."""
   return subprocess.run(
     [sys.executable, "-c", WITHOUT_TF, SCRIPT, *args],
     cwd=REPO_ROOT,
-    env=cli_env(),  # the session's compilation cache: its programs are compiled once
+    env=cli_env() if env is None else env,
     capture_output=True,
     text=True,
     timeout=timeout,
@@ -158,7 +160,15 @@ def test_refuses_a_cpu_without_force_and_bad_values(tmp_path):
 
 
 def test_watchdog_writes_what_was_measured_and_exits_3(tmp_path):
-  result = _run("--smoke", "--budget_s=0.5", "--grace_s=0.5", f"--out={tmp_path}", timeout=300)
+  # The watchdog ends the process wherever it is: in a compile, or writing its result to the cache.
+  result = _run(
+    "--smoke",
+    "--budget_s=0.5",
+    "--grace_s=0.5",
+    f"--out={tmp_path}",
+    timeout=300,
+    env=killable_env(),
+  )
   assert result.returncode == 3, result.stderr[-2000:]
   assert (tmp_path / "accelerator_cpu.json").exists(), result.stderr[-2000:]
   report = json.loads(

@@ -2,8 +2,8 @@
 
 Every case asserts the exit status, that stderr holds exactly the expected line(s)
 and nothing else, and that the workdir is unchanged or resumes to the result of
-an uninterrupted run. The subprocesses share one JAX compilation cache, so that
-only the first campaign of the module compiles.
+an uninterrupted run. The subprocesses share the session's JAX compilation cache, so
+that only the first campaign of the module compiles; those that are killed only read it.
 """
 
 import fcntl

@@ -39,8 +39,8 @@ CLI_ARGS = [a for a in RESUME_ARGS if a.split("=")[0] not in _CHANGED] + [
 TIMEOUT_S = 600
 
 
-def _env(num_devices: int, killed: bool = False) -> dict:
-  env = (killable_env if killed else cli_env)(JAX_NUM_CPU_DEVICES=str(num_devices))
+def _env(num_devices: int, signalled: bool = False) -> dict:
+  env = (killable_env if signalled else cli_env)(JAX_NUM_CPU_DEVICES=str(num_devices))
   # The device count comes from JAX_NUM_CPU_DEVICES alone; other XLA flags (CI's AVX2 rerun)
   # stay.
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
@@ -110,7 +110,7 @@ def _wait(procs, logs, when=None, signal_to=(), sig=signal.SIGKILL):
 
 def _run_hosts(workdir, tmp_path, name, extra_args=(), **signal_args):
   logs = [str(tmp_path / f"{name}_process{i}.log") for i in range(2)]
-  env = _env(2, killed=bool(signal_args.get("signal_to")))
+  env = _env(2, signalled=bool(signal_args.get("signal_to")))
   codes = _wait(_start_hosts(workdir, logs, extra_args, env), logs, **signal_args)
   return codes, [_output(log) for log in logs]
 

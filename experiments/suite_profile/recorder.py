@@ -33,7 +33,13 @@ _EVENTS = {
 }
 _FINISHED = re.compile(r"Finished XLA compilation of (.*) in ([0-9.e-]+) sec")
 _MODULE_HASH = re.compile(r"get_cache_key hash of serialized computation: (\w+)")
-_module = {"hash": None, "missed": None}  # the last cache lookup's; the next compile is its
+# By thread (a compile releases the GIL): the hash of the module whose key was computed last,
+# and that of the module whose cache lookup missed, which the next finished compile is.
+_hashed: dict[int, str] = {}
+_missed: dict[int, str] = {}
+# The loggers lowered to DEBUG to read the cache's records, and the level each had before:
+# records below it are dropped here, as they would have been.
+_LOWERED = {"jax._src.compiler": logging.NOTSET, "jax._src.cache_key": logging.NOTSET}
 
 
 def _on_duration(event, seconds, **_):
@@ -63,9 +69,9 @@ class _CompileLog(logging.Filter):
     message = record.getMessage()
     hashed = _MODULE_HASH.match(message)
     if hashed:
-      _module["hash"] = hashed.group(1)
+      _hashed[record.thread] = hashed.group(1)
     elif message.startswith("PERSISTENT COMPILATION CACHE MISS"):
-      _module["missed"] = _module["hash"]
+      _missed[record.thread] = _hashed.pop(record.thread, None)
     found = _FINISHED.match(message)
     if found:
       name, seconds = found.group(1), float(found.group(2))
@@ -74,10 +80,11 @@ class _CompileLog(logging.Filter):
       entry[1] += seconds
       if seconds >= LARGE_S:
         test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
-        LARGE.append([test, name, seconds, _module["missed"]])
-      _module["missed"] = None
-    # The cache's DEBUG records are let through only to be read here.
-    return record.levelno >= logging.WARNING and not message.startswith(_COMPILE_LOG)
+        LARGE.append([test, name, seconds, _missed.get(record.thread)])
+      _missed.pop(record.thread, None)
+    if record.levelno < _LOWERED.get(record.name, logging.NOTSET):
+      return False
+    return not message.startswith(_COMPILE_LOG)
 
 
 def install():
@@ -90,8 +97,10 @@ def install():
   for name, logger in list(logging.Logger.manager.loggerDict.items()):
     if name.split(".")[0] == "jax" and isinstance(logger, logging.Logger):
       logger.addFilter(_CompileLog())
-  for name in ("jax._src.compiler", "jax._src.cache_key"):
-    logging.getLogger(name).setLevel(logging.DEBUG)
+  for name in _LOWERED:
+    logger = logging.getLogger(name)
+    _LOWERED[name] = logger.getEffectiveLevel()
+    logger.setLevel(logging.DEBUG)
   atexit.register(_write)
 
 
