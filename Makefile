@@ -54,4 +54,4 @@ accelerator-check:
 	  $(PYTHON) experiments/accelerator_check.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) workdirs
+	rm -rf $(VENV) workdirs .jax_test_cache

@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,32 +18,55 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lplgrad_jax import launch
 from lplgrad_jax import models
 from lplgrad_jax import optimizer
 from lplgrad_jax import train
 
-# One persistent compilation cache for a test session: its CLI subprocesses (most run the same
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent compilation cache for the tests: their CLI subprocesses (most run the same
 # tiny digits configuration) and the xdist workers themselves (tests that build the same
-# model and program anew) compile a program once per session instead of once per test. The
-# controller creates it before the workers start (they inherit the variable); entries are
-# read and written under JAX's file lock (the cache is bounded), so concurrent runs are safe.
+# model and program anew) compile a program once instead of once per test. The controller
+# sets it up before the workers start (they inherit the variable); entries are read and
+# written under JAX's file lock (the cache is bounded), so concurrent processes are safe.
+# It is kept between runs in the checkout: a later run loads what an earlier one compiled
+# (JAX's key holds the program, the compile options, XLA_FLAGS and jaxlib's version, so a
+# load is what that run would compile). A run that did not end green may have been killed
+# while writing an entry, which every later run would warn about: the next run starts empty.
+# LPLGRAD_TEST_COMPILATION_CACHE names another directory, left as it is.
 _SESSION_CACHE = "LPLGRAD_TEST_COMPILATION_CACHE"
+_KEPT_CACHE = os.path.join(REPO_ROOT, ".jax_test_cache")
+_CACHE_BYTES = 1 << 30  # a whole run writes about 50 MB; the least recently used go beyond
+_GREEN = os.path.join(_KEPT_CACHE, "last-run-green")
 
 
 def pytest_configure(config):
-  if not hasattr(config, "workerinput") and _SESSION_CACHE not in os.environ:
-    os.environ[_SESSION_CACHE] = tempfile.mkdtemp(prefix="lplgrad-jax-cache-")
-    config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(_SESSION_CACHE), True))
+  if hasattr(config, "workerinput") or _SESSION_CACHE in os.environ:
+    return
+  if os.path.exists(_GREEN):
+    os.remove(_GREEN)  # back when this run ends green
+  elif os.path.isdir(_KEPT_CACHE):
+    # Moved away before it is removed: a run still going in this checkout writes to the new one.
+    emptied = f"{_KEPT_CACHE}.{os.getpid()}"
+    os.replace(_KEPT_CACHE, emptied)
+    shutil.rmtree(emptied, ignore_errors=True)
+  os.makedirs(_KEPT_CACHE, exist_ok=True)
+  os.environ[_SESSION_CACHE] = _KEPT_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+  kept = os.environ.get(_SESSION_CACHE) == _KEPT_CACHE
+  clean = exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+  if not hasattr(session.config, "workerinput") and kept and clean:
+    open(_GREEN, "w").close()
 
 
 if os.environ.get(_SESSION_CACHE):  # an xdist worker (the controller imports this first)
   jax.config.update("jax_compilation_cache_dir", os.environ[_SESSION_CACHE])
-  jax.config.update("jax_compilation_cache_max_size", launch.COMPILATION_CACHE_BYTES)
+  jax.config.update("jax_compilation_cache_max_size", _CACHE_BYTES)
   # In-process, only programs that are worth a file: eager operations compile too.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CIFAR = os.path.join(REPO_ROOT, "..", "shared", "data", "cifar10_subset.npz")
 sys.path.insert(0, REPO_ROOT)  # `configs` is imported from the repo root, as the CLI does
 
@@ -127,7 +149,7 @@ def relative_distance(actual, reference, start) -> float:
 
 def cli_env(**extra) -> dict:
   """This process's environment for a CLI subprocess: JAX on the CPU, no TensorFlow notices,
-  unbuffered output, the session's compilation cache (every program, however fast it
+  unbuffered output, the tests' compilation cache (every program, however fast it
   compiles), and `extra` on top."""
   cache = {}
   if os.environ.get(_SESSION_CACHE):
@@ -135,7 +157,7 @@ def cli_env(**extra) -> dict:
       "JAX_COMPILATION_CACHE_DIR": os.environ[_SESSION_CACHE],
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-      "JAX_COMPILATION_CACHE_MAX_SIZE": str(launch.COMPILATION_CACHE_BYTES),
+      "JAX_COMPILATION_CACHE_MAX_SIZE": str(_CACHE_BYTES),
     }
   return (
     dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **cache)
@@ -144,7 +166,7 @@ def cli_env(**extra) -> dict:
 
 
 def killable_env(**extra) -> dict:
-  """cli_env() for a run that may be killed: it loads programs from the session's compilation
+  """cli_env() for a run that may be killed: it loads programs from the tests' compilation
   cache but writes none (one killed while it writes an entry would leave a truncated one,
   which later runs warn about). An uninterrupted run of the same configuration before it (a
   module's reference run) has written its programs; what it compiles beyond them, the next

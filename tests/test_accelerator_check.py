@@ -26,7 +26,7 @@ TARGETS = {"query_R25k", "train_bf16", "train_vs_torch", "fast_vs_vmap", "campai
 
 
 def _run(*args, timeout=900, env=None):
-  """The check as a subprocess, with the session's compilation cache (`env`: cli_env())."""
+  """The check as a subprocess, with the tests' compilation cache (`env`: cli_env())."""
   return subprocess.run(
     [sys.executable, "-c", WITHOUT_TF, SCRIPT, *args],
     cwd=REPO_ROOT,

@@ -273,7 +273,7 @@ def test_suite_profile_counts_the_programs_of_the_tests_and_their_subprocesses(t
     ],
     cwd=tmp_path,
     # Every compile recorded by test; a cache of its own, so that the first compile of x * 2
-    # is not a load from the session's.
+    # is not a load from the tests' cache.
     env=cli_env(SUITE_PROFILE_LARGE_S="0", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache")),
     capture_output=True,
     text=True,
