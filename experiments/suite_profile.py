@@ -160,6 +160,9 @@ def main(argv):
     env = dict(
       os.environ,
       SUITE_PROFILE_OUT=out,
+      # An empty compilation cache, not the one the tests keep in the checkout: every program
+      # the suite needs is compiled, as on a fresh clone.
+      LPLGRAD_TEST_COMPILATION_CACHE=os.path.join(tmp, "jax_cache"),
       PYTHONPATH=os.pathsep.join(p for p in (HOOKS, path) if p),
     )
     start = time.perf_counter()

@@ -2,12 +2,14 @@
 the command line run as a subprocess."""
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lplgrad_jax import launch
 from lplgrad_jax import models
 from lplgrad_jax import optimizer
 from lplgrad_jax import train
@@ -29,33 +32,52 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # model and program anew) compile a program once instead of once per test. The controller
 # sets it up before the workers start (they inherit the variable); entries are read and
 # written under JAX's file lock (the cache is bounded), so concurrent processes are safe.
-# It is kept between runs in the checkout: a later run loads what an earlier one compiled
-# (JAX's key holds the program, the compile options, XLA_FLAGS and jaxlib's version, so a
-# load is what that run would compile). A run that did not end green may have been killed
-# while writing an entry, which every later run would warn about: the next run starts empty.
-# LPLGRAD_TEST_COMPILATION_CACHE names another directory, left as it is.
+# It is kept between runs in the checkout: a later run loads what an earlier one compiled.
+# A load is what that run would compile: JAX's key holds the program, the compile options,
+# XLA_FLAGS, jaxlib's version and the device topology, which on the CPU holds the target
+# machine's features (a checkout used on another CPU misses and compiles). A run that did
+# not end green may have been killed while writing an entry, which every later run would
+# warn about: the next run starts empty. A run that finds another one using the kept cache
+# (a lock), or a jaxlib whose CPU cache warns on loads (launch.cpu_cache_loads), takes a
+# temporary one. LPLGRAD_TEST_COMPILATION_CACHE names another directory, left as it is.
 _SESSION_CACHE = "LPLGRAD_TEST_COMPILATION_CACHE"
-_KEPT_CACHE = os.path.join(REPO_ROOT, ".jax_test_cache")
+_KEPT = os.path.join(REPO_ROOT, ".jax_test_cache")
+_PROGRAMS = os.path.join(_KEPT, "programs")
+_GREEN = os.path.join(_KEPT, "last-run-green")
 _CACHE_BYTES = 1 << 30  # a whole run writes about 50 MB; the least recently used go beyond
-_GREEN = os.path.join(_KEPT_CACHE, "last-run-green")
 
 
 def pytest_configure(config):
   if hasattr(config, "workerinput") or _SESSION_CACHE in os.environ:
     return
+  directory = _kept_cache(config) if launch.cpu_cache_loads() else None
+  if directory is None:
+    directory = tempfile.mkdtemp(prefix="lplgrad-jax-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(directory, True))
+  os.environ[_SESSION_CACHE] = directory
+
+
+def _kept_cache(config) -> str | None:
+  """The kept cache, locked for this run (released when it ends); None while another run in
+  this checkout holds it."""
+  os.makedirs(_KEPT, exist_ok=True)
+  lock = open(os.path.join(_KEPT, "lock"), "w")
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    lock.close()
+    return None
+  config.add_cleanup(lock.close)
   if os.path.exists(_GREEN):
     os.remove(_GREEN)  # back when this run ends green
-  elif os.path.isdir(_KEPT_CACHE):
-    # Moved away before it is removed: a run still going in this checkout writes to the new one.
-    emptied = f"{_KEPT_CACHE}.{os.getpid()}"
-    os.replace(_KEPT_CACHE, emptied)
-    shutil.rmtree(emptied, ignore_errors=True)
-  os.makedirs(_KEPT_CACHE, exist_ok=True)
-  os.environ[_SESSION_CACHE] = _KEPT_CACHE
+  else:
+    shutil.rmtree(_PROGRAMS, ignore_errors=True)
+  os.makedirs(_PROGRAMS, exist_ok=True)
+  return _PROGRAMS
 
 
 def pytest_sessionfinish(session, exitstatus):
-  kept = os.environ.get(_SESSION_CACHE) == _KEPT_CACHE
+  kept = os.environ.get(_SESSION_CACHE) == _PROGRAMS
   clean = exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
   if not hasattr(session.config, "workerinput") and kept and clean:
     open(_GREEN, "w").close()
