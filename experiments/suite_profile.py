@@ -62,11 +62,11 @@ def summarize(processes, tests):
     for name, (count, spent) in process["programs"].items():
       programs[name][0] += count
       programs[name][1] += spent
-    for test, name, spent, *key in process.get("large", ()):
+    for test, name, spent, module in process.get("large", ()):
       large[test, name][0] += 1
       large[test, name][1] += spent
-      if key and key[0]:
-        by_module[key[0]].append((test, name, spent))
+      if module:  # None: loaded from the cache
+        by_module[module].append((test, name, spent))
   # A module compiled more than once: in a cache of its own (test_startup's cold one), for
   # another device count, or by two processes at the same time (those of a multi-host run,
   # of which only the first writes to the cache).

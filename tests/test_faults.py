@@ -2,7 +2,7 @@
 
 Every case asserts the exit status, that stderr holds exactly the expected line(s)
 and nothing else, and that the workdir is unchanged or resumes to the result of
-an uninterrupted run. The subprocesses share the session's JAX compilation cache, so
+an uninterrupted run. The subprocesses share the tests' JAX compilation cache, so
 that only the first campaign of the module compiles; those that are killed only read it.
 """
 
